@@ -1,0 +1,5 @@
+import sys
+
+from autorank.cli import main
+
+sys.exit(main())
