@@ -9,7 +9,7 @@ from torch import nn
 
 from autorank.data import Dataset
 from autorank.errors import AutorankError
-from autorank.models.checkpoints import load_weights
+from autorank.models.checkpoints import check_weights_source, load_weights
 from autorank.models.cifar_resnet import DEPTHS, cifar_resnet
 from autorank.models.small_cnn import SmallCNN
 from autorank.models.torchvision_zoo import TORCHVISION_NAMES, torchvision_model
@@ -17,7 +17,13 @@ from autorank.models.torchvision_zoo import TORCHVISION_NAMES, torchvision_model
 CIFAR_RESNET_NAMES = tuple(DEPTHS)
 MODEL_NAMES: tuple[str, ...] = ("small_cnn", *CIFAR_RESNET_NAMES, *TORCHVISION_NAMES)
 
-__all__ = ["MODEL_NAMES", "create_model", "load_weights"]
+__all__ = ["MODEL_NAMES", "check_model_name", "check_weights_source", "create_model", "load_weights"]
+
+
+def check_model_name(name: str) -> None:
+    """Reject an unknown model name early, before any data is loaded."""
+    if name not in MODEL_NAMES and not name.startswith("module:"):
+        raise AutorankError(f"unknown model {name!r}: choose from {', '.join(MODEL_NAMES)} or module:pkg.mod:factory")
 
 
 def create_model(name: str, data: Dataset, weights: str | Path | None = None) -> nn.Module:
@@ -27,6 +33,7 @@ def create_model(name: str, data: Dataset, weights: str | Path | None = None) ->
     `googlenet`, `alexnet`,
     or `module:pkg.mod:factory` where factory(num_classes=..., input_shape=...) returns an nn.Module.
     """
+    check_model_name(name)
     channels = data.input_shape[0]
     if name == "small_cnn":
         model: nn.Module = SmallCNN(data.num_classes, channels)
@@ -34,10 +41,8 @@ def create_model(name: str, data: Dataset, weights: str | Path | None = None) ->
         model = cifar_resnet(name, data.num_classes, channels)
     elif name in TORCHVISION_NAMES:
         model = torchvision_model(name, data.num_classes, data.input_shape)
-    elif name.startswith("module:"):
-        model = _user_model(name, data)
     else:
-        raise AutorankError(f"unknown model {name!r}: choose from {', '.join(MODEL_NAMES)} or module:pkg.mod:factory")
+        model = _user_model(name, data)
     if weights is not None:
         load_weights(model, weights)
     return model

@@ -19,6 +19,13 @@ def resolve_source(source: str | Path) -> str | Path:
     return CHECKPOINT_URLS.get(str(source), source)
 
 
+def check_weights_source(source: str | Path) -> None:
+    """Reject a local checkpoint path that does not exist, before any data is loaded."""
+    text = str(resolve_source(source))
+    if not text.startswith(("http://", "https://")) and not Path(text).expanduser().is_file():
+        raise AutorankError(f"weights file not found: {text}")
+
+
 def read_state_dict(source: str | Path) -> dict[str, Tensor]:
     """The tensors of a checkpoint, unwrapped from `{"state_dict": ...}` and stripped of `module.`."""
     source = resolve_source(source)
@@ -34,9 +41,8 @@ def read_state_dict(source: str | Path) -> dict[str, Tensor]:
         except Exception as exc:  # offline, 404, corrupt download
             raise AutorankError(f"cannot download weights {text}: {type(exc).__name__}: {exc}") from None
     else:
+        check_weights_source(text)
         path = Path(text).expanduser()
-        if not path.is_file():
-            raise AutorankError(f"weights file not found: {path}")
         try:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
