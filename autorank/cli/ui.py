@@ -1,0 +1,411 @@
+"""`autorank ui` and `autorank server`: browse searches in the MLflow UI.
+
+`autorank ui --search DIR` serves a finished search's own tracking store (DIR/mlflow.db and
+DIR/mlartifacts) on loopback until Ctrl-C. `autorank server start|stop|health` runs a shared,
+long-lived tracking server from a YAML config (see mlflow_server/README.md): sqlite or PostgreSQL
+backend, proxied artifacts, optional basic authentication. Both bind to 127.0.0.1 unless told
+otherwise and use one worker with job execution off, which keeps the server near 0.4 GB instead of
+the 2.3 GB of MLflow's defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import webbrowser
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from autorank.errors import AutorankError
+
+LOOPBACK = "127.0.0.1"
+PID_FILE = "server.json"
+LOG_FILE = "server.log"
+STARTUP_TIMEOUT_S = 90.0
+
+
+@dataclass
+class ServerConfig:
+    """Where a tracking server listens and keeps its data (the keys of mlflow_server/server.yaml)."""
+
+    host: str = LOOPBACK
+    port: int = 5000
+    backend: str = "sqlite"        # sqlite | postgres | any SQLAlchemy URL (postgresql://...)
+    data_dir: Path = Path("data")  # sqlite db, artifacts, local postgres cluster, pid and log
+    artifacts: Path | None = None  # proxied artifact root; default data_dir/mlartifacts
+    workers: int = 1
+    auth: bool = False             # MLflow's basic-auth app; admin password from the environment
+    admin_username: str = "admin"
+    postgres_port: int = 5433      # the local cluster started for backend "postgres"
+
+    @property
+    def url(self) -> str:
+        host = LOOPBACK if self.host in ("0.0.0.0", "::") else self.host
+        return f"http://{host}:{self.port}"
+
+
+def load_server_config(path: str | Path | None, **overrides) -> ServerConfig:
+    """Read a server YAML (relative paths are relative to the file) and apply CLI overrides."""
+    values: dict = {}
+    base = Path.cwd()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise AutorankError(f"server config not found: {path}")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise AutorankError(f"server config {path}: invalid YAML ({str(exc).splitlines()[0]})")
+        if not isinstance(values, dict):
+            raise AutorankError(f"server config {path}: expected a mapping of keys")
+        base = path.resolve().parent
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name: f for f in dataclasses.fields(ServerConfig)}
+    for key in values:
+        if key not in known:
+            raise AutorankError(f"server config: unknown key '{key}' (known: {', '.join(known)})")
+    for key in ("port", "workers", "postgres_port"):
+        if key in values and (not isinstance(values[key], int) or values[key] <= 0):
+            raise AutorankError(f"server config: '{key}' must be a positive integer")
+    for key in ("data_dir", "artifacts"):
+        if values.get(key) is not None:
+            values[key] = (base / Path(values[key]).expanduser()).resolve()
+    cfg = ServerConfig(**values)
+    if cfg.data_dir == ServerConfig.data_dir:
+        cfg.data_dir = (base / cfg.data_dir).resolve()
+    return cfg
+
+
+# ---------------------------------------------------------------- local PostgreSQL cluster
+
+
+def _postgres_binary(name: str) -> str:
+    found = shutil.which(name) or next(
+        iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), None
+    )
+    if found is None:
+        raise AutorankError(f"PostgreSQL's {name} not found: install Debian's postgresql package")
+    return found
+
+
+def _as_postgres_user(cmd: list[str]) -> list[str]:
+    """PostgreSQL refuses to run as root; as root, run it as the `postgres` system user."""
+    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+
+
+@dataclass
+class LocalPostgres:
+    """A private PostgreSQL cluster in `directory`, listening on loopback only."""
+
+    directory: Path
+    port: int = 5433
+    user: str = "autorank"
+    database: str = "mlflow"
+
+    @property
+    def password_file(self) -> Path:
+        return self.directory / "password"
+
+    @property
+    def cluster(self) -> Path:
+        return self.directory / "cluster"
+
+    @property
+    def url(self) -> str:
+        password = self.password_file.read_text().strip()
+        return f"postgresql+psycopg2://{self.user}:{password}@{LOOPBACK}:{self.port}/{self.database}"
+
+    def start(self) -> str:
+        """Create the cluster on first use, start it, and return the SQLAlchemy URL."""
+        try:
+            import psycopg2  # noqa: F401  (MLflow's SQLAlchemy store needs the driver)
+        except ImportError:
+            raise AutorankError("the postgres backend needs psycopg2: pip install psycopg2-binary")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if not self.password_file.exists():
+            self.password_file.write_text(secrets.token_urlsafe(18))
+            self.password_file.chmod(0o600)
+        if not (self.cluster / "PG_VERSION").exists():
+            self._init_cluster()
+        if not self.running():
+            self._run(_postgres_binary("pg_ctl"), "-D", str(self.cluster), "-w", "-t", "60",
+                      "-l", str(self.directory / "postgres.log"), "-o",
+                      f"-c listen_addresses={LOOPBACK} -p {self.port} -k {self.cluster}", "start")
+        return self.url
+
+    def running(self) -> bool:
+        if not (self.cluster / "PG_VERSION").exists():
+            return False
+        return subprocess.run(_as_postgres_user([_postgres_binary("pg_ctl"), "-D",
+                                                 str(self.cluster), "status"]),
+                              capture_output=True).returncode == 0
+
+    def stop(self) -> None:
+        if self.running():
+            self._run(_postgres_binary("pg_ctl"), "-D", str(self.cluster), "-m", "fast", "-w",
+                      "stop")
+
+    def _init_cluster(self) -> None:
+        self.cluster.mkdir(exist_ok=True)
+        pwfile = self.directory / "initdb.pw"
+        pwfile.write_text(self.password_file.read_text())
+        if os.geteuid() == 0:
+            shutil.chown(self.cluster, "postgres", "postgres")
+            shutil.chown(pwfile, "postgres", "postgres")
+            self._check_traversable()
+        try:
+            self._run(_postgres_binary("initdb"), "-D", str(self.cluster), "-U", self.user,
+                      f"--pwfile={pwfile}", "--auth-local=trust", "--auth-host=scram-sha-256",
+                      "-E", "UTF8")
+        finally:
+            pwfile.unlink()
+        self._run(_postgres_binary("pg_ctl"), "-D", str(self.cluster), "-w", "-t", "60",
+                  "-l", str(self.directory / "postgres.log"), "-o",
+                  f"-c listen_addresses={LOOPBACK} -p {self.port} -k {self.cluster}", "start")
+        self._run(_postgres_binary("createdb"), "-h", str(self.cluster), "-p", str(self.port),
+                  "-U", self.user, self.database)
+
+    def _check_traversable(self) -> None:
+        for parent in self.cluster.resolve().parents:
+            if not os.stat(parent).st_mode & 0o001:
+                raise AutorankError(f"the postgres user cannot enter {parent}: choose a data_dir "
+                                    "whose parent folders are world-executable (chmod o+x)")
+
+    def _run(self, *cmd: str) -> None:
+        if os.geteuid() == 0:
+            (self.directory / "postgres.log").touch()
+            shutil.chown(self.directory / "postgres.log", "postgres", "postgres")
+        done = subprocess.run(_as_postgres_user(list(cmd)), capture_output=True, text=True)
+        if done.returncode != 0:
+            detail = (done.stderr or done.stdout).strip().splitlines()
+            raise AutorankError(f"{Path(cmd[0]).name} failed: {detail[-1] if detail else '?'}")
+
+
+# ---------------------------------------------------------------- MLflow server process
+
+
+def server_command(cfg: ServerConfig, backend_uri: str) -> list[str]:
+    """The `mlflow server` command line for `cfg` (one worker; proxied artifacts)."""
+    artifacts = cfg.artifacts or cfg.data_dir / "mlartifacts"
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
+           "--serve-artifacts", "--artifacts-destination", str(artifacts),
+           "--host", cfg.host, "--port", str(cfg.port), "--workers", str(cfg.workers)]
+    if cfg.auth:
+        cmd += ["--app-name", "basic-auth"]
+    return cmd
+
+
+def server_env(cfg: ServerConfig) -> dict[str, str]:
+    """Environment for the server: job execution off; basic-auth settings when enabled."""
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    if not cfg.auth:
+        return env
+    if not env.get("MLFLOW_AUTH_ADMIN_PASSWORD"):
+        raise AutorankError("auth is on: set MLFLOW_AUTH_ADMIN_PASSWORD to the admin's password "
+                            "(used to create the admin user on first start)")
+    secret = cfg.data_dir / "flask_secret"
+    if not secret.exists():
+        secret.write_text(secrets.token_hex(32))
+        secret.chmod(0o600)
+    auth_ini = cfg.data_dir / "basic_auth.ini"
+    auth_ini.write_text(
+        "[mlflow]\n"
+        "default_permission = READ\n"
+        f"database_uri = sqlite:///{cfg.data_dir / 'basic_auth.db'}\n"
+        f"admin_username = {cfg.admin_username}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    env.update(MLFLOW_AUTH_CONFIG_PATH=str(auth_ini),
+               MLFLOW_FLASK_SERVER_SECRET_KEY=env.get("MLFLOW_FLASK_SERVER_SECRET_KEY")
+               or secret.read_text().strip())
+    return env
+
+
+def health(url: str, timeout: float = 2.0) -> bool:
+    """True when the server at `url` answers its unauthenticated /health endpoint."""
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=timeout) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _check_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise AutorankError(f"cannot listen on {host}:{port}: {exc.strerror}")
+
+
+def launch(cfg: ServerConfig, backend_uri: str, log_path: Path | None = None) -> subprocess.Popen:
+    """Start `mlflow server` in its own process group and wait until /health answers."""
+    _check_port_free(cfg.host, cfg.port)
+    (cfg.artifacts or cfg.data_dir / "mlartifacts").mkdir(parents=True, exist_ok=True)
+    env = server_env(cfg)
+    log = open(log_path, "ab") if log_path else None
+    try:
+        proc = subprocess.Popen(server_command(cfg, backend_uri), env=env, cwd=cfg.data_dir,
+                                stdout=log, stderr=subprocess.STDOUT if log else None,
+                                start_new_session=True)
+    finally:
+        if log:
+            log.close()
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while not health(cfg.url):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            terminate(proc.pid)
+            where = f"; see {log_path}" if log_path else ""
+            raise AutorankError(f"MLflow server on {cfg.url} did not come up{where}")
+        time.sleep(0.3)
+    return proc
+
+
+def terminate(pid: int, timeout: float = 15.0) -> None:
+    """Stop the process group led by `pid`: SIGTERM, then SIGKILL after `timeout` seconds."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pid, 0)
+            except ProcessLookupError:
+                return
+            try:  # reap it when it is our child
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            time.sleep(0.1)
+
+
+def start_server(cfg: ServerConfig) -> dict:
+    """Start a background server for `cfg`; its pid, url and backend go to data_dir/server.json."""
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    state = _read_state(cfg)
+    if state and _alive(state["pid"]):
+        raise AutorankError(f"a server is already running for {cfg.data_dir} (pid {state['pid']},"
+                            f" {state['url']})")
+    postgres = None
+    if cfg.backend == "sqlite":
+        backend_uri = f"sqlite:///{cfg.data_dir / 'mlflow.db'}"
+    elif cfg.backend == "postgres":
+        postgres = LocalPostgres(cfg.data_dir / "postgres", port=cfg.postgres_port)
+        backend_uri = postgres.start()
+    elif "://" in cfg.backend:
+        backend_uri = cfg.backend
+    else:
+        raise AutorankError(f"server config: backend must be sqlite, postgres or a database URL, "
+                            f"not '{cfg.backend}'")
+    try:
+        proc = launch(cfg, backend_uri, cfg.data_dir / LOG_FILE)
+    except AutorankError:
+        if postgres:
+            postgres.stop()
+        raise
+    state = {"pid": proc.pid, "url": cfg.url, "backend": cfg.backend,
+             "postgres": str(postgres.directory) if postgres else None}
+    (cfg.data_dir / PID_FILE).write_text(json.dumps(state))
+    return state
+
+
+def stop_server(cfg: ServerConfig) -> bool:
+    """Stop the server (and its local PostgreSQL) started for `cfg`; False if none was running."""
+    state = _read_state(cfg)
+    if not state:
+        return False
+    terminate(state["pid"])
+    if state.get("postgres"):
+        LocalPostgres(Path(state["postgres"]), port=cfg.postgres_port).stop()
+    (cfg.data_dir / PID_FILE).unlink()
+    return True
+
+
+def _read_state(cfg: ServerConfig) -> dict | None:
+    path = cfg.data_dir / PID_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def search_store(search_dir: Path) -> ServerConfig:
+    """A loopback server config for a finished search's local store (DIR/mlflow.db)."""
+    db = search_dir / "mlflow.db"
+    if not db.is_file():
+        raise AutorankError(f"{search_dir} holds no local MLflow store (mlflow.db); was the search "
+                            "run with --mlflow-uri? Then browse that server instead")
+    return ServerConfig(data_dir=search_dir.resolve(), artifacts=(search_dir / "mlartifacts").resolve())
+
+
+def _ui(args: argparse.Namespace) -> int:
+    cfg = search_store(Path(args.search))
+    cfg.host, cfg.port = args.host, args.port
+    proc = launch(cfg, f"sqlite:///{cfg.data_dir / 'mlflow.db'}")
+    print(f"MLflow UI for {args.search}: {cfg.url}  (Ctrl-C stops it)", flush=True)
+    if args.open:
+        webbrowser.open(cfg.url)
+    try:
+        return proc.wait()
+    finally:
+        terminate(proc.pid)
+
+
+def _server(args: argparse.Namespace) -> int:
+    data_dir = Path(args.data_dir).resolve() if args.data_dir else None  # relative to cwd
+    cfg = load_server_config(args.config, host=args.host, port=args.port, backend=args.backend,
+                             data_dir=data_dir, auth=True if args.auth else None)
+    if args.action == "start":
+        state = start_server(cfg)
+        print(f"MLflow server {state['url']} (pid {state['pid']}, backend {cfg.backend}); "
+              f"log {cfg.data_dir / LOG_FILE}")
+        return 0
+    if args.action == "stop":
+        print("stopped" if stop_server(cfg) else f"no server recorded in {cfg.data_dir}")
+        return 0
+    ok = health(cfg.url)
+    print(f"{cfg.url}: {'healthy' if ok else 'not answering'}")
+    return 0 if ok else 1
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    ui = subparsers.add_parser("ui", help="browse a finished search's local MLflow store")
+    ui.add_argument("--search", required=True, metavar="DIR", help="the search's output folder")
+    ui.add_argument("--host", default=LOOPBACK, help="interface to bind (default: loopback)")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--open", action="store_true", help="open it in the default web browser")
+    ui.set_defaults(handler=_ui)
+
+    server = subparsers.add_parser("server", help="start/stop/check a shared MLflow server")
+    server.add_argument("action", choices=("start", "stop", "health"))
+    server.add_argument("--config", metavar="YAML", help="e.g. mlflow_server/server.yaml")
+    server.add_argument("--host", help="interface to bind (default: loopback)")
+    server.add_argument("--port", type=int)
+    server.add_argument("--backend", help="sqlite | postgres | a database URL")
+    server.add_argument("--data-dir", help="db, artifacts, pid and log folder")
+    server.add_argument("--auth", action="store_true", help="MLflow basic authentication")
+    server.set_defaults(handler=_server)
