@@ -25,3 +25,18 @@ def shared() -> Path:
     if not CIFAR_ARCHIVE.exists():
         pytest.fail(f"../shared data missing at {SHARED}: set AUTORANK_SHARED")
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def cifar(shared):
+    """The ../shared CIFAR-10 image folder as a Dataset; decoded once into the default cache."""
+    from autorank.data import load_data
+
+    return load_data(f"imagefolder:{CIFAR_ARCHIVE}")
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from autorank.data import load_data
+
+    return load_data("digits")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 import torchvision.models as tvm
 from torch import nn
 from torchvision.models.googlenet import BasicConv2d
@@ -67,29 +68,52 @@ def _drop_underflowing_pools(features: nn.Sequential, size: tuple[int, int]) -> 
             h, w = nh, nw
 
 
+def _materialise(model: nn.Module) -> nn.Module:
+    """Allocate a model built on the meta device and give every layer its default initialisation.
+
+    VGG and AlexNet are built on `meta` because their ImageNet classifiers (up to 120M weights,
+    seconds to initialise) are replaced for small inputs anyway.
+    """
+    model.to_empty(device="cpu")
+    for module in model.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()  # BatchNorm also resets its running statistics here
+    return model
+
+
 def _vgg(name: str, num_classes: int, channels: int, size: tuple[int, int], small: bool) -> nn.Module:
-    model = getattr(tvm, name)(weights=None, num_classes=num_classes)
-    first = _first_conv(model.features)
-    if channels != 3:
-        model.features[first] = nn.Conv2d(channels, model.features[first].out_channels, 3, padding=1)
-    if small:
-        _drop_underflowing_pools(model.features, size)
-        model.avgpool = nn.AdaptiveAvgPool2d(1)
-        model.classifier = nn.Linear(512, num_classes)
+    with torch.device("meta"):
+        model = getattr(tvm, name)(weights=None, num_classes=num_classes)
+        first = _first_conv(model.features)
+        if channels != 3:
+            model.features[first] = nn.Conv2d(channels, model.features[first].out_channels, 3, padding=1)
+        if small:
+            _drop_underflowing_pools(model.features, size)
+            model.avgpool = nn.AdaptiveAvgPool2d(1)
+            model.classifier = nn.Linear(512, num_classes)
+    _materialise(model)
+    for module in model.modules():  # torchvision's VGG initialisation
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, 0, 0.01)
+            nn.init.zeros_(module.bias)
     return model
 
 
 def _alexnet(num_classes: int, channels: int, size: tuple[int, int], small: bool) -> nn.Module:
-    model = tvm.alexnet(weights=None, num_classes=num_classes)
-    first = _first_conv(model.features)
-    if small:
-        model.features[first] = nn.Conv2d(channels, 64, 3, stride=1, padding=1)
-        _drop_underflowing_pools(model.features, size)
-        model.avgpool = nn.AdaptiveAvgPool2d(1)
-        model.classifier = nn.Sequential(nn.Dropout(0.5), nn.Linear(256, num_classes))
-    elif channels != 3:
-        model.features[first] = nn.Conv2d(channels, 64, 11, stride=4, padding=2)
-    return model
+    with torch.device("meta"):
+        model = tvm.alexnet(weights=None, num_classes=num_classes)
+        first = _first_conv(model.features)
+        if small:
+            model.features[first] = nn.Conv2d(channels, 64, 3, stride=1, padding=1)
+            _drop_underflowing_pools(model.features, size)
+            model.avgpool = nn.AdaptiveAvgPool2d(1)
+            model.classifier = nn.Sequential(nn.Dropout(0.5), nn.Linear(256, num_classes))
+        elif channels != 3:
+            model.features[first] = nn.Conv2d(channels, 64, 11, stride=4, padding=2)
+    return _materialise(model)  # AlexNet uses PyTorch's default layer initialisation
 
 
 def _googlenet(num_classes: int, channels: int, small: bool) -> nn.Module:
