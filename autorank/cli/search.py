@@ -1,0 +1,110 @@
+"""`autorank search` (run or resume a compression search) and `autorank best` (pick from one)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from autorank.errors import AutorankError
+from autorank.search import best_trial, load_search, parse_duration, parse_size
+from autorank.tracking import format_front
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    search = subparsers.add_parser(
+        "search", help="search per-layer decomposition, ranks and precision (Optuna + MLflow)",
+        description="Multi-objective search (accuracy vs size) over a YAML search space, seeded by EVBMF "
+                    "ranks; each trial compresses the pretrained model, fine-tunes it briefly "
+                    "(quantization-aware) and is recorded in the Optuna study and MLflow.",
+    )
+    search.add_argument("--config", type=Path, help="search space YAML (e.g. search_spaces/default.yaml)")
+    search.add_argument("--model", help="zoo name or module:pkg.mod:factory")
+    search.add_argument("--weights", help="pretrained checkpoint (path or URL)")
+    search.add_argument("--data", help="digits | cifar10[:ROOT] | imagefolder:PATH")
+    search.add_argument("--out", type=Path, default=Path("autorank-search"), help="output folder (default %(default)s)")
+    search.add_argument("--trials", type=int, help="number of finished trials to reach (overrides the YAML)")
+    search.add_argument("--time-budget", help="wall-clock budget such as 30m, 2h, 1h30m (overrides the YAML)")
+    search.add_argument("--resume", action="store_true", help="continue the search in --out (same study)")
+    search.add_argument("--executor", choices=("local", "ray"), default="local",
+                        help="local: trials in this process (default); ray: Ray Tune trials")
+    search.add_argument("--ray-address", help="join an existing Ray cluster (e.g. ray://host:10001 or auto)")
+    search.add_argument("--trial-resources", help="Ray resources per trial, e.g. cpu=2,gpu=0.5 "
+                                                  "(default: all CPUs, one GPU if present)")
+    search.add_argument("--max-concurrent", type=int, default=1, help="Ray trials running at once (default 1)")
+    search.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite store in --out)")
+    search.add_argument("--experiment", default="autorank", help="MLflow experiment name (default %(default)s)")
+    search.add_argument("--storage", help="Optuna storage URL (default: sqlite:///OUT/study.db)")
+    search.add_argument("--study-name", help="Optuna study name (default: the space's name)")
+    search.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] | mps")
+    search.add_argument("--no-progress", action="store_true", help="no progress bar")
+    search.set_defaults(handler=run_search_command)
+
+    best = subparsers.add_parser(
+        "best", help="the most accurate feasible trial of a search",
+        description="Print the most accurate trial meeting the limits (the search's own where not given).",
+    )
+    best.add_argument("--search", type=Path, required=True, help="a search output folder")
+    size = best.add_mutually_exclusive_group()
+    size.add_argument("--max-size", help="largest model size, e.g. 0.5MB or 200KiB")
+    size.add_argument("--min-ratio", type=float, help="smallest compression ratio vs the uncompressed model")
+    best.add_argument("--max-drop", type=float, help="largest accuracy drop in points vs the reference")
+    best.add_argument("--json", action="store_true", help="print one JSON object")
+    best.set_defaults(handler=run_best_command)
+
+
+def run_search_command(args: argparse.Namespace) -> int:
+    from autorank.search.executors import parse_resources
+    from autorank.search.run import run_search
+    if not args.resume and (args.config is None or args.model is None or args.data is None):
+        raise AutorankError("search needs --config, --model and --data (or --resume with --out of a search)")
+    if args.trials is not None and args.trials < 1:
+        raise AutorankError(f"--trials must be >= 1, got {args.trials}")
+    time_budget = parse_duration(args.time_budget, "--time-budget") if args.time_budget else None
+    resources = parse_resources(args.trial_resources) if args.trial_resources else None
+    result = run_search(
+        args.config, args.model, args.weights, args.data, args.out, trials=args.trials, time_budget=time_budget,
+        executor=args.executor, resume=args.resume, mlflow_uri=args.mlflow_uri, experiment=args.experiment,
+        storage=args.storage, study_name=args.study_name, device=args.device, ray_address=args.ray_address,
+        trial_resources=resources, max_concurrent=args.max_concurrent, progress=not args.no_progress,
+    )
+    print(summary_text(result))
+    return 0
+
+
+def summary_text(result) -> str:
+    """The end-of-search report: counts, the front table, the best feasible trial, where to browse."""
+    done = [t for t in result.trials if t.counted]
+    failed = [t for t in done if t.state == "failed"]
+    lines = [f"{len(done)} trials ({len(failed)} failed) in {result.elapsed_s / 60:.1f} min; "
+             f"Pareto front ({len(result.front)} feasible trials, accuracy on val):",
+             format_front(result.front, result.reference)]
+    best = result.best
+    lines.append(f"best feasible: trial {best.number} ({best.metrics['accuracy'] * 100:.2f}%, "
+                 f"{best.metrics['size_bytes'] / 1e3:.1f} KB)" if best else "no feasible trial yet")
+    lines.append(f"front: {result.out_dir / 'pareto.html'} (interactive), {result.out_dir / 'pareto.csv'}")
+    if result.mlflow_uri.startswith("sqlite"):
+        lines.append(f"browse: autorank ui --search {result.out_dir}   "
+                     f"(or: mlflow ui --backend-store-uri {result.mlflow_uri})")
+    else:
+        lines.append(f"browse: {result.mlflow_uri} (run {result.parent_run_id})")
+    return "\n".join(lines)
+
+
+def run_best_command(args: argparse.Namespace) -> int:
+    if args.min_ratio is not None and not args.min_ratio > 0:
+        raise AutorankError(f"--min-ratio must be > 0, got {args.min_ratio}")
+    if args.max_drop is not None and not args.max_drop >= 0:
+        raise AutorankError(f"--max-drop must be >= 0, got {args.max_drop}")
+    search = load_search(args.search)
+    record = best_trial(search, max_size=parse_size(args.max_size, "--max-size") if args.max_size else None,
+                        min_ratio=args.min_ratio, max_drop=args.max_drop)
+    if args.json:
+        print(json.dumps(record.as_dict()))
+        return 0
+    m = record.metrics
+    print(f"trial {record.number}: accuracy {m['accuracy'] * 100:.2f}% (drop {m.get('drop_points', 0):+.2f} pt), "
+          f"size {m['size_bytes'] / 1e3:.1f} KB ({m.get('ratio', 0):.1f}x smaller), {m['macs'] / 1e6:.2f} MMACs")
+    print(f"plan: {record.summary}")
+    print(f"weights: {record.directory / 'model.pt' if record.has_weights else '(not kept)'}")
+    return 0

@@ -1,0 +1,153 @@
+"""Where trials run: in this process (`local`, the default) or as Ray Tune trials (`ray`).
+
+Both ask the same study for choices, run the same `run_trial`, tell the study the same way
+(`annotate` + tell) and then call `on_done(outcome)` in the driver, so the results, the tracking and
+the files on disk do not depend on the executor. With Ray, OptunaSearch in the driver owns the
+study: workers never open the storage.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from autorank.data import Dataset
+from autorank.errors import AutorankError
+from autorank.search.study import TrialOutcome, annotate, make_sampler, objective_values
+from autorank.search.trial import TrialContext, run_trial
+
+EXECUTORS = ("local", "ray")
+OnDone = Callable[[TrialOutcome], None]
+BudgetLeft = Callable[[int], bool]   # (trials started by this executor) -> may another start?
+
+
+def tell(study: optuna.Study, trial: optuna.Trial, ctx: TrialContext, outcome: TrialOutcome) -> None:
+    """Record a finished trial in the study: figures and constraints first, then its state."""
+    annotate(trial, outcome)
+    values = objective_values(ctx.space, outcome)
+    if values is None:
+        study.tell(trial, state=TrialState.FAIL)
+    else:
+        study.tell(trial, values)
+
+
+def run_local(study: optuna.Study, ctx: TrialContext, data: Dataset, budget_left: BudgetLeft, on_done: OnDone) -> None:
+    """Trials one after another in this process (no start-up cost)."""
+    started = 0
+    while budget_left(started):
+        trial = study.ask()
+        started += 1
+        params = ctx.space.suggest(trial, ctx.groups)
+        outcome = run_trial(ctx, data, params, trial.number)
+        tell(study, trial, ctx, outcome)
+        on_done(outcome)
+
+
+def parse_resources(text: str | None) -> dict[str, float]:
+    """'cpu=2,gpu=0.5' -> {'cpu': 2.0, 'gpu': 0.5}; default: all CPUs, one GPU if there is one."""
+    if not text:
+        import torch
+
+        return {"cpu": float(os.cpu_count() or 1), "gpu": 1.0 if torch.cuda.is_available() else 0.0}
+    resources: dict[str, float] = {}
+    for part in text.split(","):
+        key, _, value = part.partition("=")
+        try:
+            amount = float(value)
+        except ValueError:
+            amount = -1.0
+        if key.strip() not in ("cpu", "gpu") or not amount >= 0 or (key.strip() == "cpu" and amount <= 0):
+            raise AutorankError(f"bad --trial-resources {text!r}: expected e.g. cpu=2,gpu=0.5")
+        resources[key.strip()] = amount
+    resources.setdefault("cpu", 1.0)
+    resources.setdefault("gpu", 0.0)
+    return resources
+
+
+def _ray_trial(config: dict[str, Any], ctx: TrialContext, data: Dataset) -> None:
+    """The Ray Tune trainable: one trial in a worker, reported as flat metrics plus the outcome."""
+    import torch
+    from ray import tune
+
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    params = {k: v for k, v in config.items() if k != "trial_number"}
+    outcome = run_trial(ctx, data, params, int(config["trial_number"]))
+    report = {name: float(outcome.metrics.get(name, math.nan)) for name in ctx.space.objectives}
+    tune.report({**report, "outcome": json.dumps(asdict(outcome))})
+
+
+def run_ray(study: optuna.Study, storage: optuna.storages.BaseStorage, ctx: TrialContext, data: Dataset, budget_left: BudgetLeft, on_done: OnDone, *,
+            num_samples: int, address: str | None, resources: dict[str, float], max_concurrent: int) -> None:
+    """Trials as Ray Tune trials driven by OptunaSearch on this (the driver's) study."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    import logging
+
+    import ray
+    from ray import tune
+    from ray.tune.search import ConcurrencyLimiter, Searcher
+    from ray.tune.search.optuna import OptunaSearch
+
+    class StudySearch(OptunaSearch):
+        """OptunaSearch that stops at the budget and tells outcomes (constraints, reasons) itself."""
+
+        started = 0
+
+        def suggest(self, trial_id: str):
+            if not budget_left(self.started):
+                return Searcher.FINISHED
+            self.started += 1
+            return super().suggest(trial_id)
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+                return
+            ot_trial = self._ot_trials[trial_id]
+            if result and "outcome" in result:
+                outcome = TrialOutcome(**json.loads(result["outcome"]))
+            else:
+                outcome = TrialOutcome(number=ot_trial.number, params=dict(ot_trial.params),
+                                       reason="the Ray worker running this trial failed (see the Ray logs)")
+            tell(self._ot_study, ot_trial, ctx, outcome)
+            self._completed_trials.add(trial_id)
+            on_done(outcome)
+
+    started_ray = False
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR,
+                                  "log_to_driver": False}
+        if address is None:
+            kwargs["num_cpus"] = max(int(math.ceil(resources["cpu"])) * max_concurrent, os.cpu_count() or 1)
+        ray.init(address=address, **kwargs)
+        started_ray = True
+    try:
+        def define_by_run(trial) -> dict[str, int]:
+            ctx.space.suggest(trial, ctx.groups)  # Ray captures the suggested values as the config
+            return {"trial_number": trial.number}
+
+        searcher = StudySearch(
+            space=define_by_run,
+            metric=list(ctx.space.objectives),
+            mode=["max" if d == "maximize" else "min" for d in ctx.space.directions],
+            sampler=make_sampler(ctx.space), study_name=study.study_name, storage=storage)
+        trainable = tune.with_resources(tune.with_parameters(_ray_trial, ctx=ctx, data=data),
+                                        {k: v for k, v in resources.items() if v > 0})
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=max_concurrent),
+                                        num_samples=num_samples, reuse_actors=False),
+            run_config=tune.RunConfig(storage_path=str((ctx.out_dir / "ray").resolve()), name="tune",
+                                      verbose=0, log_to_file=False),
+        )
+        tuner.fit()
+    finally:
+        if started_ray:
+            ray.shutdown()

@@ -1,0 +1,171 @@
+"""Reading a search back: its trials as typed records, and the best feasible one.
+
+The Optuna study is the source of truth (every finished trial is told to it before anything else
+happens); `search.json` says where the study lives and what the uncompressed reference scored.
+Export, `autorank best` and the tracker all read trials through `load_search`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from autorank.errors import AutorankError
+from autorank.search.space import Constraints, SearchSpace, space_from_dict
+
+SEARCH_FILE = "search.json"
+TRIALS_DIR = "trials"
+PLAN_FILE = "plan.json"
+METRICS_FILE = "metrics.json"
+WEIGHTS_FILE = "model.pt"
+
+
+@dataclass
+class TrialRecord:
+    """One trial as recorded in the study: its choices, figures and fate."""
+
+    number: int
+    state: str                        # complete | failed | interrupted | running | waiting
+    params: dict[str, Any]
+    metrics: dict[str, float] = field(default_factory=dict)
+    constraints: dict[str, float] = field(default_factory=dict)
+    plan: dict[str, Any] | None = None
+    reason: str | None = None
+    summary: str = ""
+    started: float | None = None      # epoch seconds
+    finished: float | None = None
+    directory: Path | None = None
+
+    @property
+    def counted(self) -> bool:
+        """Counts towards --trials: finished, successfully or not (interruptions do not)."""
+        return self.state in ("complete", "failed")
+
+    @property
+    def finished_ok(self) -> bool:
+        return self.state == "complete"
+
+    @property
+    def feasible(self) -> bool:
+        return self.finished_ok and all(v <= 0 for v in self.constraints.values())
+
+    @property
+    def has_weights(self) -> bool:
+        return self.directory is not None and (self.directory / WEIGHTS_FILE).is_file()
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"trial": self.number, "state": self.state, "feasible": self.feasible, "metrics": self.metrics,
+                "constraints": self.constraints, "params": self.params, "reason": self.reason,
+                "summary": self.summary,
+                "plan": self.plan, "dir": str(self.directory) if self.directory else None,
+                "weights": str(self.directory / WEIGHTS_FILE) if self.has_weights else None}
+
+
+def record_from_trial(trial: FrozenTrial, out_dir: Path | None = None) -> TrialRecord:
+    """A TrialRecord from Optuna's frozen trial (user attrs hold metrics, plan and reason)."""
+    attrs = trial.user_attrs
+    if trial.state == TrialState.COMPLETE:
+        state = "complete"
+    elif trial.state == TrialState.FAIL:
+        state = "interrupted" if attrs.get("interrupted") else "failed"
+    else:
+        state = trial.state.name.lower()
+    plan = attrs.get("plan")
+    return TrialRecord(
+        number=trial.number, state=state, params=dict(trial.params), metrics=dict(attrs.get("metrics", {})),
+        constraints=dict(trial.constraints), plan=json.loads(plan) if isinstance(plan, str) else plan,
+        reason=attrs.get("reason"), summary=attrs.get("summary", ""),
+        started=trial.datetime_start.timestamp() if trial.datetime_start else None,
+        finished=trial.datetime_complete.timestamp() if trial.datetime_complete else None,
+        directory=(out_dir / TRIALS_DIR / str(trial.number)) if out_dir is not None else None,
+    )
+
+
+@dataclass
+class SearchRecord:
+    """A search folder read back: its settings, reference and trials."""
+
+    out_dir: Path
+    info: dict[str, Any]
+    space: SearchSpace
+    trials: list[TrialRecord]
+
+    @property
+    def reference(self) -> dict[str, float]:
+        return self.info["reference"]
+
+    def trial(self, number: int) -> TrialRecord:
+        for record in self.trials:
+            if record.number == number:
+                return record
+        raise AutorankError(f"trial {number} is not in the search at {self.out_dir}")
+
+
+def read_info(out_dir: str | Path) -> dict[str, Any]:
+    path = Path(out_dir) / SEARCH_FILE
+    if not path.is_file():
+        raise AutorankError(f"{out_dir} holds no search ({SEARCH_FILE} missing): run `autorank search --out {out_dir}` first")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise AutorankError(f"{path} is corrupt: {exc}") from None
+
+
+def open_study(info: dict[str, Any], out_dir: Path) -> optuna.Study:
+    """The search's Optuna study, read from the storage recorded in search.json."""
+    storage = info["storage"]
+    if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_absolute():
+        storage = f"sqlite:///{(out_dir / storage.removeprefix('sqlite:///')).resolve()}"
+    try:
+        return optuna.load_study(study_name=info["study_name"], storage=storage)
+    except KeyError:
+        raise AutorankError(f"study {info['study_name']!r} not found in {info['storage']}") from None
+
+
+def load_search(out_dir: str | Path) -> SearchRecord:
+    """Read a search folder: search.json plus every trial of its study."""
+    out = Path(out_dir)
+    info = read_info(out)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = open_study(info, out)
+    trials = [record_from_trial(t, out) for t in study.get_trials(deepcopy=False)]
+    return SearchRecord(out_dir=out, info=info, space=space_from_dict(info["space"]), trials=trials)
+
+
+def best_trial(
+    search: SearchRecord | str | Path,
+    *,
+    max_size: int | None = None,
+    min_ratio: float | None = None,
+    max_drop: float | None = None,
+) -> TrialRecord:
+    """The most accurate completed trial meeting the constraints (the search's own where not given).
+
+    Ties on accuracy go to the smaller model. Infeasible trials are never returned: with none
+    feasible, AutorankError says which limit nothing met.
+    """
+    record = search if isinstance(search, SearchRecord) else load_search(search)
+    own = record.space.constraints
+    limits = Constraints(
+        max_size=max_size if max_size is not None else own.max_size,
+        min_ratio=min_ratio if min_ratio is not None else own.min_ratio,
+        max_drop=max_drop if max_drop is not None else own.max_drop,
+    )
+    done = [t for t in record.trials if t.finished_ok and _finite(t.metrics)]
+    if not done:
+        raise AutorankError(f"the search at {record.out_dir} has no completed trials yet")
+    feasible = [t for t in done if all(v <= 0 for v in limits.violations(t.metrics, record.reference).values())]
+    if not feasible:
+        raise AutorankError(f"none of the {len(done)} completed trials meets {limits.describe()}")
+    return max(feasible, key=lambda t: (t.metrics["accuracy"], -t.metrics["size_bytes"], -t.number))
+
+
+def _finite(metrics: dict[str, float]) -> bool:
+    return all(isinstance(metrics.get(k), (int, float)) and math.isfinite(metrics[k])
+               for k in ("accuracy", "size_bytes"))

@@ -1,0 +1,268 @@
+"""`run_search`: validate everything, measure the reference, run trials, keep the front, report.
+
+Order matters for "nothing is lost": all inputs are checked (space, data, model, weights) and
+the reference is measured before the output folder exists; each trial is told to the study before
+its files are pruned or MLflow hears of it; MLflow is replayed from the study on every resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from autorank.data import Dataset, load_data
+from autorank.errors import AutorankError
+from autorank.models import create_model
+from autorank.search.executors import EXECUTORS, parse_resources, run_local, run_ray
+from autorank.search.results import SEARCH_FILE, TRIALS_DIR, WEIGHTS_FILE, TrialRecord, best_trial, load_search, read_info
+from autorank.search.space import SearchSpace, load_space, space_from_dict
+from autorank.search.study import TrialOutcome, create_or_load_study, records, recover_interrupted, storage_for
+from autorank.search.trial import TrialContext, layer_table, reference_metrics
+from autorank.tracking import SearchTracker, default_tracking_uri, format_front, pareto_front
+
+
+@dataclass
+class SearchResult:
+    """A finished (or stopped) search: its trials, front and where to browse it."""
+
+    out_dir: Path
+    study_name: str
+    trials: list[TrialRecord]
+    front: list[TrialRecord]
+    reference: dict[str, float]
+    mlflow_uri: str
+    parent_run_id: str | None
+    elapsed_s: float
+    unlogged: list[int] = field(default_factory=list)   # trials MLflow has not received (replayed on resume)
+
+    @property
+    def best(self) -> TrialRecord | None:
+        """The most accurate feasible trial, or None when none is feasible."""
+        try:
+            return best_trial(load_search(self.out_dir))
+        except AutorankError:
+            return None
+
+
+def run_search(
+    space: SearchSpace | str | Path | None = None,
+    model_name: str | None = None,
+    weights: str | Path | None = None,
+    data_spec: str | None = None,
+    out_dir: str | Path = "autorank-search",
+    *,
+    trials: int | None = None,
+    time_budget: float | None = None,
+    executor: str = "local",
+    resume: bool = False,
+    mlflow_uri: str | None = None,
+    experiment: str = "autorank",
+    storage: str | None = None,
+    study_name: str | None = None,
+    device: str = "auto",
+    ray_address: str | None = None,
+    trial_resources: dict[str, float] | None = None,
+    max_concurrent: int = 1,
+    progress: bool = True,
+    data: Dataset | None = None,
+) -> SearchResult:
+    """Search compression plans for a pretrained model; see docs/SEARCH.md.
+
+    `trials` / `time_budget` override the space's; with `resume`, settings left as None come from
+    the folder's search.json and the study continues until `trials` trials have finished in total.
+    """
+    started = time.monotonic()
+    out = Path(out_dir)
+    info: dict[str, Any] | None = None
+    if resume:
+        info = read_info(out)
+        given = {"model": model_name, "weights": str(weights) if weights is not None else None, "data": data_spec}
+        for key, value in given.items():
+            if value is not None and value != info[key]:
+                raise AutorankError(f"--resume: {key} {value!r} differs from the search's {info[key]!r}")
+        model_name, weights, data_spec = info["model"], info["weights"], info["data"]
+        stored = space_from_dict(info["space"])
+        if space is not None:
+            space = load_space(space) if not isinstance(space, SearchSpace) else space
+            if space.to_dict() != stored.to_dict():
+                raise AutorankError("--resume: the search space differs from the one the search started with")
+        space = stored
+        storage, study_name = info["storage"], info["study_name"]
+        mlflow_uri = mlflow_uri or info["mlflow_uri"]
+        experiment = info.get("experiment", experiment)
+    else:
+        if (out / SEARCH_FILE).exists():
+            raise AutorankError(f"{out} already holds a search: pass --resume to continue it, or choose another --out")
+        if space is None or model_name is None or data_spec is None:
+            raise AutorankError("a search needs a search space (--config), a model (--model) and data (--data)")
+        space = load_space(space) if not isinstance(space, SearchSpace) else space
+    trials = trials if trials is not None else (space.trials if time_budget is None else None)
+    time_budget = time_budget if time_budget is not None else (space.time_budget if trials is None else None)
+    if trials is None and time_budget is None:
+        raise AutorankError("give a number of trials (--trials) and/or a time budget (--time-budget)")
+    if trials is not None and trials < 1:
+        raise AutorankError(f"--trials must be >= 1, got {trials}")
+    if executor not in EXECUTORS:
+        raise AutorankError(f"unknown executor {executor!r}: choose from {', '.join(EXECUTORS)}")
+    if max_concurrent < 1:
+        raise AutorankError(f"--max-concurrent must be >= 1, got {max_concurrent}")
+    resources = trial_resources or parse_resources(None)
+
+    # Everything the user can get wrong is checked before the folder exists.
+    data = data if data is not None else load_data(data_spec, seed=space.seed)
+    model = create_model(model_name, data, weights)
+    layers = layer_table(model, space)
+    groups = space.groups({name: info_.kind for name, info_ in layers.items()})
+    ctx = TrialContext(space=space, groups=groups, layers=layers, model=model.cpu().eval(), reference={},
+                       out_dir=out.resolve(), device=device)
+    if info is None:
+        _say(progress, f"reference: fine-tuning the uncompressed {model_name} for {space.finetune.steps} steps")
+        ctx.reference = reference_metrics(ctx, data)
+        out.mkdir(parents=True, exist_ok=True)
+        ctx.out_dir = out.resolve()
+        study_name = study_name or space.name
+        storage = storage or f"sqlite:///{(out / 'study.db').resolve()}"
+        mlflow_uri = mlflow_uri or default_tracking_uri(out)
+        info = {"version": 1, "search_id": uuid.uuid4().hex, "model": model_name,
+                "weights": str(weights) if weights is not None else None, "data": data_spec,
+                "study_name": study_name, "storage": storage, "mlflow_uri": mlflow_uri, "experiment": experiment,
+                "space": space.to_dict(), "reference": ctx.reference,
+                "layers": {n: {"kind": li.kind, "shape": list(li.shape), "evbmf": li.evbmf} for n, li in layers.items()},
+                "parent_run_id": None, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        _write_info(out, info)
+    else:
+        ctx.reference = info["reference"]
+
+    rdb = storage_for(storage)
+    seed_limit = max(1, trials // 2) if trials is not None else None
+    study = create_or_load_study(space, rdb, study_name, groups, resume=resume, seed_limit=seed_limit)
+    lost = recover_interrupted(study, rdb, ctx.out_dir)
+    if lost:
+        _say(progress, f"resume: trials {lost} were interrupted; their choices run again")
+
+    tracker = SearchTracker(mlflow_uri, experiment=experiment, search_id=info["search_id"],
+                            run_name=f"{space.name}-{out.resolve().name}", out_dir=ctx.out_dir,
+                            objectives=space.objectives, reference=ctx.reference,
+                            limits={"max_size": space.constraints.max_size, "max_drop": space.constraints.max_drop},
+                            parent_params=_parent_params(info, space, executor, ctx.out_dir))
+    info["parent_run_id"] = tracker.start()
+    _write_info(out, info)
+    current = records(study, ctx.out_dir)
+    tracker.submit(current)  # replays whatever a previous run could not log
+
+    done_before = sum(1 for r in current if r.counted)
+    bar = _ProgressBar(progress, trials, done_before, time_budget)
+    durations: list[float] = []
+
+    def budget_left(started_here: int) -> bool:
+        if trials is not None and done_before + started_here >= trials:
+            return False
+        if time_budget is not None:
+            elapsed = time.monotonic() - started
+            expected = sum(durations) / len(durations) if durations else 0.0
+            return elapsed + expected <= time_budget
+        return True
+
+    def on_done(outcome: TrialOutcome) -> None:
+        durations.append(outcome.metrics.get("wall_s", 0.0))
+        snapshot = records(study, ctx.out_dir)
+        prune_weights(snapshot, space.objectives)
+        tracker.submit(snapshot)
+        bar.update(snapshot, outcome)
+
+    status = "FINISHED"
+    try:
+        if executor == "local":
+            run_local(study, ctx, data, budget_left, on_done)
+        else:
+            remaining = (trials - done_before) if trials is not None else -1
+            if remaining != 0:
+                run_ray(study, rdb, ctx, data, budget_left, on_done, num_samples=remaining, address=ray_address,
+                        resources=resources, max_concurrent=max_concurrent)
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        bar.close()
+        final = records(study, ctx.out_dir)
+        prune_weights(final, space.objectives)
+        unlogged = tracker.close(final, status=status)
+        if unlogged:
+            print(f"autorank: MLflow at {mlflow_uri} did not receive trials {unlogged} ({tracker.last_error}); "
+                  f"they are safe in the study: `autorank search --resume --out {out}` logs them", file=sys.stderr)
+    return SearchResult(out_dir=out, study_name=study_name, trials=final, front=pareto_front(final, space.objectives),
+                        reference=ctx.reference, mlflow_uri=mlflow_uri, parent_run_id=info["parent_run_id"],
+                        elapsed_s=time.monotonic() - started, unlogged=unlogged)
+
+
+def prune_weights(trials: list[TrialRecord], objectives: tuple[str, ...] | list[str]) -> None:
+    """Delete model.pt of finished trials off the unconstrained front.
+
+    The unconstrained front contains the best trial for any later size/drop limits (`autorank
+    best`, export), and a dominated trial never re-enters it, so these weights are never needed.
+    """
+    keep = {t.number for t in pareto_front(trials, objectives, feasible_only=False)}
+    for t in trials:
+        if t.counted and t.number not in keep and t.directory is not None:
+            (t.directory / WEIGHTS_FILE).unlink(missing_ok=True)
+
+
+def _write_info(out: Path, info: dict[str, Any]) -> None:
+    tmp = out / f".{SEARCH_FILE}.tmp"
+    tmp.write_text(json.dumps(info, indent=2))
+    os.replace(tmp, out / SEARCH_FILE)
+
+
+def _parent_params(info: dict[str, Any], space: SearchSpace, executor: str, out_dir: Path) -> dict[str, Any]:
+    flat = {"model": info["model"], "weights": info["weights"], "data": info["data"], "study": info["study_name"],
+            "storage": info["storage"], "executor": executor, "out_dir": str(out_dir)}
+    for key, value in space.to_dict().items():
+        if isinstance(value, dict):
+            flat.update({f"space.{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[f"space.{key}"] = value
+    return flat
+
+
+def _say(enabled: bool, message: str) -> None:
+    if enabled:
+        print(f"autorank: {message}", file=sys.stderr)
+
+
+class _ProgressBar:
+    """Trials done, best feasible so far, ETA (tqdm on stderr)."""
+
+    def __init__(self, enabled: bool, trials: int | None, done: int, time_budget: float | None):
+        self.bar = None
+        self.time_budget, self.started = time_budget, time.monotonic()
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=trials, initial=done, desc="search", unit="trial", dynamic_ncols=True,
+                            file=sys.stderr)
+
+    def update(self, snapshot: list[TrialRecord], outcome: TrialOutcome) -> None:
+        if self.bar is None:
+            return
+        feasible = [t for t in snapshot if t.feasible]
+        postfix = {"failed": sum(t.state == "failed" for t in snapshot)}
+        if feasible:
+            best = max(feasible, key=lambda t: (t.metrics["accuracy"], -t.metrics["size_bytes"]))
+            postfix["best"] = f"{best.metrics['accuracy'] * 100:.2f}% @ {best.metrics['size_bytes'] / 1e3:.1f}KB (#{best.number})"
+        if self.time_budget is not None:
+            postfix["left"] = f"{max(0.0, self.time_budget - (time.monotonic() - self.started)) / 60:.1f}min"
+        self.bar.set_postfix(postfix, refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+__all__ = ["SearchResult", "format_front", "prune_weights", "run_search"]

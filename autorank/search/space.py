@@ -1,0 +1,502 @@
+"""YAML search spaces: what may change per layer, what is optimised, under which budget.
+
+`load_space(path)` validates the whole file before any compute starts; every mistake is one
+`AutorankError` line naming the offending key (``search space X: key 'finetune.steps': ...``).
+A `SearchSpace` then turns a model's layers into sampling *groups* (per layer, per stage or
+global, so the user controls the dimension of the space), suggests one trial's choices through an
+Optuna trial, turns those choices into a compression `Plan`, and lists the EVBMF seed trials.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from autorank.compression.plan import ACTIVATIONS, CONV_METHODS, LINEAR_METHODS, METHODS
+from autorank.compression.quantize import PRECISIONS
+from autorank.errors import AutorankError
+from autorank.tracking.pareto import OBJECTIVES
+
+GROUPINGS = ("layer", "stage", "global")
+RANK_MODES = ("evbmf", "ratio")
+SAMPLERS = ("nsga2", "tpe", "random")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "onecycle", "constant")
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_size(value: str | int | float, key: str = "size") -> int:
+    """'0.5MB' -> 500000 bytes (SI units; KiB/MiB are binary); plain numbers are bytes."""
+    if isinstance(value, bool):
+        raise AutorankError(f"{key}: expected a size such as 0.5MB, got {value!r}")
+    if isinstance(value, (int, float)):
+        number, unit = float(value), ""
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
+        if not match or match.group(2).lower() not in _SIZE_UNITS:
+            raise AutorankError(f"{key}: expected a size such as 0.5MB or 200KiB, got {value!r}")
+        number, unit = float(match.group(1)), match.group(2).lower()
+    size = number * _SIZE_UNITS[unit]
+    if not size > 0 or not math.isfinite(size):
+        raise AutorankError(f"{key}: size must be positive, got {value!r}")
+    return int(round(size))
+
+
+def parse_duration(value: str | int | float, key: str = "time_budget") -> float:
+    """'2h', '30m', '1h30m', '90s' or plain seconds -> seconds."""
+    if isinstance(value, bool):
+        raise AutorankError(f"{key}: expected a duration such as 30m or 2h, got {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        text = str(value).strip().lower()
+        parts = re.findall(r"([0-9]*\.?[0-9]+)\s*([smhd])", text)
+        if not parts or re.sub(r"[0-9]*\.?[0-9]+\s*[smhd]", "", text).strip():
+            try:
+                seconds = float(text)
+            except ValueError:
+                raise AutorankError(f"{key}: expected a duration such as 30m, 2h or 1h30m, got {value!r}") from None
+        else:
+            seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+    if not seconds > 0 or not math.isfinite(seconds):
+        raise AutorankError(f"{key}: duration must be positive, got {value!r}")
+    return seconds
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Per-layer overrides: the first rule whose globs match a layer name applies to it."""
+
+    match: tuple[str, ...]
+    methods: tuple[str, ...] | None = None
+    precisions: tuple[str, ...] | None = None
+    rank: tuple[float, float] | None = None
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """Feasibility limits; a trial violating any of them never counts as best."""
+
+    max_size: int | None = None       # bytes
+    min_ratio: float | None = None    # reference size_bytes / trial size_bytes
+    max_drop: float | None = None     # accuracy points (percent) below the fine-tuned reference
+
+    def violations(self, metrics: Mapping[str, float], reference: Mapping[str, float]) -> dict[str, float]:
+        """Optuna-style constraint values (<= 0 is satisfied), in the units of each limit."""
+        values: dict[str, float] = {}
+        if self.max_size is not None:
+            values["max_size"] = float(metrics["size_bytes"] - self.max_size)
+        if self.min_ratio is not None:
+            values["min_ratio"] = float(self.min_ratio - reference["size_bytes"] / metrics["size_bytes"])
+        if self.max_drop is not None:
+            values["max_drop"] = float((reference["accuracy"] - metrics["accuracy"]) * 100 - self.max_drop)
+        return values
+
+    def describe(self) -> str:
+        parts = []
+        if self.max_size is not None:
+            parts.append(f"size <= {self.max_size:,} B")
+        if self.min_ratio is not None:
+            parts.append(f"ratio >= {self.min_ratio:g}x")
+        if self.max_drop is not None:
+            parts.append(f"drop <= {self.max_drop:g} pt")
+        return ", ".join(parts) or "none"
+
+
+@dataclass(frozen=True)
+class Finetune:
+    """The per-trial fine-tune budget (the reference model gets exactly the same)."""
+
+    steps: int = 100
+    lr: float = 0.01
+    batch_size: int = 64
+    optimizer: str = "sgd"
+    schedule: str = "cosine"
+    weight_decay: float = 5e-4
+    qat: bool = True                  # fine-tune with fake quantization on (else quantize after)
+    calibration_batches: int = 4      # batches used to calibrate int8 activations
+
+
+@dataclass(frozen=True)
+class Group:
+    """Layers that share one sampled (method, rank, precision) choice."""
+
+    key: str
+    kind: str                        # conv | linear
+    layers: tuple[str, ...]
+    methods: tuple[str, ...]
+    precisions: tuple[str, ...]
+    rank: tuple[float, float]        # multiplier of the EVBMF rank, or retention-ratio range
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """A validated search space (see search_spaces/default.yaml for every key, commented)."""
+
+    name: str = "search"
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+    skip_first: bool = True
+    grouping: str = "layer"
+    stages: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    methods: tuple[str, ...] = ("none", "tucker2", "cp", "svd")
+    precisions: tuple[str, ...] = ("fp32", "int8")
+    activations: tuple[str, ...] = ("fp32",)
+    rank_mode: str = "evbmf"
+    rank: tuple[float, float] = (0.25, 2.0)
+    rules: tuple[Rule, ...] = ()
+    objectives: tuple[str, ...] = ("accuracy", "size_bytes")
+    constraints: Constraints = field(default_factory=Constraints)
+    finetune: Finetune = field(default_factory=Finetune)
+    sampler: str = "nsga2"
+    trials: int | None = 20
+    time_budget: float | None = None
+    seed: int = 0
+    population: int = 10
+    evbmf_seeds: bool = True
+
+    # ---- derived views -------------------------------------------------------------------
+    @property
+    def directions(self) -> list[str]:
+        return [OBJECTIVES[name] for name in self.objectives]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved space (all defaults filled in), stored in search.json and MLflow."""
+        data = asdict(self)
+        data["stages"] = {name: list(globs) for name, globs in self.stages}
+        return data
+
+    def select_layers(self, names: Sequence[str]) -> list[str]:
+        """The layers (from `find_layers`) that the include/exclude globs keep."""
+        return [n for n in names if _matches(n, self.include) and not _matches(n, self.exclude)]
+
+    def groups(self, layer_kinds: Mapping[str, str]) -> list[Group]:
+        """Sampling groups for the searched layers (`layer_kinds`: name -> 'conv' | 'linear')."""
+        grouped: dict[tuple[str, str, int], list[str]] = {}
+        for name, kind in layer_kinds.items():
+            rule_index = next((i for i, r in enumerate(self.rules) if _matches(name, r.match)), -1)
+            grouped.setdefault((self._group_base(name), kind, rule_index), []).append(name)
+        bases = [base for base, _, _ in grouped]
+        groups = []
+        for (base, kind, rule_index), layers in grouped.items():
+            rule = self.rules[rule_index] if rule_index >= 0 else Rule(match=())
+            key = base
+            if bases.count(base) > 1:
+                key += f".{kind}" if sum(1 for b, k, _ in grouped if b == base and k == kind) == 1 \
+                    else f".{kind}.rule{rule_index + 1}"
+            allowed = CONV_METHODS if kind == "conv" else LINEAR_METHODS
+            methods = tuple(m for m in (rule.methods or self.methods) if m in allowed) or ("none",)
+            groups.append(Group(key=key, kind=kind, layers=tuple(layers), methods=methods,
+                                precisions=rule.precisions or self.precisions, rank=rule.rank or self.rank))
+        return groups
+
+    def _group_base(self, name: str) -> str:
+        if self.grouping == "layer":
+            return name
+        if self.grouping == "global":
+            return "all"
+        for stage, globs in self.stages:
+            if _matches(name, globs):
+                return stage
+        return name.split(".", 1)[0]
+
+    # ---- sampling ------------------------------------------------------------------------
+    def suggest(self, trial: Any, groups: Sequence[Group]) -> dict[str, Any]:
+        """Ask an Optuna trial (or Ray's captor of one) for every group's choices."""
+        params: dict[str, Any] = {}
+        for g in groups:
+            method = trial.suggest_categorical(f"{g.key}.method", list(g.methods))
+            params[f"{g.key}.method"] = method
+            if method != "none":
+                params[f"{g.key}.rank"] = trial.suggest_float(f"{g.key}.rank", g.rank[0], g.rank[1], log=True)
+            params[f"{g.key}.precision"] = trial.suggest_categorical(f"{g.key}.precision", list(g.precisions))
+        if len(self.activations) > 1 or self.activations != ("fp32",):
+            params["activations"] = trial.suggest_categorical("activations", list(self.activations))
+        return params
+
+    def seed_params(self, groups: Sequence[Group], limit: int | None = None) -> list[dict[str, Any]]:
+        """EVBMF seed trials: every (method, precision) pair at exactly the EVBMF ranks.
+
+        Groups that do not allow the seed's method fall back to their first decomposition (SVD
+        for linear layers); rank multiplier 1.0 is clamped into the group's range.
+        """
+        if self.rank_mode != "evbmf" or not self.evbmf_seeds:
+            return []
+        methods = _unique(m for g in groups for m in g.methods if m != "none")
+        precisions = _unique(p for g in groups for p in g.precisions)
+        seeds: list[dict[str, Any]] = []
+        for method in methods:
+            for precision in precisions:
+                params: dict[str, Any] = {}
+                for g in groups:
+                    chosen = method if method in g.methods else next((m for m in g.methods if m != "none"), "none")
+                    params[f"{g.key}.method"] = chosen
+                    if chosen != "none":
+                        params[f"{g.key}.rank"] = min(max(1.0, g.rank[0]), g.rank[1])
+                    params[f"{g.key}.precision"] = precision if precision in g.precisions else g.precisions[0]
+                if len(self.activations) > 1 or self.activations != ("fp32",):
+                    params["activations"] = self.activations[0]
+                if params not in seeds:
+                    seeds.append(params)
+        return seeds[:limit] if limit is not None else seeds
+
+    def layer_choices(self, params: Mapping[str, Any], groups: Sequence[Group]) -> dict[str, tuple[str, float | None, str]]:
+        """Per layer: (method, rank multiplier or ratio, precision) from a trial's params."""
+        choices = {}
+        for g in groups:
+            method = params[f"{g.key}.method"]
+            rank = params.get(f"{g.key}.rank") if method != "none" else None
+            for layer in g.layers:
+                choices[layer] = (method, rank, params[f"{g.key}.precision"])
+        return choices
+
+
+# ---- loading and validation ----------------------------------------------------------------
+
+class _Reader:
+    """Walks the YAML mapping, tracking the dotted key path for error messages."""
+
+    def __init__(self, source: str):
+        self.source = source
+
+    def fail(self, key: str, problem: str) -> AutorankError:
+        return AutorankError(f"search space {self.source}: key '{key}': {problem}")
+
+    def mapping(self, value: Any, key: str, allowed: Sequence[str]) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.fail(key, f"expected a mapping with keys {', '.join(allowed)}, got {_show(value)}")
+        for name in value:
+            if name not in allowed:
+                where = f"{key}.{name}" if key else str(name)
+                close = [a for a in allowed if a.startswith(str(name)[:3])]
+                hint = f" (did you mean '{close[0]}'?)" if close else f" (allowed: {', '.join(allowed)})"
+                raise self.fail(where, f"unknown key{hint}")
+        return value
+
+    def choices(self, value: Any, key: str, allowed: Sequence[str]) -> tuple[str, ...]:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise self.fail(key, f"expected a list of choices from {', '.join(allowed)}, got {_show(value)}")
+        if not value:
+            raise self.fail(key, f"empty choice: give at least one of {', '.join(allowed)}")
+        for item in value:
+            if item not in allowed:
+                raise self.fail(key, f"unknown choice {item!r} (allowed: {', '.join(allowed)})")
+        if len(set(value)) != len(value):
+            raise self.fail(key, "repeated choice")
+        return tuple(value)
+
+    def globs(self, value: Any, key: str, allow_empty: bool = False) -> tuple[str, ...]:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise self.fail(key, f"expected a list of layer-name globs, got {_show(value)}")
+        if not value and not allow_empty:
+            raise self.fail(key, "empty choice: give at least one layer-name glob")
+        return tuple(value)
+
+    def range(self, value: Any, key: str, low: float, high: float, high_inclusive: bool = True) -> tuple[float, float]:
+        if (not isinstance(value, list) or len(value) != 2
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+            raise self.fail(key, f"expected a range [low, high], got {_show(value)}")
+        lo, hi = float(value[0]), float(value[1])
+        top_ok = hi <= high if high_inclusive else hi < high
+        if not (low < lo <= hi and top_ok):
+            bound = "]" if high_inclusive else ")"
+            raise self.fail(key, f"bad range {value}: need {low:g} < low <= high, within ({low:g}, {high:g}{bound}")
+        return lo, hi
+
+    def number(self, value: Any, key: str, kind: type, low: float | None = None, high: float | None = None) -> Any:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if kind is int:
+            ok = ok and float(value).is_integer()
+        if not ok or not math.isfinite(float(value)):
+            raise self.fail(key, f"expected {'an integer' if kind is int else 'a number'}, got {_show(value)}")
+        if (low is not None and value < low) or (high is not None and value > high):
+            span = f">= {low:g}" if high is None else f"in [{low:g}, {high:g}]"
+            raise self.fail(key, f"must be {span}, got {value}")
+        return kind(value)
+
+    def flag(self, value: Any, key: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail(key, f"expected true or false, got {_show(value)}")
+        return value
+
+    def one_of(self, value: Any, key: str, allowed: Sequence[str]) -> str:
+        if value not in allowed:
+            raise self.fail(key, f"expected one of {', '.join(allowed)}, got {_show(value)}")
+        return value
+
+
+TOP_KEYS = ("name", "layers", "grouping", "stages", "methods", "precisions", "activations", "rank",
+            "rules", "objectives", "constraints", "finetune", "search")
+
+
+def load_space(path: str | Path) -> SearchSpace:
+    """Read and validate a YAML search space; raise AutorankError naming the first bad key."""
+    path = Path(path)
+    if not path.is_file():
+        raise AutorankError(f"search space {path}: file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "not valid YAML"
+        raise AutorankError(f"search space {path}: invalid YAML{where}: {problem}") from None
+    return parse_space(raw, source=str(path), default_name=path.stem)
+
+
+def parse_space(raw: Any, source: str = "<dict>", default_name: str = "search") -> SearchSpace:
+    """Validate an already-parsed YAML document (also used to reload search.json's copy)."""
+    r = _Reader(source)
+    doc = r.mapping(raw, "", TOP_KEYS)
+    name = doc.get("name", default_name)
+    if not isinstance(name, str) or not re.fullmatch(r"[\w.\-]+", name):
+        raise r.fail("name", f"expected a short name (letters, digits, . _ -), got {_show(name)}")
+
+    layers = r.mapping(doc.get("layers"), "layers", ("include", "exclude", "skip_first"))
+    include = r.globs(layers.get("include", ["*"]), "layers.include")
+    exclude = r.globs(layers.get("exclude") or [], "layers.exclude", allow_empty=True)
+    skip_first = r.flag(layers.get("skip_first", True), "layers.skip_first")
+
+    grouping = r.one_of(doc.get("grouping", "layer"), "grouping", GROUPINGS)
+    stages_raw = doc.get("stages") or {}
+    if not isinstance(stages_raw, dict):
+        raise r.fail("stages", f"expected a mapping stage-name -> layer globs, got {_show(stages_raw)}")
+    stages = tuple((str(k), r.globs(v, f"stages.{k}")) for k, v in stages_raw.items())
+    if stages and grouping != "stage":
+        raise r.fail("stages", "only used with 'grouping: stage'")
+
+    methods = r.choices(doc.get("methods", ["none", "tucker2", "cp", "svd"]), "methods", METHODS)
+    precisions = r.choices(doc.get("precisions", ["fp32", "int8"]), "precisions", PRECISIONS)
+    activations = r.choices(doc.get("activations", ["fp32"]), "activations", ACTIVATIONS)
+
+    rank = r.mapping(doc.get("rank"), "rank", ("mode", "multiplier", "ratio"))
+    rank_mode = r.one_of(rank.get("mode", "evbmf"), "rank.mode", RANK_MODES)
+    other = "ratio" if rank_mode == "evbmf" else "multiplier"
+    if other in rank:
+        raise r.fail(f"rank.{other}", f"not used with 'rank.mode: {rank_mode}'")
+    if rank_mode == "evbmf":
+        rank_range = r.range(rank.get("multiplier", [0.25, 2.0]), "rank.multiplier", 0.0, 64.0)
+    else:
+        rank_range = r.range(rank.get("ratio", [0.05, 0.8]), "rank.ratio", 0.0, 1.0)
+    rank_key = "multiplier" if rank_mode == "evbmf" else "ratio"
+
+    rules = []
+    rules_raw = doc.get("rules") or []
+    if not isinstance(rules_raw, list):
+        raise r.fail("rules", f"expected a list of {{match: [globs], ...}} overrides, got {_show(rules_raw)}")
+    for i, item in enumerate(rules_raw):
+        key = f"rules[{i}]"
+        rule = r.mapping(item, key, ("match", "methods", "precisions", rank_key))
+        if "match" not in rule:
+            raise r.fail(f"{key}.match", "missing: give the layer-name globs this rule applies to")
+        rules.append(Rule(
+            match=r.globs(rule["match"], f"{key}.match"),
+            methods=r.choices(rule["methods"], f"{key}.methods", METHODS) if "methods" in rule else None,
+            precisions=r.choices(rule["precisions"], f"{key}.precisions", PRECISIONS) if "precisions" in rule else None,
+            rank=(r.range(rule[rank_key], f"{key}.{rank_key}", 0.0, 64.0 if rank_mode == "evbmf" else 1.0)
+                  if rank_key in rule else None),
+        ))
+
+    objectives = r.choices(doc.get("objectives", ["accuracy", "size_bytes"]), "objectives", tuple(OBJECTIVES))
+    if objectives[0] != "accuracy" or len(objectives) < 2:
+        raise r.fail("objectives", "start with 'accuracy' and add at least one cost (size_bytes, params, macs, latency_ms)")
+
+    cons = r.mapping(doc.get("constraints"), "constraints", ("max_size", "min_ratio", "max_drop"))
+    try:
+        max_size = parse_size(cons["max_size"], "max_size") if cons.get("max_size") is not None else None
+    except AutorankError as exc:
+        raise r.fail("constraints.max_size", str(exc).split(": ", 1)[1]) from None
+    constraints = Constraints(
+        max_size=max_size,
+        min_ratio=r.number(cons["min_ratio"], "constraints.min_ratio", float, 1.0) if cons.get("min_ratio") is not None else None,
+        max_drop=r.number(cons["max_drop"], "constraints.max_drop", float, 0.0, 100.0) if cons.get("max_drop") is not None else None,
+    )
+
+    ft = r.mapping(doc.get("finetune"), "finetune", tuple(Finetune.__dataclass_fields__))
+    d = Finetune()
+    finetune = Finetune(
+        steps=r.number(ft.get("steps", d.steps), "finetune.steps", int, 0),
+        lr=r.number(ft.get("lr", d.lr), "finetune.lr", float, 0.0, 10.0),
+        batch_size=r.number(ft.get("batch_size", d.batch_size), "finetune.batch_size", int, 1),
+        optimizer=r.one_of(ft.get("optimizer", d.optimizer), "finetune.optimizer", OPTIMIZERS),
+        schedule=r.one_of(ft.get("schedule", d.schedule), "finetune.schedule", SCHEDULES),
+        weight_decay=r.number(ft.get("weight_decay", d.weight_decay), "finetune.weight_decay", float, 0.0, 1.0),
+        qat=r.flag(ft.get("qat", d.qat), "finetune.qat"),
+        calibration_batches=r.number(ft.get("calibration_batches", d.calibration_batches),
+                                     "finetune.calibration_batches", int, 1),
+    )
+    if not finetune.qat and "int8" in activations:
+        raise r.fail("finetune.qat", "false (quantize after fine-tuning) supports weight precisions only: "
+                                     "remove int8 from activations")
+    if finetune.lr <= 0 and finetune.steps > 0:
+        raise r.fail("finetune.lr", "must be > 0 when finetune.steps > 0")
+
+    s = r.mapping(doc.get("search"), "search", ("sampler", "trials", "time_budget", "seed", "population", "evbmf_seeds"))
+    trials = r.number(s["trials"], "search.trials", int, 1) if s.get("trials") is not None else None
+    try:
+        time_budget = parse_duration(s["time_budget"]) if s.get("time_budget") is not None else None
+    except AutorankError as exc:
+        raise r.fail("search.time_budget", str(exc).split(": ", 1)[1]) from None
+    if trials is None and time_budget is None and "trials" in s:
+        raise r.fail("search.trials", "give a number of trials and/or search.time_budget")
+    evbmf_seeds = r.flag(s.get("evbmf_seeds", True), "search.evbmf_seeds")
+    if evbmf_seeds and rank_mode != "evbmf" and "evbmf_seeds" in s:
+        raise r.fail("search.evbmf_seeds", "EVBMF seeds need 'rank.mode: evbmf'")
+
+    return SearchSpace(
+        name=name, include=include, exclude=exclude, skip_first=skip_first, grouping=grouping,
+        stages=stages, methods=methods, precisions=precisions, activations=activations,
+        rank_mode=rank_mode, rank=rank_range, rules=tuple(rules), objectives=objectives,
+        constraints=constraints, finetune=finetune,
+        sampler=r.one_of(s.get("sampler", "nsga2"), "search.sampler", SAMPLERS),
+        trials=trials if (trials is not None or time_budget is not None) else 20,
+        time_budget=time_budget,
+        seed=r.number(s.get("seed", 0), "search.seed", int, 0),
+        population=r.number(s.get("population", 10), "search.population", int, 2),
+        evbmf_seeds=evbmf_seeds and rank_mode == "evbmf",
+    )
+
+
+def space_from_dict(data: Mapping[str, Any]) -> SearchSpace:
+    """Rebuild a SearchSpace from `SearchSpace.to_dict()` (search.json) without re-validating."""
+    return SearchSpace(
+        **{**data,
+           "include": tuple(data["include"]), "exclude": tuple(data["exclude"]),
+           "stages": tuple((k, tuple(v)) for k, v in data["stages"].items()),
+           "methods": tuple(data["methods"]), "precisions": tuple(data["precisions"]),
+           "activations": tuple(data["activations"]), "rank": tuple(data["rank"]),
+           "rules": tuple(Rule(match=tuple(x["match"]),
+                               methods=tuple(x["methods"]) if x["methods"] else None,
+                               precisions=tuple(x["precisions"]) if x["precisions"] else None,
+                               rank=tuple(x["rank"]) if x["rank"] else None) for x in data["rules"]),
+           "objectives": tuple(data["objectives"]),
+           "constraints": Constraints(**data["constraints"]),
+           "finetune": Finetune(**data["finetune"])})
+
+
+def _matches(name: str, globs: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, g) for g in globs)
+
+
+def _unique(items) -> list:
+    return list(dict.fromkeys(items))
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

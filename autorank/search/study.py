@@ -1,0 +1,103 @@
+"""The Optuna side of a search: the study, its sampler, EVBMF seeds, telling results, resuming.
+
+Only the process that owns the study writes to its storage (the local loop, or Ray's driver
+through OptunaSearch); trial workers return their outcome and never touch it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from autorank.search.results import TRIALS_DIR, TrialRecord, record_from_trial
+from autorank.search.space import Group, SearchSpace
+
+
+@dataclass
+class TrialOutcome:
+    """What one trial produced; `metrics` is empty when it failed (see `reason`)."""
+
+    number: int
+    params: dict[str, Any]
+    metrics: dict[str, float] = field(default_factory=dict)
+    constraints: dict[str, float] = field(default_factory=dict)
+    plan: dict[str, Any] | None = None
+    summary: str = ""
+    reason: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.reason is None
+
+
+def make_sampler(space: SearchSpace) -> optuna.samplers.BaseSampler:
+    """nsga2 | tpe | random, seeded; constraints reach them through `trial.set_constraint`."""
+    if space.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(population_size=space.population, seed=space.seed)
+    if space.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=space.seed, multivariate=True, n_startup_trials=space.population)
+    return optuna.samplers.RandomSampler(seed=space.seed)
+
+
+def storage_for(url: str) -> optuna.storages.BaseStorage:
+    """An RDB storage; sqlite waits for locks instead of failing under a concurrent reader."""
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+
+
+def create_or_load_study(space: SearchSpace, storage: optuna.storages.BaseStorage, name: str,
+                         groups: Sequence[Group], *, resume: bool, seed_limit: int | None) -> optuna.Study:
+    """Open the study; a new one gets the EVBMF seed trials enqueued first."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name=name, storage=storage, directions=space.directions,
+                                sampler=make_sampler(space), load_if_exists=resume)
+    if not study.trials:
+        for params in space.seed_params(groups, limit=seed_limit):
+            study.enqueue_trial(params, user_attrs={"seed": "evbmf"})
+    return study
+
+
+def recover_interrupted(study: optuna.Study, storage: optuna.storages.BaseStorage, out_dir: Path) -> list[int]:
+    """Trials left RUNNING by a killed search: mark them interrupted (not counted), re-enqueue their
+    choices so the sampled point is not lost, and drop their half-written folders."""
+    lost = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
+        storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        if trial.params:
+            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, **{
+                k: v for k, v in trial.user_attrs.items() if k == "seed"}})
+        shutil.rmtree(out_dir / TRIALS_DIR / str(trial.number), ignore_errors=True)
+        lost.append(trial.number)
+    return lost
+
+
+def annotate(trial: optuna.trial.BaseTrial, outcome: TrialOutcome) -> None:
+    """Store a trial's figures, plan and constraints on the Optuna trial before it is told."""
+    trial.set_user_attr("metrics", outcome.metrics)
+    trial.set_user_attr("summary", outcome.summary)
+    if outcome.plan is not None:
+        trial.set_user_attr("plan", outcome.plan)
+    if outcome.reason is not None:
+        trial.set_user_attr("reason", outcome.reason)
+    for key, value in outcome.constraints.items():
+        trial.set_constraint(key, value)
+
+
+def objective_values(space: SearchSpace, outcome: TrialOutcome) -> list[float] | None:
+    return [float(outcome.metrics[name]) for name in space.objectives] if outcome.ok else None
+
+
+def records(study: optuna.Study, out_dir: Path) -> list[TrialRecord]:
+    return [record_from_trial(t, out_dir) for t in study.get_trials(deepcopy=False)]
+
+
+def count_done(study: optuna.Study) -> int:
+    """Finished trials (complete or failed), the number --trials asks for."""
+    return sum(1 for r in records(study, Path(".")) if r.counted)

@@ -1,0 +1,189 @@
+"""One trial: sampled choices -> Plan -> compressed pretrained model -> brief QAT fine-tune -> figures.
+
+`TrialContext` is everything a trial needs besides the data; it pickles, so Ray workers receive
+it once through the object store. Workers write only their own `trials/<n>/` folder and return a
+`TrialOutcome`; the study and the tracker are written by the driver alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+import traceback
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from autorank import engine
+from autorank.compression import LayerPlan, Plan, compress, find_layers, profile, resolve_plan
+from autorank.compression.quantize import quantize_weights_
+from autorank.compression.ranks import full_ranks, resolve_rank
+from autorank.data import Dataset
+from autorank.errors import AutorankError
+from autorank.search.results import METRICS_FILE, PLAN_FILE, TRIALS_DIR, WEIGHTS_FILE
+from autorank.search.space import Group, SearchSpace
+from autorank.search.study import TrialOutcome
+
+
+@dataclass
+class LayerInfo:
+    """A searchable layer: its kind and, per allowed method, EVBMF and full ranks."""
+
+    kind: str                                   # conv | linear
+    shape: tuple[int, ...]
+    evbmf: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    full: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+
+def layer_table(model: nn.Module, space: SearchSpace) -> dict[str, LayerInfo]:
+    """The searched layers with their EVBMF rank per method (computed once per search)."""
+    found = find_layers(model, skip_first=space.skip_first)
+    names = space.select_layers(list(found))
+    if not names:
+        raise AutorankError(f"search space {space.name}: layers.include/exclude select none of the model's "
+                            f"layers ({', '.join(list(found)[:6])}{', ...' if len(found) > 6 else ''})")
+    kinds = {name: "linear" if isinstance(found[name], nn.Linear) else "conv" for name in names}
+    groups = space.groups(kinds)
+    table: dict[str, LayerInfo] = {}
+    for name in names:
+        layer = found[name]
+        info = LayerInfo(kind=kinds[name], shape=tuple(layer.weight.shape))
+        methods = {m for g in groups if name in g.layers for m in g.methods if m != "none"}
+        for method in sorted(methods):
+            info.full[method] = full_ranks(method, info.shape)
+            if space.rank_mode == "evbmf":
+                info.evbmf[method] = tuple(resolve_rank(method, layer, "vbmf"))
+        table[name] = info
+    return table
+
+
+def scaled_ranks(evbmf: Sequence[int], full: Sequence[int], multiplier: float) -> list[int]:
+    """EVBMF ranks times the sampled multiplier, rounded and clamped to [1, full rank]."""
+    return [int(min(max(round(r * multiplier), 1), f)) for r, f in zip(evbmf, full, strict=True)]
+
+
+def build_plan(space: SearchSpace, groups: Sequence[Group], layers: Mapping[str, LayerInfo],
+               params: Mapping[str, Any]) -> tuple[Plan, str]:
+    """The compression Plan for a trial's params, and a one-line summary of it."""
+    plan_layers: dict[str, LayerPlan] = {}
+    for name, (method, rank, precision) in space.layer_choices(params, groups).items():
+        if method == "none":
+            plan_layers[name] = LayerPlan(method="none", rank=None, precision=precision)
+        elif space.rank_mode == "evbmf":
+            info = layers[name]
+            plan_layers[name] = LayerPlan(method=method, precision=precision,
+                                          rank=scaled_ranks(info.evbmf[method], info.full[method], rank))
+        else:
+            plan_layers[name] = LayerPlan(method=method, rank=float(rank), precision=precision)
+    plan = Plan(layers=plan_layers, activations=params.get("activations", space.activations[0]))
+    return plan, summarize(plan)
+
+
+def summarize(plan: Plan) -> str:
+    """E.g. 'tucker2 x5, cp x2, none x1 | int8 x6, fp32 x2' (the plan at a glance)."""
+    methods = Counter(lp.method for lp in plan.layers.values())
+    precisions = Counter(lp.precision for lp in plan.layers.values())
+    text = ", ".join(f"{m} x{n}" for m, n in methods.most_common()) + " | " + \
+        ", ".join(f"{p} x{n}" for p, n in precisions.most_common())
+    return text + (" | act int8" if plan.activations == "int8" else "")
+
+
+@dataclass
+class TrialContext:
+    """What every trial of a search shares (pickled once to Ray workers)."""
+
+    space: SearchSpace
+    groups: list[Group]
+    layers: dict[str, LayerInfo]
+    model: nn.Module                  # the pretrained model, never modified
+    reference: dict[str, float]       # the uncompressed model after the same fine-tune
+    out_dir: Path
+    device: str = "auto"
+
+    def train_config(self) -> engine.TrainConfig:
+        ft = self.space.finetune
+        return engine.TrainConfig(steps=ft.steps, batch_size=ft.batch_size, optimizer=ft.optimizer, lr=ft.lr,
+                                  weight_decay=ft.weight_decay, schedule=ft.schedule, device=self.device,
+                                  seed=self.space.seed)
+
+
+def finetune_and_measure(model: nn.Module, data: Dataset, ctx: TrialContext,
+                         quantize: Plan | None = None) -> dict[str, float]:
+    """The shared measurement of trials and the reference: fine-tune, evaluate on val, profile.
+
+    `quantize`: weight precisions applied after fine-tuning (the `qat: false` path)."""
+    start = time.perf_counter()
+    if ctx.space.finetune.steps > 0:
+        engine.train(model, data, ctx.train_config())
+    if quantize is not None:
+        for name, lp in quantize.layers.items():
+            for module in model.get_submodule(name).modules():
+                if isinstance(module, nn.Conv2d | nn.Linear):
+                    quantize_weights_(module, lp.precision)
+    trained = time.perf_counter()
+    accuracy = engine.evaluate(model, data, "val", device=ctx.device)
+    evaluated = time.perf_counter()
+    stats = profile(model, data.input_shape)
+    metrics = {"accuracy": accuracy, "size_bytes": float(stats.size_bytes), "params": float(stats.params),
+               "macs": float(stats.macs), "train_s": trained - start, "eval_s": evaluated - trained}
+    if "latency_ms" in ctx.space.objectives:
+        metrics["latency_ms"] = engine.latency_ms(model, data.input_shape, device=ctx.device)
+    if not math.isfinite(accuracy):
+        raise AutorankError("evaluation produced a non-finite accuracy")
+    return metrics
+
+
+def reference_metrics(ctx: TrialContext, data: Dataset) -> dict[str, float]:
+    """The uncompressed model, fine-tuned with the trials' budget: the baseline for 'accuracy drop'."""
+    pretrained_accuracy = engine.evaluate(ctx.model, data, "val", device=ctx.device)
+    metrics = finetune_and_measure(copy.deepcopy(ctx.model), data, ctx)
+    return {**metrics, "pretrained_accuracy": pretrained_accuracy}
+
+
+def run_trial(ctx: TrialContext, data: Dataset, params: Mapping[str, Any], number: int) -> TrialOutcome:
+    """Run one trial; any failure (divergence included) becomes an outcome with a reason."""
+    start = time.perf_counter()
+    outcome = TrialOutcome(number=number, params=dict(params))
+    folder = ctx.out_dir / TRIALS_DIR / str(number)
+    try:
+        plan, outcome.summary = build_plan(ctx.space, ctx.groups, ctx.layers, params)
+        plan = resolve_plan(ctx.model, plan)  # integer ranks: export rebuilds exactly this model
+        outcome.plan = json.loads(plan.to_json())
+        calibration = None
+        if plan.activations == "int8":
+            calibration = [x for x, _ in data.batches("train", ctx.space.finetune.batch_size, limit=
+                           ctx.space.finetune.batch_size * ctx.space.finetune.calibration_batches)]
+        if ctx.space.finetune.qat:
+            model = compress(ctx.model, plan, calibration=calibration)
+            compressed = time.perf_counter()
+            metrics = finetune_and_measure(model, data, ctx)
+        else:  # fine-tune the float decomposition, then quantize its weights (post-training)
+            model = compress(ctx.model, Plan({n: replace(lp, precision="fp32") for n, lp in plan.layers.items()}))
+            compressed = time.perf_counter()
+            metrics = finetune_and_measure(model, data, ctx, quantize=plan)
+        metrics["compress_s"] = compressed - start
+        metrics["ratio"] = ctx.reference["size_bytes"] / metrics["size_bytes"]
+        metrics["drop_points"] = (ctx.reference["accuracy"] - metrics["accuracy"]) * 100
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), folder / WEIGHTS_FILE)
+        (folder / PLAN_FILE).write_text(plan.to_json())
+        metrics["wall_s"] = time.perf_counter() - start
+        outcome.metrics = metrics
+        outcome.constraints = ctx.space.constraints.violations(metrics, ctx.reference)
+        (folder / METRICS_FILE).write_text(json.dumps(
+            {"trial": number, "summary": outcome.summary, "metrics": metrics,
+             "constraints": outcome.constraints, "params": outcome.params}, indent=2))
+    except Exception as exc:  # noqa: BLE001 - a failing trial is recorded, the search goes on
+        outcome.metrics, outcome.constraints = {}, {}
+        outcome.reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / WEIGHTS_FILE).unlink(missing_ok=True)
+        (folder / "error.txt").write_text(traceback.format_exc())
+    return outcome

@@ -1,0 +1,89 @@
+"""The Pareto front of a search and its tabular forms (pareto.json / pareto.csv)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from autorank.search.results import TrialRecord
+
+# objective -> Optuna direction; a search's first objective is always accuracy
+OBJECTIVES = {"accuracy": "maximize", "size_bytes": "minimize", "params": "minimize", "macs": "minimize",
+              "latency_ms": "minimize"}
+
+
+def dominates(a: Mapping[str, float], b: Mapping[str, float], objectives: Sequence[str]) -> bool:
+    """True when `a` is at least as good as `b` on every objective and better on one."""
+    better = False
+    for name in objectives:
+        sign = 1.0 if OBJECTIVES[name] == "maximize" else -1.0
+        va, vb = sign * a[name], sign * b[name]
+        if va < vb:
+            return False
+        better = better or va > vb
+    return better
+
+
+def pareto_front(
+    trials: Sequence[TrialRecord], objectives: Sequence[str], *, feasible_only: bool = True
+) -> list[TrialRecord]:
+    """Non-dominated completed trials (feasible ones only by default), sorted by the first cost.
+
+    Trials with identical objective values are all kept: neither dominates the other.
+    """
+    pool = [t for t in trials if t.finished_ok and (t.feasible or not feasible_only)
+            and all(name in t.metrics for name in objectives)]
+    front = [t for t in pool if not any(dominates(o.metrics, t.metrics, objectives) for o in pool if o is not t)]
+    cost = objectives[1] if len(objectives) > 1 else objectives[0]
+    return sorted(front, key=lambda t: (t.metrics[cost], -t.metrics["accuracy"], t.number))
+
+
+FRONT_COLUMNS = ("trial", "accuracy", "size_bytes", "ratio", "drop_points", "params", "macs", "summary")
+
+
+def front_rows(front: Sequence[TrialRecord]) -> list[dict[str, Any]]:
+    """One row per front member with the figures a user compares."""
+    return [{"trial": t.number, "accuracy": t.metrics["accuracy"], "size_bytes": int(t.metrics["size_bytes"]),
+             "ratio": t.metrics.get("ratio"), "drop_points": t.metrics.get("drop_points"),
+             "params": int(t.metrics.get("params", 0)), "macs": int(t.metrics.get("macs", 0)),
+             "summary": t.summary} for t in front]
+
+
+def front_json(front: Sequence[TrialRecord], objectives: Sequence[str], reference: Mapping[str, Any]) -> str:
+    return json.dumps({"objectives": list(objectives), "reference": dict(reference),
+                       "front": [dict(row, params_choice=t.params) for row, t in zip(front_rows(front), front)]},
+                      indent=2)
+
+
+def front_csv(front: Sequence[TrialRecord]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=FRONT_COLUMNS)
+    writer.writeheader()
+    writer.writerows(front_rows(front))
+    return buffer.getvalue()
+
+
+def format_front(front: Sequence[TrialRecord], reference: Mapping[str, Any] | None = None) -> str:
+    """A plain-text table of the front, for the terminal."""
+    lines = [f"{'trial':>5}  {'accuracy':>8}  {'drop':>6}  {'size':>10}  {'ratio':>6}  {'MMACs':>7}  plan"]
+    if reference:
+        lines.append(f"{'ref':>5}  {reference['accuracy'] * 100:7.2f}%  {'':>6}  {_size(reference['size_bytes']):>10}"
+                     f"  {'1.0x':>6}  {reference.get('macs', 0) / 1e6:7.2f}  uncompressed, same fine-tune")
+    for row in front_rows(front):
+        drop = f"{row['drop_points']:+.2f}" if row["drop_points"] is not None else ""
+        ratio = f"{row['ratio']:.1f}x" if row["ratio"] is not None else ""
+        lines.append(f"{row['trial']:>5}  {row['accuracy'] * 100:7.2f}%  {drop:>6}  {_size(row['size_bytes']):>10}"
+                     f"  {ratio:>6}  {row['macs'] / 1e6:7.2f}  {row['summary']}")
+    return "\n".join(lines)
+
+
+def _size(n: float) -> str:
+    if n >= 1e6:
+        return f"{n / 1e6:.2f} MB"
+    if n >= 1e3:
+        return f"{n / 1e3:.1f} KB"
+    return f"{int(n)} B"

@@ -1,0 +1,86 @@
+"""Accuracy-versus-size plots of a search: a PNG (matplotlib) and an interactive HTML (plotly)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from autorank.search.results import TrialRecord
+
+
+def _split(trials: Sequence[TrialRecord], front: Sequence[TrialRecord]):
+    members = {t.number for t in front}
+    done = [t for t in trials if t.finished_ok]
+    feasible = [t for t in done if t.feasible and t.number not in members]
+    infeasible = [t for t in done if not t.feasible]
+    return feasible, infeasible
+
+
+def plot_png(path: Path, trials: Sequence[TrialRecord], front: Sequence[TrialRecord], reference: Mapping[str, Any],
+             limits: Mapping[str, float | None], title: str) -> None:
+    """Static plot (Agg backend, no pyplot state: safe from the tracker's thread)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    feasible, infeasible = _split(trials, front)
+    fig = Figure(figsize=(7, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    kb = 1e3
+    if infeasible:
+        ax.scatter([t.metrics["size_bytes"] / kb for t in infeasible], [t.metrics["accuracy"] * 100 for t in infeasible],
+                   marker="x", color="0.6", label="infeasible")
+    if feasible:
+        ax.scatter([t.metrics["size_bytes"] / kb for t in feasible], [t.metrics["accuracy"] * 100 for t in feasible],
+                   color="tab:blue", alpha=0.6, label="feasible")
+    if front:
+        xs = [t.metrics["size_bytes"] / kb for t in front]
+        ys = [t.metrics["accuracy"] * 100 for t in front]
+        ax.step(xs, ys, where="post", color="tab:red", alpha=0.5)
+        ax.scatter(xs, ys, color="tab:red", zorder=3, label="Pareto front")
+        for t, x, y in zip(front, xs, ys):
+            ax.annotate(str(t.number), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.scatter([reference["size_bytes"] / kb], [reference["accuracy"] * 100], marker="*", s=150, color="black",
+               label="uncompressed (same fine-tune)")
+    if limits.get("max_size"):
+        ax.axvline(limits["max_size"] / kb, color="tab:orange", linestyle="--", label="max size")
+    if limits.get("max_drop") is not None:
+        ax.axhline(reference["accuracy"] * 100 - limits["max_drop"], color="tab:green", linestyle="--",
+                   label="max drop")
+    ax.set_xscale("log")
+    ax.set_xlabel("size (KB, log scale)")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def plot_html(path: Path, trials: Sequence[TrialRecord], front: Sequence[TrialRecord],
+              reference: Mapping[str, Any], title: str) -> None:
+    """Interactive plot with plotly.js embedded (browsable offline and inside MLflow's artifact view)."""
+    import plotly.graph_objects as go
+
+    feasible, infeasible = _split(trials, front)
+
+    def trace(items, name, **style):
+        return go.Scatter(
+            x=[t.metrics["size_bytes"] / 1e3 for t in items], y=[t.metrics["accuracy"] * 100 for t in items],
+            mode=style.pop("mode", "markers"), name=name,
+            text=[f"trial {t.number}<br>{t.summary}<br>ratio {t.metrics.get('ratio', 0):.1f}x" for t in items],
+            hovertemplate="%{text}<br>%{x:.1f} KB, %{y:.2f}%<extra></extra>", **style)
+
+    fig = go.Figure([
+        trace(infeasible, "infeasible", marker={"symbol": "x", "color": "gray"}),
+        trace(feasible, "feasible", marker={"color": "royalblue", "opacity": 0.6}),
+        trace(front, "Pareto front", mode="lines+markers", line={"shape": "hv", "color": "crimson"},
+              marker={"color": "crimson", "size": 9}),
+        go.Scatter(x=[reference["size_bytes"] / 1e3], y=[reference["accuracy"] * 100], mode="markers",
+                   name="uncompressed", marker={"symbol": "star", "size": 14, "color": "black"}),
+    ])
+    fig.update_layout(title=title, xaxis={"title": "size (KB)", "type": "log"},
+                      yaxis={"title": "validation accuracy (%)"}, template="plotly_white")
+    fig.write_html(str(path), include_plotlyjs=True, full_html=True)
