@@ -1,0 +1,149 @@
+"""`compress(model, plan)`: decomposition + fake quantization of a pretrained model, as a new model."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from autorank.errors import AutorankError
+
+from .decompose import build_chain, decompose_layer
+from .layers import find_layers, is_candidate
+from .plan import CONV_METHODS, LINEAR_METHODS, LayerPlan, Plan, RankSpec
+from .quantize import INT_BITS, ActivationFakeQuant, calibrate, quantize_weights_
+from .ranks import method_params, parse_vbmf, ratio_ranks, resolve_rank
+
+
+def _layer(model: nn.Module, name: str) -> nn.Module:
+    try:
+        layer = model.get_submodule(name)
+    except AttributeError:
+        known = ", ".join(list(find_layers(model, skip_first=False))[:8])
+        raise AutorankError(f"plan names unknown layer {name!r} (layers look like: {known}, ...)") from None
+    if not is_candidate(layer):
+        raise AutorankError(f"layer {name!r} is a {type(layer).__name__}: plans address Conv2d (groups=1) "
+                            "or Linear modules")
+    return layer
+
+
+def _check(name: str, layer: nn.Module, lp: LayerPlan) -> None:
+    """Everything about a layer plan that can be checked without computing anything."""
+    allowed = CONV_METHODS if isinstance(layer, nn.Conv2d) else LINEAR_METHODS
+    if lp.method not in allowed:
+        raise AutorankError(f"layer {name!r} ({type(layer).__name__}): method {lp.method!r} not applicable, "
+                            f"choose from {', '.join(allowed)}")
+    if lp.method == "none" or lp.rank is None or (isinstance(lp.rank, str) and parse_vbmf(lp.rank) is not None):
+        return
+    if isinstance(lp.rank, str):
+        raise AutorankError(f"layer {name!r}: rank {lp.rank!r}: expected 'vbmf', 'vbmf:W' (W in [0,1]), "
+                            "a ratio in (0,1] or integers")
+    try:
+        resolve_rank(lp.method, layer, lp.rank)  # ints and ratios: no EVBMF, only arithmetic
+    except AutorankError as exc:
+        raise AutorankError(f"layer {name!r}: {exc}") from None
+
+
+def _is_explicit(rank: RankSpec) -> bool:
+    return isinstance(rank, int | list | tuple) and not isinstance(rank, bool)
+
+
+def resolve_plan(model: nn.Module, plan: Plan) -> Plan:
+    """The plan with integer ranks (lists), so that `compress` rebuilds the same model deterministically.
+
+    A layer whose EVBMF or ratio ranks would not save parameters (e.g. EVBMF finds a small linear layer
+    full-rank) is set to method "none"; explicitly given integer ranks are kept as they are.
+    Raises AutorankError for unknown layers, inapplicable methods or invalid ranks before any compute.
+    """
+    layers = {name: _layer(model, name) for name in plan.layers}
+    for name, lp in plan.layers.items():
+        _check(name, layers[name], lp)
+    resolved = {}
+    for name, lp in plan.layers.items():
+        layer, method = layers[name], lp.method
+        ranks: list[int] | None = None
+        if method != "none":
+            ranks = list(resolve_rank(method, layer, lp.rank))
+            shape = tuple(layer.weight.shape)
+            if not _is_explicit(lp.rank) and method_params(method, shape, ranks) >= math.prod(shape):
+                method, ranks = "none", None
+        resolved[name] = LayerPlan(method, ranks, lp.precision, lp.stabilize)
+    return Plan(resolved, plan.activations)
+
+
+def _with_input_quant(chain: nn.Module) -> nn.Sequential:
+    """Fake-quantize the input of every conv/linear of the chain (as static INT8 inference would)."""
+    modules = list(chain) if isinstance(chain, nn.Sequential) else [chain]
+    return nn.Sequential(*[m for layer in modules for m in (ActivationFakeQuant(), layer)])
+
+
+def compress(model: nn.Module, plan: Plan, *, calibration: Iterable[Tensor] | None = None,
+             decompose: bool = True, observer: str = "minmax", n_iter_max: int = 100,
+             seed: int = 0) -> nn.Module:
+    """A new model with `plan` applied; `model` is left untouched.
+
+    Decomposed layers become nn.Sequential chains of plain Conv2d/Linear; layers at fp16/int8/int4 get
+    weight fake-quant; with `plan.activations == "int8"` the inputs of int8/int4 layers get calibrated
+    activation fake-quant (`calibration`: batches of inputs; without it, ranges come from the first
+    batch seen). `decompose=False` builds the same structure without computing factors, for loading a
+    saved state_dict of a compressed model.
+    """
+    resolved = resolve_plan(model, plan)
+    compressed = copy.deepcopy(model)
+    for name, lp in resolved.layers.items():
+        layer = compressed.get_submodule(name)
+        if lp.method == "none":
+            chain: nn.Module = layer
+        elif decompose:
+            chain = decompose_layer(layer, lp.method, tuple(lp.rank), stabilize=lp.stabilize,
+                                    n_iter_max=n_iter_max, seed=seed)
+        else:
+            chain = build_chain(layer, lp.method, tuple(lp.rank))
+        for module in chain.modules():
+            if isinstance(module, nn.Conv2d | nn.Linear):
+                quantize_weights_(module, lp.precision)
+        if resolved.activations == "int8" and lp.precision in INT_BITS:
+            chain = _with_input_quant(chain)
+        if chain is not layer:
+            compressed.set_submodule(name, chain)
+    if calibration is not None:
+        calibrate(compressed, calibration, observer)
+    return compressed
+
+
+def _probe_error(layer: nn.Module, chain: nn.Module, seed: int) -> float:
+    """Relative output error of a chain on a seeded white-noise input (≈ the kernel's relative error)."""
+    gen = torch.Generator().manual_seed(seed)
+    if isinstance(layer, nn.Conv2d):
+        size = max(16, 2 * max(layer.kernel_size))
+        shape = (4, layer.in_channels, size, size)
+    else:
+        shape = (64, layer.in_features)
+    x = torch.randn(shape, generator=gen).to(device=layer.weight.device, dtype=layer.weight.dtype)
+    with torch.no_grad():
+        y = layer(x)
+        return float(torch.linalg.vector_norm(chain(x) - y) / torch.linalg.vector_norm(y).clamp_min(1e-30))
+
+
+def mixed_plan(model: nn.Module, rank: RankSpec = "vbmf", precision: str = "fp32", *,
+               activations: str = "fp32", include: list[str] | None = None,
+               exclude: list[str] | None = None, skip_first: bool = True, seed: int = 0) -> Plan:
+    """Per conv, the method (Tucker-2, CP or TT) with the lowest reconstruction error at the parameter
+    budget that Tucker-2 gets from `rank`; linear layers get SVD. Returns a resolved plan."""
+    layers = {}
+    for name, layer in find_layers(model, include, exclude, skip_first).items():
+        if isinstance(layer, nn.Linear):
+            layers[name] = LayerPlan("svd", rank, precision)
+            continue
+        shape = tuple(layer.weight.shape)
+        tucker = resolve_rank("tucker2", layer, rank)
+        budget = min(method_params("tucker2", shape, tucker) / math.prod(shape), 1.0)
+        options = {"tucker2": tucker, "cp": ratio_ranks("cp", shape, budget), "tt": ratio_ranks("tt", shape, budget)}
+        errors = {m: _probe_error(layer, decompose_layer(layer, m, r, seed=seed), seed) for m, r in options.items()}
+        best = min(errors, key=errors.get)
+        layers[name] = LayerPlan(best, list(options[best]), precision)
+    return resolve_plan(model, Plan(layers, activations))
+

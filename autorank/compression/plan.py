@@ -1,0 +1,95 @@
+"""Compression plans: per layer a decomposition method, its ranks and the weight precision."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+
+from torch import nn
+
+from autorank.errors import AutorankError
+
+from .decompose import CP_STABILIZE
+from .layers import find_layers
+from .quantize import PRECISIONS
+
+METHODS = ("none", "cp", "tucker2", "tt", "svd")
+CONV_METHODS = ("none", "cp", "tucker2", "tt")
+LINEAR_METHODS = ("none", "svd")
+ACTIVATIONS = ("fp32", "int8")
+
+RankSpec = int | float | str | list[int] | None
+
+
+@dataclass
+class LayerPlan:
+    """What to do with one layer.
+
+    rank: ints (one per rank position, or one int for all), a parameter-retention ratio in (0, 1],
+    "vbmf" (EVBMF ranks) or "vbmf:W" (EVBMF with MUSCO weakening W in [0, 1]); None means "vbmf".
+    stabilize: CP only — "epc" (balance + EPC correction, default), "balance", or "none".
+    """
+
+    method: str = "none"
+    rank: RankSpec = None
+    precision: str = "fp32"
+    stabilize: str = "epc"
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise AutorankError(f"method {self.method!r}: choose from {', '.join(METHODS)}")
+        if self.precision not in PRECISIONS:
+            raise AutorankError(f"precision {self.precision!r}: choose from {', '.join(PRECISIONS)}")
+        if self.stabilize not in CP_STABILIZE:
+            raise AutorankError(f"stabilize {self.stabilize!r}: choose from {', '.join(CP_STABILIZE)}")
+        if isinstance(self.rank, tuple):
+            self.rank = list(self.rank)
+
+
+@dataclass
+class Plan:
+    """A per-layer plan (keys are module names) plus the activation precision of quantized layers."""
+
+    layers: dict[str, LayerPlan] = field(default_factory=dict)
+    activations: str = "fp32"  # fp32 | int8: fake-quant the inputs of every int8/int4 layer
+
+    def __post_init__(self) -> None:
+        if self.activations not in ACTIVATIONS:
+            raise AutorankError(f"activations {self.activations!r}: choose from {', '.join(ACTIVATIONS)}")
+
+    def to_json(self) -> str:
+        return json.dumps({"layers": {n: asdict(lp) for n, lp in self.layers.items()},
+                           "activations": self.activations}, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise AutorankError(f"plan is not valid JSON: {exc}") from None
+        if not isinstance(raw, dict) or not isinstance(raw.get("layers"), dict):
+            raise AutorankError('plan JSON must be an object with a "layers" object')
+        unknown = set(raw) - {"layers", "activations"}
+        if unknown:
+            raise AutorankError(f"plan JSON has unknown keys: {', '.join(sorted(unknown))}")
+        allowed = {f.name for f in fields(LayerPlan)}
+        layers = {}
+        for name, spec in raw["layers"].items():
+            if not isinstance(spec, dict) or set(spec) - allowed:
+                raise AutorankError(f"plan layer {name!r}: expected an object with keys {sorted(allowed)}")
+            layers[name] = LayerPlan(**spec)
+        return cls(layers, raw.get("activations", "fp32"))
+
+
+def make_plan(model: nn.Module, method: str, rank: RankSpec = "vbmf", precision: str = "fp32", *,
+              activations: str = "fp32", include: list[str] | None = None, exclude: list[str] | None = None,
+              skip_first: bool = True) -> Plan:
+    """The same recipe for every discovered layer: convs get `method`, linear layers SVD
+    (`method="none"` quantizes only)."""
+    if method not in CONV_METHODS:
+        raise AutorankError(f"method {method!r}: choose from {', '.join(CONV_METHODS)}")
+    layers = {}
+    for name, layer in find_layers(model, include, exclude, skip_first).items():
+        layer_method = method if isinstance(layer, nn.Conv2d) or method == "none" else "svd"
+        layers[name] = LayerPlan(layer_method, rank if layer_method != "none" else None, precision)
+    return Plan(layers, activations)
