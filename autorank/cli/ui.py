@@ -78,9 +78,10 @@ def load_server_config(path: str | Path | None, **overrides) -> ServerConfig:
     for key in values:
         if key not in known:
             raise AutorankError(f"server config: unknown key '{key}' (known: {', '.join(known)})")
-    for key in ("port", "workers", "postgres_port"):
-        if key in values and (not isinstance(values[key], int) or values[key] <= 0):
-            raise AutorankError(f"server config: '{key}' must be a positive integer")
+    for key, minimum in (("port", 0), ("workers", 1), ("postgres_port", 1)):
+        value = values.get(key, minimum)
+        if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value < 65536:
+            raise AutorankError(f"server config: '{key}' must be an integer >= {minimum}, got {value!r}")
     for key in ("data_dir", "artifacts"):
         if values.get(key) is not None:
             values[key] = (base / Path(values[key]).expanduser()).resolve()
@@ -244,23 +245,27 @@ def health(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def _check_port_free(host: str, port: int) -> None:
+def _bind_port(host: str, port: int) -> int:
+    """Check that `host:port` is free (port 0: pick a free one) and return the port."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
         try:
             sock.bind((host, port))
         except OSError as exc:
             raise AutorankError(f"cannot listen on {host}:{port}: {exc.strerror}")
+        return sock.getsockname()[1]
 
 
 def launch(cfg: ServerConfig, backend_uri: str, log_path: Path | None = None) -> subprocess.Popen:
-    """Start `mlflow server` in its own process group and wait until /health answers."""
-    _check_port_free(cfg.host, cfg.port)
+    """Start `mlflow server` in its own process group and wait until /health answers.
+
+    Port 0 picks a free port (written back to `cfg.port`)."""
+    cfg.port = _bind_port(cfg.host, cfg.port)
     (cfg.artifacts or cfg.data_dir / "mlartifacts").mkdir(parents=True, exist_ok=True)
     env = server_env(cfg)
     log = open(log_path, "ab") if log_path else None
-    try:
+    try:  # the server's own output goes to the log file, or to our stderr
         proc = subprocess.Popen(server_command(cfg, backend_uri), env=env, cwd=cfg.data_dir,
-                                stdout=log, stderr=subprocess.STDOUT if log else None,
+                                stdout=log or sys.stderr.fileno(), stderr=subprocess.STDOUT,
                                 start_new_session=True)
     finally:
         if log:
@@ -353,19 +358,23 @@ def _alive(pid: int) -> bool:
 # ---------------------------------------------------------------- CLI
 
 
-def search_store(search_dir: Path) -> ServerConfig:
-    """A loopback server config for a finished search's local store (DIR/mlflow.db)."""
-    db = search_dir / "mlflow.db"
-    if not db.is_file():
-        raise AutorankError(f"{search_dir} holds no local MLflow store (mlflow.db); was the search "
-                            "run with --mlflow-uri? Then browse that server instead")
-    return ServerConfig(data_dir=search_dir.resolve(), artifacts=(search_dir / "mlartifacts").resolve())
+def search_store(search_dir: Path) -> tuple[ServerConfig, str]:
+    """A loopback server config and backend URI for a finished search's local MLflow store."""
+    from autorank.search.results import read_info
+
+    uri = read_info(search_dir)["mlflow_uri"]
+    if not uri.startswith("sqlite:///"):
+        raise AutorankError(f"the search in {search_dir} logged to {uri}: browse that server instead")
+    if not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise AutorankError(f"the search's MLflow store {uri} is missing")
+    search_dir = search_dir.resolve()
+    return ServerConfig(data_dir=search_dir, artifacts=search_dir / "mlartifacts"), uri
 
 
 def _ui(args: argparse.Namespace) -> int:
-    cfg = search_store(Path(args.search))
+    cfg, uri = search_store(Path(args.search))
     cfg.host, cfg.port = args.host, args.port
-    proc = launch(cfg, f"sqlite:///{cfg.data_dir / 'mlflow.db'}")
+    proc = launch(cfg, uri)
     print(f"MLflow UI for {args.search}: {cfg.url}  (Ctrl-C stops it)", flush=True)
     if args.open:
         webbrowser.open(cfg.url)
@@ -396,7 +405,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ui = subparsers.add_parser("ui", help="browse a finished search's local MLflow store")
     ui.add_argument("--search", required=True, metavar="DIR", help="the search's output folder")
     ui.add_argument("--host", default=LOOPBACK, help="interface to bind (default: loopback)")
-    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--port", type=int, default=5000, help="0 picks a free port")
     ui.add_argument("--open", action="store_true", help="open it in the default web browser")
     ui.set_defaults(handler=_ui)
 
@@ -404,7 +413,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     server.add_argument("action", choices=("start", "stop", "health"))
     server.add_argument("--config", metavar="YAML", help="e.g. mlflow_server/server.yaml")
     server.add_argument("--host", help="interface to bind (default: loopback)")
-    server.add_argument("--port", type=int)
+    server.add_argument("--port", type=int, help="0 picks a free port")
     server.add_argument("--backend", help="sqlite | postgres | a database URL")
     server.add_argument("--data-dir", help="db, artifacts, pid and log folder")
     server.add_argument("--auth", action="store_true", help="MLflow basic authentication")
