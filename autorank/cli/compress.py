@@ -1,0 +1,180 @@
+"""`autorank compress` (apply one plan, optionally fine-tune, measure) and `autorank ranks` (EVBMF table)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from autorank.cli.engine import add_model_data_args, load_model_and_data
+from autorank.compression import (
+    Plan,
+    compress,
+    find_layers,
+    make_plan,
+    mixed_plan,
+    profile,
+    resolve_plan,
+    vbmf_method_ranks,
+)
+from autorank.compression.plan import ACTIVATIONS, PRECISIONS
+from autorank.compression.ranks import parse_vbmf
+from autorank.engine import TrainConfig, evaluate, train
+from autorank.errors import AutorankError
+
+CLI_METHODS = ("tucker2", "cp", "tt", "mixed", "none")
+
+
+def parse_rank(text: str) -> int | float | str | list[int]:
+    """'vbmf', 'vbmf:0.5', a ratio '0.5', an integer '8' or integers '8,16'."""
+    text = text.strip()
+    if text.startswith("vbmf"):
+        if parse_vbmf(text) is None:
+            raise AutorankError(f"--rank {text!r}: use vbmf or vbmf:W with W in [0, 1]")
+        return text
+    try:
+        if "," in text:
+            return [int(part) for part in text.split(",")]
+        if "." in text:
+            return float(text)
+        return int(text)
+    except ValueError:
+        raise AutorankError(f"--rank {text!r}: expected vbmf, vbmf:W, a ratio like 0.5, N or N,M[,K]") from None
+
+
+def _add_layer_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--include", action="append", help="glob of layer names to compress (repeatable)")
+    parser.add_argument("--exclude", action="append", help="glob of layer names to leave alone (repeatable)")
+    parser.add_argument("--with-first", action="store_true", help="also compress the first conv")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "compress", help="apply one decomposition/quantization plan and measure it",
+        description="Compress MODEL's convs (Tucker-2, CP, TT, or per-layer best = mixed; linear layers SVD) "
+                    "at the given ranks and weight precision, optionally fine-tune, and report accuracy, "
+                    "params, size and MACs before and after.",
+    )
+    add_model_data_args(parser)
+    parser.add_argument("--method", choices=CLI_METHODS, default="tucker2")
+    parser.add_argument("--rank", default="vbmf", help="vbmf | vbmf:W (MUSCO weakening) | ratio in (0,1] | N | N,M")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="weight precision")
+    parser.add_argument("--activations", choices=ACTIVATIONS, default="fp32",
+                        help="int8: calibrated activation fake-quant at the inputs of int8/int4 layers")
+    parser.add_argument("--plan", type=Path, help="a plan JSON (overrides --method/--rank/--precision)")
+    _add_layer_args(parser)
+    parser.add_argument("--finetune-steps", type=int, default=0, help="SGD steps of (quantization-aware) fine-tuning")
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--split", choices=("val", "test"), default="val")
+    parser.add_argument("--limit", type=int, help="evaluate on the first N images of the split")
+    parser.add_argument("--calibration-images", type=int, default=512)
+    parser.add_argument("--out", type=Path, help="folder for plan.json (resolved), model.pt, metrics.json")
+    parser.set_defaults(handler=run_compress)
+
+    ranks = subparsers.add_parser(
+        "ranks", help="each layer's shape, EVBMF ranks and parameter share",
+        description="EVBMF rank estimates (Tucker-2 R1,R2; CP; TT; SVD) of every candidate layer.",
+    )
+    add_model_data_args(ranks)
+    _add_layer_args(ranks)
+    ranks.add_argument("--weakening", type=float, default=1.0, help="MUSCO weakening w in [0, 1]")
+    ranks.set_defaults(handler=run_ranks)
+
+
+def _build_plan(args: argparse.Namespace, model: nn.Module) -> Plan:
+    if args.plan is not None:
+        return Plan.from_json(args.plan.read_text())
+    rank = parse_rank(args.rank)
+    kwargs = dict(activations=args.activations, include=args.include, exclude=args.exclude,
+                  skip_first=not args.with_first)
+    if args.method == "mixed":
+        return mixed_plan(model, rank, args.precision, seed=args.seed, **kwargs)
+    return make_plan(model, args.method, rank, args.precision, **kwargs)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if args.plan is not None and not args.plan.is_file():
+        raise AutorankError(f"plan file not found: {args.plan}")
+    if args.plan is None:
+        parse_rank(args.rank)
+    if args.finetune_steps < 0 or args.batch_size < 1 or args.calibration_images < 1:
+        raise AutorankError("--finetune-steps must be >= 0, --batch-size and --calibration-images >= 1")
+    if args.limit is not None and args.limit < 1:
+        raise AutorankError("--limit must be >= 1")
+
+
+def _measure(model: nn.Module, data, args: argparse.Namespace) -> dict[str, float]:
+    stats = profile(model, data.input_shape)
+    accuracy = evaluate(model, data, args.split, device=args.device, limit=args.limit)
+    return {"accuracy": accuracy, "params": stats.params, "size_bytes": stats.size_bytes, "macs": stats.macs}
+
+
+def run_compress(args: argparse.Namespace) -> int:
+    _check_args(args)
+    model, data = load_model_and_data(args)
+    plan = resolve_plan(model, _build_plan(args, model))
+    calibration = None
+    if plan.activations == "int8":
+        calibration = [x for x, _ in data.batches("train", min(args.batch_size, args.calibration_images),
+                                                  limit=args.calibration_images)]
+    compressed = compress(model, plan, calibration=calibration, seed=args.seed)
+    before = _measure(model, data, args)
+    after = _measure(compressed, data, args)
+    result = {"model": args.model, "data": args.data, "split": args.split, "before": before, "compressed": after}
+    if args.finetune_steps > 0:
+        train(compressed, data, TrainConfig(steps=args.finetune_steps, batch_size=args.batch_size, lr=args.lr,
+                                            device=args.device, seed=args.seed, progress=not args.json))
+        result["finetuned"] = _measure(compressed, data, args)
+    final = result.get("finetuned", after)
+    result["compression"] = {"params": before["params"] / final["params"],
+                             "size": before["size_bytes"] / final["size_bytes"],
+                             "macs": before["macs"] / max(final["macs"], 1)}
+    result["plan"] = json.loads(plan.to_json())
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "plan.json").write_text(plan.to_json())
+        torch.save({k: v.cpu() for k, v in compressed.state_dict().items()}, args.out / "model.pt")
+        (args.out / "metrics.json").write_text(json.dumps({k: v for k, v in result.items() if k != "plan"}, indent=2))
+        result["out"] = str(args.out)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    for name, lp in plan.layers.items():
+        print(f"{name:<28} {lp.method:<8} {str(lp.rank or ''):<14} {lp.precision}")
+    print(f"{'':<12}{'accuracy':>10}{'params':>12}{'size_bytes':>13}{'MACs':>14}")
+    for stage in ("before", "compressed", "finetuned"):
+        if stage in result:
+            m = result[stage]
+            print(f"{stage:<12}{m['accuracy']:>10.4f}{m['params']:>12,}{m['size_bytes']:>13,}{m['macs']:>14,}")
+    ratios = result["compression"]
+    print(f"compression: params x{ratios['params']:.2f}, size x{ratios['size']:.2f}, MACs x{ratios['macs']:.2f}")
+    return 0
+
+
+def run_ranks(args: argparse.Namespace) -> int:
+    if not 0.0 <= args.weakening <= 1.0:
+        raise AutorankError(f"--weakening {args.weakening} must be in [0, 1]")
+    model, _ = load_model_and_data(args)
+    total = sum(p.numel() for p in model.parameters())
+    rows = []
+    for name, layer in find_layers(model, args.include, args.exclude, skip_first=not args.with_first).items():
+        weight = layer.weight.detach()
+        methods = ("tucker2", "cp", "tt") if isinstance(layer, nn.Conv2d) else ("svd",)
+        rows.append({"layer": name, "shape": list(weight.shape), "params": weight.numel(),
+                     "share": weight.numel() / total,
+                     "ranks": {m: list(vbmf_method_ranks(m, weight, args.weakening)) for m in methods}})
+    if args.json:
+        print(json.dumps({"model": args.model, "total_params": total, "weakening": args.weakening, "layers": rows}))
+        return 0
+    print(f"{'layer':<24}{'shape':<18}{'params':>9}{'share':>8}  EVBMF ranks (w={args.weakening:g})")
+    for row in rows:
+        ranks = "  ".join(f"{m} {','.join(map(str, r))}" for m, r in row["ranks"].items())
+        print(f"{row['layer']:<24}{'x'.join(map(str, row['shape'])):<18}{row['params']:>9,}"
+              f"{100 * row['share']:>7.1f}%  {ranks}")
+    covered = sum(r["params"] for r in rows)
+    print(f"{len(rows)} layers, {covered:,} of {total:,} parameters ({100 * covered / max(total, 1):.1f}%)")
+    return 0
