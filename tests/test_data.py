@@ -154,3 +154,12 @@ def test_cifar10_offline_without_files_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(CIFAR10, "download", offline)
     with pytest.raises(AutorankError, match="CIFAR-10 not found .* download failed"):
         load_data(f"cifar10:{tmp_path}")
+
+
+def test_changing_a_folder_invalidates_its_cache(tmp_path):
+    _write_folder(tmp_path / "pets")
+    cache = tmp_path / "cache"
+    before = load_data(f"imagefolder:{tmp_path / 'pets'}", cache_dir=cache)
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "pets" / "test" / "dog" / "999.png")
+    after = load_data(f"imagefolder:{tmp_path / 'pets'}", cache_dir=cache)
+    assert len(after.splits["test"][1]) == len(before.splits["test"][1]) + 1

@@ -108,8 +108,7 @@ def _imagefolder(path: Path, cache: Path) -> Dataset:
     """`train/<class>/*` and `test/<class>/*`; val = the last 10% of each class's train files by name."""
     if not path.exists():
         raise AutorankError(f"image folder or archive not found: {path}")
-    stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{CACHE_VERSION}".encode()).hexdigest()[:16]
+    key = _fingerprint(path)
     tensor_file = cache / "decoded" / f"{path.name}-{key}.pt"
     if tensor_file.exists():
         try:
@@ -124,6 +123,16 @@ def _imagefolder(path: Path, cache: Path) -> Dataset:
     torch.save(stored, tmp)
     tmp.replace(tensor_file)
     return _imagefolder_dataset(path, stored)
+
+
+def _fingerprint(path: Path) -> str:
+    """Cache key: the archive's size and mtime, or every file's name, size and mtime in a folder."""
+    digest = hashlib.sha256(f"{path.resolve()}|{CACHE_VERSION}".encode())
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        stat = file.stat()
+        digest.update(f"|{file.relative_to(path) if path.is_dir() else ''}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
 
 
 def _imagefolder_dataset(path: Path, stored: dict) -> Dataset:
