@@ -191,11 +191,22 @@ def vbmf_method_ranks(method: str, weight: torch.Tensor, weakening: float = 1.0)
         T, C, kh, kw = shape
         tensor = weight.permute(1, 2, 3, 0)  # (C, kh, kw, T)
         unfoldings = (tensor.reshape(C, -1), tensor.reshape(C * kh, -1), tensor.reshape(C * kh * kw, -1))
-        return tuple(
+        return tt_feasible("tt", shape, tuple(
             weaken(full, _guarded_rank(unf), weakening)
             for full, unf in zip(full_ranks("tt", shape), unfoldings, strict=True)
-        )
+        ))
     raise AutorankError(f"no EVBMF rank rule for method {method!r}")
+
+
+def tt_feasible(method: str, shape: tuple[int, ...], ranks: tuple[int, ...]) -> tuple[int, ...]:
+    """TT-SVD returns at most r_k = r_(k-1) n_k channels (C, kh, kw in turn): clamp the TT ranks to that,
+    so the chain built from the plan has the shapes of the factors (other methods: unchanged)."""
+    if method != "tt":
+        return ranks
+    T, C, kh, kw = shape
+    r1 = min(ranks[0], C)
+    r2 = min(ranks[1], r1 * kh)
+    return (r1, r2, min(ranks[2], r2 * kw))
 
 
 def _clamp(rank: int, full: int) -> int:
@@ -216,7 +227,7 @@ def ratio_ranks(method: str, shape: tuple[int, ...], ratio: float) -> tuple[int,
     a = (-lin + math.sqrt(lin * lin + 4 * quad * target)) / (2 * quad)
     base = [a * f for f in full]
     candidates = {
-        tuple(_clamp(math.floor(b) + d, f) for b, d, f in zip(base, delta, full, strict=True))
+        tt_feasible(method, shape, tuple(_clamp(math.floor(b) + d, f) for b, d, f in zip(base, delta, full, strict=True)))
         for delta in product((0, 1), repeat=len(full))
     }
     return min(candidates, key=lambda r: (abs(method_params(method, shape, r) - target), r))
