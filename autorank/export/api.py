@@ -1,0 +1,266 @@
+"""`export_onnx`: a searched trial → a verified, benchmarked, registered ONNX file.
+
+`export_model` is the same pipeline for any compressed model in memory (what tests and the demo
+use); `export_onnx` rebuilds a trial of a search folder from its saved weights (no retraining) and
+adds the search's provenance: the accuracy it recorded, its MLflow run, the registry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from autorank.compression import Plan, compress, layer_precisions, profile, strip_fake_quant
+from autorank.data import Dataset, load_data
+from autorank.errors import AutorankError
+from autorank.export.bench import Speed, benchmark
+from autorank.export.graph import to_onnx
+from autorank.export.precision import CALIBRATION_METHODS, compact, payload_bytes, to_fp16, to_int8
+from autorank.export.verify import Verification, onnx_accuracy, verify
+
+EXPORT_PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@dataclass
+class ExportResult:
+    """What was written and how it measured; `to_dict()` is the CLI's --json."""
+
+    path: Path
+    precision: str
+    file_bytes: int
+    size_bytes: int                    # the compression core's accounting of the same model
+    payload_bytes: int                 # tensor data in the file (weights, scales, biases); the rest is graph
+    verification: Verification         # ONNX Runtime vs the PyTorch (quantization-aware) model
+    speed: dict[str, Speed] = field(default_factory=dict)   # "exported" and "baseline" (uncompressed fp32)
+    layer_precisions: dict[str, str] = field(default_factory=dict)
+    trial: int | None = None
+    search_dir: Path | None = None
+    recorded_accuracy: float | None = None   # what the search measured for the trial (val split)
+    onnx_val_accuracy: float | None = None   # the ONNX model on the same split
+    card: Path | None = None
+    mlflow: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def size_ratio(self) -> float:
+        """File size over the computed size: ~1 when the file holds what the plan promised."""
+        return self.file_bytes / self.size_bytes
+
+    @property
+    def accuracy_gap(self) -> float | None:
+        """ONNX minus recorded accuracy on the split the search used, in points."""
+        if self.recorded_accuracy is None or self.onnx_val_accuracy is None:
+            return None
+        return (self.onnx_val_accuracy - self.recorded_accuracy) * 100
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if k not in ("verification", "speed")}
+        out.update(path=str(self.path), search_dir=str(self.search_dir) if self.search_dir else None,
+                   card=str(self.card) if self.card else None, size_ratio=self.size_ratio,
+                   accuracy_gap=self.accuracy_gap, verification=self.verification.to_dict(),
+                   speed={k: s.to_dict() for k, s in self.speed.items()})
+        return out
+
+
+def _check_options(precision: str, calibration_batches: int, calibration_method: str, threads: int | None) -> None:
+    if precision not in EXPORT_PRECISIONS:
+        raise AutorankError(f"precision {precision!r}: choose from {', '.join(EXPORT_PRECISIONS)}")
+    if calibration_batches < 1:
+        raise AutorankError(f"calibration batches must be >= 1, got {calibration_batches}")
+    if calibration_method not in CALIBRATION_METHODS:
+        raise AutorankError(f"calibration method {calibration_method!r}: choose from {', '.join(CALIBRATION_METHODS)}")
+    if threads is not None and threads < 1:
+        raise AutorankError(f"threads must be >= 1, got {threads}")
+
+
+def _calibration(data: Dataset, batches: int, batch_size: int, seed: int):
+    """Seeded random training images (splits are ordered by class: the first N would be one class)."""
+    generator = torch.Generator().manual_seed(seed)
+    for x, _ in data.batches("train", batch_size, shuffle=True, generator=generator, limit=batches * batch_size):
+        yield x.numpy()
+
+
+@contextlib.contextmanager
+def _quiet():
+    """ONNX Runtime's quantizer prints progress and root-logger advice; keep the CLI's output clean."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.setLevel(level)
+
+
+def write_onnx(model: nn.Module, data: Dataset, out: str | Path, precision: str = "int8", *,
+               calibration_batches: int = 8, calibration_batch_size: int = 64,
+               calibration_method: str = "minmax", activation_type: str = "uint8", seed: int = 0) -> dict[str, str]:
+    """Write `model` (a compressed model, fake quantization included) as ONNX at `precision`.
+
+    Returns the weight precision of every Conv2d/Linear (by module name) that the file honours.
+    """
+    _check_options(precision, calibration_batches, calibration_method, None)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    precisions = layer_precisions(model)
+    plain = strip_fake_quant(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32_path = out if precision == "fp32" else Path(tmp) / "fp32.onnx"
+        mapping = to_onnx(plain, data.input_shape, fp32_path)
+        unmapped = [name for name in precisions if name not in mapping]
+        if unmapped:  # e.g. a layer used through a functional call: its plan could not be honoured
+            raise AutorankError(f"no ONNX node found for layers {', '.join(unmapped[:4])}; cannot honour the plan")
+        if precision == "fp16":
+            to_fp16(fp32_path, out)
+        elif precision == "int8":
+            def nodes(wanted: str) -> list[str]:
+                return [node for name, p in precisions.items() if p == wanted for node in mapping[name]]
+
+            with _quiet():
+                to_int8(fp32_path, out, _calibration(data, calibration_batches, calibration_batch_size, seed),
+                        exclude_fp32=nodes("fp32"), exclude_fp16=nodes("fp16"), int4_nodes=nodes("int4"),
+                        method=calibration_method, activation_type=activation_type)
+    onnx.save_model(compact(onnx.load_model(out)), out)
+    return precisions
+
+
+def export_model(model: nn.Module, data: Dataset, out: str | Path, precision: str = "int8", *,
+                 baseline: nn.Module | None = None, verify_split: str = "test", verify_limit: int | None = None,
+                 calibration_batches: int = 8, calibration_batch_size: int = 64,
+                 calibration_method: str = "minmax", activation_type: str = "uint8",
+                 threads: int | None = None, bench: bool = True, seed: int = 0) -> ExportResult:
+    """Export, verify against PyTorch and (with `bench`) time next to `baseline` exported in fp32."""
+    _check_options(precision, calibration_batches, calibration_method, threads)
+    model = model.eval().cpu()
+    out = Path(out)
+    precisions = write_onnx(model, data, out, precision, calibration_batches=calibration_batches,
+                            calibration_batch_size=calibration_batch_size, calibration_method=calibration_method,
+                            activation_type=activation_type, seed=seed)
+    threads = threads or torch.get_num_threads()
+    verification = verify(out, model, data, verify_split, limit=verify_limit, seed=seed, threads=threads)
+    result = ExportResult(path=out, precision=precision, file_bytes=out.stat().st_size,
+                          size_bytes=profile(model, data.input_shape).size_bytes,
+                          payload_bytes=payload_bytes(onnx.load_model(out)), verification=verification,
+                          layer_precisions=precisions)
+    if bench:
+        result.speed["exported"] = benchmark(out, data.input_shape, threads=threads, seed=seed)
+        if baseline is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                base_path = Path(tmp) / "baseline.onnx"
+                to_onnx(copy.deepcopy(baseline), data.input_shape, base_path)
+                result.speed["baseline"] = benchmark(base_path, data.input_shape, threads=threads, seed=seed)
+    return result
+
+
+def rebuild_trial(search_dir: str | Path, *, trial: int | None = None, max_size: int | None = None,
+                  min_ratio: float | None = None, max_drop: float | None = None):
+    """(search, trial record, data, pretrained model, plan, compressed model holding the trial's weights).
+
+    With `trial=None` the most accurate feasible trial is chosen by the search's own `best_trial`.
+    Every user mistake (no search, no such trial, no weights) is an AutorankError before any compute.
+    """
+    from autorank.search import best_trial, load_search
+    from autorank.search.results import PLAN_FILE, WEIGHTS_FILE
+
+    search = load_search(search_dir)
+    if not search.trials:
+        raise AutorankError(f"the search at {search_dir} has no trials: nothing to export")
+    if trial is not None:
+        record = search.trial(trial)
+        if not record.finished_ok:
+            raise AutorankError(f"trial {trial} did not complete ({record.state}"
+                                + (f": {record.reason}" if record.reason else "") + "): nothing to export")
+    else:
+        record = best_trial(search, max_size=max_size, min_ratio=min_ratio, max_drop=max_drop)
+    if not record.has_weights or not (record.directory / PLAN_FILE).is_file():
+        kept = sorted(t.number for t in search.trials if t.has_weights)
+        raise AutorankError(
+            f"trial {record.number} has no saved weights in {record.directory} (only Pareto-front trials keep "
+            f"{WEIGHTS_FILE}); trials with weights: {', '.join(map(str, kept)) or 'none'}")
+    info = search.info
+    data = load_data(info["data"], seed=search.space.seed)
+    from autorank.models import create_model
+
+    pretrained = create_model(info["model"], data, info["weights"]).eval()
+    plan = Plan.from_json((record.directory / PLAN_FILE).read_text())
+    model = compress(pretrained, plan, decompose=False)
+    state = torch.load(record.directory / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise AutorankError(f"trial {record.number}'s weights do not fit its plan: {first}") from None
+    return search, record, data, pretrained, plan, model.eval()
+
+
+def export_onnx(search_dir: str | Path, out: str | Path, precision: str = "int8", *, trial: int | None = None,
+                max_size: int | None = None, min_ratio: float | None = None, max_drop: float | None = None,
+                calibration_batches: int = 8, calibration_method: str = "minmax", activation_type: str = "uint8",
+                verify_limit: int | None = None, threads: int | None = None, bench: bool = True,
+                register: bool = True, registered_name: str | None = None, seed: int = 0) -> ExportResult:
+    """Export a trial of the search at `search_dir` (by number, or the best one meeting the limits).
+
+    The file is verified (ONNX Runtime vs PyTorch on the test split; ONNX accuracy on the split the
+    search measured, next to the recorded figure), benchmarked next to the uncompressed model,
+    logged to the trial's MLflow run and registered (with `register`), and described by a model
+    card written beside it (`<out>.card.md`).
+    """
+    from autorank.export.registry import register_model, write_card
+
+    _check_options(precision, calibration_batches, calibration_method, threads)
+    if trial is not None and any(v is not None for v in (max_size, min_ratio, max_drop)):
+        raise AutorankError("give either a trial number or limits (max size / min ratio / max drop), not both")
+    out = Path(out)
+    if out.suffix != ".onnx":
+        raise AutorankError(f"output {out} should end in .onnx")
+    search, record, data, pretrained, plan, model = rebuild_trial(
+        search_dir, trial=trial, max_size=max_size, min_ratio=min_ratio, max_drop=max_drop)
+    result = export_model(model, data, out, precision, baseline=pretrained, verify_limit=verify_limit,
+                          calibration_batches=calibration_batches, calibration_method=calibration_method,
+                          activation_type=activation_type, threads=threads, bench=bench, seed=seed)
+    result.trial, result.search_dir = record.number, Path(search_dir)
+    result.recorded_accuracy = record.metrics.get("accuracy")
+    result.onnx_val_accuracy = onnx_accuracy(out, data, "val", threads=threads or torch.get_num_threads())
+    if register:
+        result.mlflow = register_model(result, search, record, registered_name=registered_name)
+    result.card = write_card(result, search, record, plan)
+    return result
+
+
+def figures(result: ExportResult) -> list[tuple[str, str]]:
+    """The verified figures as (label, value) rows, for the CLI and the demo."""
+    v = result.verification
+    rows = [
+        ("file", f"{result.path} ({result.precision})"),
+        ("size", f"{result.file_bytes:,} B on disk ({result.payload_bytes:,} B of tensors), "
+                 f"{result.size_bytes:,} B computed (file x{result.size_ratio:.3f})"),
+        (f"{v.split} accuracy", f"ONNX {v.onnx_accuracy:.4f}, PyTorch {v.torch_accuracy:.4f} on {v.images:,} images"),
+        ("agreement", f"top-1 {v.top1_agreement:.4f}, max |logit diff| {v.max_abs_error:.3g}"),
+    ]
+    if result.accuracy_gap is not None:
+        rows.append(("val accuracy", f"ONNX {result.onnx_val_accuracy:.4f}, search recorded "
+                                     f"{result.recorded_accuracy:.4f} (gap {result.accuracy_gap:+.2f} points)"))
+    for name, speed in result.speed.items():
+        rows.append((f"speed {name}", f"{speed.latency_ms:.2f} ms at batch 1, {speed.throughput:,.0f} img/s at "
+                                      f"batch {speed.batch_size} ({speed.threads} threads)"))
+    if result.mlflow.get("version"):
+        rows.append(("registry", f"{result.mlflow['name']} version {result.mlflow['version']}"))
+    if result.card:
+        rows.append(("model card", str(result.card)))
+    return rows
+
+
+def result_json(result: ExportResult) -> str:
+    return json.dumps(result.to_dict(), indent=2, default=lambda o: float(o) if isinstance(o, np.floating) else str(o))

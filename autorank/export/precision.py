@@ -1,0 +1,188 @@
+"""fp32 ONNX → fp16 or int8 with ONNX Runtime's own converters, honouring a compression plan.
+
+- fp16: `onnxruntime.transformers.float16` converts weights and activations, keeping fp32 inputs and
+  outputs so that callers feed and read the same tensors as from the fp32 model.
+- int8: `onnxruntime.quantization.quantize_static`, QDQ format (portable: any runtime that reads
+  QuantizeLinear/DequantizeLinear runs it; ORT fuses the pairs into integer kernels), symmetric
+  per-channel int8 weights, activations calibrated on batches of the training split. Layers the plan
+  keeps in fp32/fp16 are excluded from quantization (their nodes via `nodes_to_exclude`); fp16 layers
+  store their weights as fp16 with a Cast, so the file's size follows the plan; int4 layers get
+  4-bit per-channel weights through ORT's `TensorQuantOverrides` (opset 21 DequantizeLinear).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from autorank.export.graph import INPUT_NAME
+
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+
+
+class _Batches:
+    """ORT's `CalibrationDataReader` protocol over an iterable of float32 NCHW arrays."""
+
+    def __init__(self, batches: Iterable[np.ndarray]) -> None:
+        self._batches: Iterator[np.ndarray] = iter(batches)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self._batches, None)
+        return None if batch is None else {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)}
+
+    def __len__(self) -> int:  # ORT asks for it to size some calibrators; unknown up front
+        return 0
+
+
+def to_fp16(src: str | Path, dst: str | Path) -> None:
+    """All weights and activations fp16; inputs and outputs stay fp32."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load_model(src), keep_io_types=True)
+    onnx.save_model(model, dst)
+
+
+def to_int8(
+    src: str | Path,
+    dst: str | Path,
+    calibration: Iterable[np.ndarray],
+    *,
+    exclude_fp32: list[str] = (),
+    exclude_fp16: list[str] = (),
+    int4_nodes: list[str] = (),
+    method: str = "minmax",
+    activation_type: str = "uint8",
+) -> None:
+    """Static QDQ int8 of the fp32 model at `src`; the listed node names are kept as the plan says.
+
+    `activation_type` is `uint8` (ORT's recommended U8S8 on x86) or `int8` (S8S8, better on ARM).
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"calibration method {method!r}: choose from {', '.join(CALIBRATION_METHODS)}")
+    model = onnx.load_model(src)
+    weights = _weight_inputs(model)
+    overrides = {
+        weights[name]: [{"quant_type": QuantType.QInt4, "symmetric": True, "axis": 0}]
+        for name in int4_nodes if name in weights
+    }
+    ort_logger = logging.getLogger("onnxruntime")
+    level = ort_logger.level
+    ort_logger.setLevel(logging.ERROR)  # ORT logs every tensor it calibrates at INFO
+    try:
+        quantize_static(
+            model, dst, _Batches(calibration),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8 if activation_type == "uint8" else QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=[*exclude_fp32, *exclude_fp16],
+            calibrate_method={
+                "minmax": CalibrationMethod.MinMax,
+                "percentile": CalibrationMethod.Percentile,
+                "entropy": CalibrationMethod.Entropy,
+            }[method],
+            extra_options={"WeightSymmetric": True, "TensorQuantOverrides": overrides},
+        )
+    finally:
+        ort_logger.setLevel(level)
+    if exclude_fp16:
+        quantized = onnx.load_model(dst)
+        _store_fp16_weights(quantized, exclude_fp16)
+        onnx.save_model(quantized, dst)
+
+
+def _weight_inputs(model: onnx.ModelProto) -> dict[str, str]:
+    """Compute node name → the initializer that is its weight (input 1 of Conv/Gemm/MatMul)."""
+    initializers = {init.name for init in model.graph.initializer}
+    return {
+        node.name: node.input[1]
+        for node in model.graph.node
+        if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1 and node.input[1] in initializers
+    }
+
+
+def _store_fp16_weights(model: onnx.ModelProto, node_names: list[str]) -> None:
+    """Weights of the given (unquantized) nodes stored as fp16 and cast back to fp32 at load time."""
+    weights = set(_weight_inputs(model)[name] for name in node_names if name in _weight_inputs(model))
+    casts = []
+    for init in model.graph.initializer:
+        if init.name in weights and init.data_type == onnx.TensorProto.FLOAT:
+            half = numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), f"{init.name}.fp16")
+            casts.append(onnx.helper.make_node(
+                "Cast", [half.name], [init.name], to=onnx.TensorProto.FLOAT, name=f"{init.name}.cast"
+            ))
+            init.CopyFrom(half)
+    nodes = casts + list(model.graph.node)  # casts first: the graph stays topologically sorted
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+
+
+def payload_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of tensor data (initializers and Constant nodes), int4 packed two to a byte."""
+    tensors = list(model.graph.initializer) + [
+        attr.t for node in model.graph.node if node.op_type == "Constant" for attr in node.attribute if attr.t.dims
+    ]
+    total = 0
+    for tensor in tensors:
+        bits = 4 if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4) else \
+            8 * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+        total += -(-int(np.prod(tensor.dims, dtype=np.int64)) * bits // 8)
+    return total
+
+
+def _base36(number: int) -> str:
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    text = ""
+    while True:
+        number, rest = divmod(number, 36)
+        text = digits[rest] + text
+        if number == 0:
+            return text
+
+
+def compact(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop what deployment does not need, so that the file's size is its weights' size.
+
+    Small compressed CNNs have hundreds of QDQ nodes; their descriptive tensor names and shape
+    annotations would otherwise outweigh the int8 weights. Compute nodes keep their module names;
+    all-zero zero points of weight DequantizeLinear nodes (symmetric int8: 0 is the default) go.
+    """
+    graph = model.graph
+    del graph.value_info[:]
+    zero_points = {
+        init.name for init in graph.initializer
+        if init.data_type == onnx.TensorProto.INT8 and not numpy_helper.to_array(init).any()
+    }
+    initializers = {init.name for init in graph.initializer}
+    for node in graph.node:
+        if (node.op_type == "DequantizeLinear" and len(node.input) == 3 and node.input[2] in zero_points
+                and node.input[0] in initializers):
+            del node.input[2]
+    used = {name for node in graph.node for name in node.input}
+    kept = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    keep = {value.name for value in (*graph.input, *graph.output)}
+    names: dict[str, str] = {}
+
+    def short(name: str) -> str:
+        if not name or name in keep:
+            return name
+        return names.setdefault(name, _base36(len(names)))
+
+    for init in graph.initializer:
+        init.name = short(init.name)
+    for node in graph.node:
+        node.input[:] = [short(name) for name in node.input]
+        node.output[:] = [short(name) for name in node.output]
+        if node.op_type not in ("Conv", "Gemm", "MatMul"):
+            node.name = ""
+        node.doc_string = ""
+    return model

@@ -1,0 +1,138 @@
+"""Provenance of an export: the ONNX model on the trial's MLflow run, a registry version, a model card."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from autorank.compression import Plan
+
+if TYPE_CHECKING:
+    from autorank.export.api import ExportResult
+    from autorank.search.results import SearchRecord, TrialRecord
+
+log = logging.getLogger(__name__)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def export_tags(result: ExportResult) -> dict[str, str]:
+    """The verified figures as flat string tags (what a registry version carries)."""
+    v = result.verification
+    tags = {
+        "precision": result.precision, "file_bytes": str(result.file_bytes), "size_bytes": str(result.size_bytes),
+        "size_ratio": f"{result.size_ratio:.4f}", f"{v.split}_accuracy_onnx": f"{v.onnx_accuracy:.4f}",
+        f"{v.split}_accuracy_torch": f"{v.torch_accuracy:.4f}", "top1_agreement": f"{v.top1_agreement:.4f}",
+        "max_abs_error": f"{v.max_abs_error:.4g}", "verified_images": str(v.images),
+        "sha256": _sha256(result.path),
+    }
+    if result.accuracy_gap is not None:
+        tags.update(val_accuracy_onnx=f"{result.onnx_val_accuracy:.4f}",
+                    val_accuracy_recorded=f"{result.recorded_accuracy:.4f}",
+                    accuracy_gap_points=f"{result.accuracy_gap:+.3f}")
+    for name, speed in result.speed.items():
+        tags[f"{name}_latency_ms_b1"] = f"{speed.latency_ms:.3f}"
+        tags[f"{name}_throughput_b{speed.batch_size}"] = f"{speed.throughput:.1f}"
+    if result.trial is not None:
+        tags["trial"] = str(result.trial)
+    return tags
+
+
+def _trial_run(client, search: SearchRecord, record: TrialRecord) -> str:
+    """The trial's nested run (found by the tracker's tags); created if the search never logged it."""
+    from autorank.tracking.tracker import KIND_TAG, SEARCH_TAG, TRIAL_TAG
+
+    experiment = client.get_experiment_by_name(search.info.get("experiment") or "autorank")
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(search.info["experiment"])
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{SEARCH_TAG}` = '{search.info['search_id']}' and tags.`{TRIAL_TAG}` = '{record.number}'",
+        max_results=1)
+    if runs:
+        return runs[0].info.run_id
+    log.warning("trial %d has no MLflow run; logging the export to a new one", record.number)
+    run = client.create_run(experiment_id, run_name=f"trial-{record.number}-export",
+                            tags={SEARCH_TAG: search.info["search_id"], TRIAL_TAG: str(record.number),
+                                  KIND_TAG: "trial"})
+    return run.info.run_id
+
+
+def register_model(result: ExportResult, search: SearchRecord, record: TrialRecord, *,
+                   registered_name: str | None = None) -> dict[str, Any]:
+    """Log the ONNX file to the trial's run (mlflow.onnx) and register it with the figures as tags."""
+    import mlflow
+    import mlflow.onnx
+    import onnx
+    from mlflow import MlflowClient
+
+    uri = search.info["mlflow_uri"]
+    name = registered_name or f"autorank-{search.info['model']}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    client = MlflowClient(uri, registry_uri=uri)
+    run_id = _trial_run(client, search, record)
+    tags = export_tags(result)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.onnx.log_model(onnx.load_model(result.path), name=f"onnx-{result.precision}",
+                                     registered_model_name=name, save_as_external_data=False)
+        mlflow.log_metrics({f"export_{result.precision}_{k}": float(v) for k, v in tags.items()
+                            if k not in ("precision", "sha256", "trial")})
+    version = info.registered_model_version
+    for key, value in tags.items():
+        client.set_model_version_tag(name, str(version), key, value)
+    return {"tracking_uri": uri, "run_id": run_id, "model_uri": info.model_uri, "name": name,
+            "version": int(version)}
+
+
+def write_card(result: ExportResult, search: SearchRecord | None, record: TrialRecord | None,
+               plan: Plan) -> Path:
+    """`<out>.card.md` beside the file: what it is, how it measured, where it came from."""
+    import onnxruntime
+    import torch
+
+    v = result.verification
+    card = result.path.with_suffix(".card.md")
+    lines = [f"# Model card: {result.path.name}", ""]
+    if search is not None and record is not None:
+        lines += [f"Trial {record.number} of the autorank search in `{search.out_dir}` "
+                  f"(model `{search.info['model']}`, data `{search.info['data']}`), exported to ONNX at "
+                  f"**{result.precision}**. Trial summary: {record.summary or '-'}.", ""]
+    lines += ["## Verified figures", "", "| figure | value |", "|---|---|",
+              f"| file size | {result.file_bytes:,} B (computed size_bytes {result.size_bytes:,} B, "
+              f"ratio {result.size_ratio:.3f}) |",
+              f"| {v.split} accuracy, ONNX Runtime | {v.onnx_accuracy:.4f} ({v.images:,} images) |",
+              f"| {v.split} accuracy, PyTorch (quantization-aware) | {v.torch_accuracy:.4f} |",
+              f"| top-1 agreement ONNX vs PyTorch | {v.top1_agreement:.4f} |",
+              f"| max abs logit difference | {v.max_abs_error:.4g} |"]
+    if result.accuracy_gap is not None:
+        lines += [f"| val accuracy, ONNX Runtime | {result.onnx_val_accuracy:.4f} |",
+                  f"| val accuracy, recorded by the search | {result.recorded_accuracy:.4f} |",
+                  f"| gap | {result.accuracy_gap:+.2f} points |"]
+    for name, speed in result.speed.items():
+        lines.append(f"| {name}: latency batch 1 / throughput batch {speed.batch_size} ({speed.threads} threads) | "
+                     f"{speed.latency_ms:.2f} ms / {speed.throughput:,.0f} img/s |")
+    lines += ["", "## Plan", "", "| layer | method | ranks | weights |", "|---|---|---|---|"]
+    for name, lp in plan.layers.items():
+        ranks = "-" if lp.rank is None else "×".join(map(str, lp.rank)) if isinstance(lp.rank, list) else str(lp.rank)
+        lines.append(f"| {name} | {lp.method} | {ranks} | {lp.precision} |")
+    lines += ["", f"Activations: {plan.activations}. Layers not listed stay fp32.", "", "## Provenance", ""]
+    if search is not None and record is not None:
+        weights = record.directory / "model.pt"
+        lines += [f"- search: `{search.out_dir}` (id {search.info['search_id']}, study {search.info['study_name']})",
+                  f"- pretrained weights: `{search.info['weights']}`",
+                  f"- trial weights: `{weights}` (sha256 {_sha256(weights)[:16]}…)"]
+    if result.mlflow:
+        lines += [f"- MLflow: run {result.mlflow['run_id']} at {result.mlflow['tracking_uri']}, registered as "
+                  f"{result.mlflow['name']} version {result.mlflow['version']}"]
+    lines += [f"- file sha256: {_sha256(result.path)}",
+              f"- exported {time.strftime('%Y-%m-%d %H:%M:%S')} with torch {torch.__version__}, "
+              f"onnxruntime {onnxruntime.__version__}",
+              "", "<details><summary>plan.json</summary>", "", "```json", plan.to_json(), "```", "", "</details>", ""]
+    card.write_text("\n".join(lines))
+    return card
+

@@ -1,0 +1,100 @@
+"""fp16 and int8 files honour the plan: each layer's weights are stored as the plan says."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+from onnx import TensorProto
+
+from autorank import engine
+from autorank.compression import LayerPlan, Plan, compress, profile
+from autorank.export import export_model, write_onnx
+from autorank.export.precision import payload_bytes
+from autorank.models import create_model
+
+# SmallCNN: features.0 (stem, left fp32), features.3/.7/.10 convs, classifier
+PLAN = Plan({
+    "features.3": LayerPlan("tucker2", [16, 16], "int8"),
+    "features.7": LayerPlan("none", None, "fp16"),
+    "features.10": LayerPlan("none", None, "int4"),
+    "classifier": LayerPlan("none", None, "fp32"),
+}, activations="int8")
+
+
+@pytest.fixture(scope="module")
+def trained_cnn(digits):
+    model = create_model("small_cnn", digits)
+    engine.train(model, digits, engine.TrainConfig(steps=60, batch_size=64, lr=0.05, device="cpu", seed=0))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def mixed(trained_cnn, digits):
+    calibration = [x for x, _ in digits.batches("train", 128, limit=512)]
+    model = compress(trained_cnn, PLAN, calibration=calibration)
+    engine.train(model, digits, engine.TrainConfig(steps=30, batch_size=64, lr=0.01, device="cpu", seed=0))
+    return model.eval()
+
+
+def _weight_storage(proto: onnx.ModelProto) -> dict[str, str]:
+    """Compute node name → how its weight is stored: int8/int4 (DequantizeLinear), fp16 (Cast), fp32."""
+    producers = {out: node for node in proto.graph.node for out in node.output}
+    inits = {init.name: init for init in proto.graph.initializer}
+    kinds = {TensorProto.INT8: "int8", TensorProto.INT4: "int4", TensorProto.FLOAT16: "fp16", TensorProto.FLOAT: "fp32"}
+    storage = {}
+    for node in proto.graph.node:
+        if node.op_type not in ("Conv", "Gemm"):
+            continue
+        weight = node.input[1]
+        if weight in inits:
+            storage[node.name] = kinds[inits[weight].data_type]
+        else:
+            producer = producers[weight]
+            assert producer.op_type in ("DequantizeLinear", "Cast"), producer.op_type
+            storage[node.name] = kinds[inits[producer.input[0]].data_type]
+    return storage
+
+
+def test_int8_honours_the_plan(mixed, digits, tmp_path):
+    result = export_model(mixed, digits, tmp_path / "mixed.onnx", "int8", bench=False)
+    storage = _weight_storage(onnx.load_model(result.path))
+    assert storage == {
+        "features.0": "fp32",
+        "features.3.1": "int8", "features.3.3": "int8", "features.3.5": "int8",
+        "features.7": "fp16",
+        "features.10.1": "int4",
+        "classifier": "fp32",
+    }
+    v = result.verification
+    assert v.images == len(digits.split("test")[1])
+    assert v.top1_agreement >= 0.98
+    assert abs(v.onnx_accuracy - v.torch_accuracy) <= 0.02
+    assert v.torch_accuracy > 0.8
+    # the file stores what the accounting counted: tensors within 10% of size_bytes
+    assert result.payload_bytes == pytest.approx(result.size_bytes, rel=0.10)
+
+
+def test_fp16_keeps_fp32_io_and_halves_the_file(mixed, digits, tmp_path):
+    fp32 = tmp_path / "m32.onnx"
+    fp16 = tmp_path / "m16.onnx"
+    write_onnx(mixed, digits, fp32, "fp32")
+    write_onnx(mixed, digits, fp16, "fp16")
+    proto = onnx.load_model(fp16)
+    for value in (*proto.graph.input, *proto.graph.output):
+        assert value.type.tensor_type.elem_type == TensorProto.FLOAT
+    assert {i.data_type for i in proto.graph.initializer if len(i.dims) == 4} == {TensorProto.FLOAT16}
+    assert payload_bytes(proto) == pytest.approx(payload_bytes(onnx.load_model(fp32)) / 2, rel=0.02)
+    result = export_model(mixed, digits, fp16, "fp16", bench=False)
+    assert result.verification.top1_agreement >= 0.98
+
+
+def test_bad_options_are_one_line_errors(mixed, digits, tmp_path):
+    from autorank.errors import AutorankError
+
+    with pytest.raises(AutorankError, match="precision 'int3'"):
+        export_model(mixed, digits, tmp_path / "x.onnx", "int3")
+    with pytest.raises(AutorankError, match="calibration batches"):
+        export_model(mixed, digits, tmp_path / "x.onnx", "int8", calibration_batches=0)
+    assert not (tmp_path / "x.onnx").exists()
+    assert profile(mixed, digits.input_shape).size_bytes > 0
