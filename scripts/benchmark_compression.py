@@ -1,0 +1,977 @@
+#!/usr/bin/env python
+"""Evidence (issue 7): autorank's search against the research's fixed recipes on CIFAR-10 ResNets.
+
+Every figure comes from the stages' public APIs (compression.compress/profile, search.run_search,
+search.trial.finetune_and_measure, engine.train/evaluate); this script only chooses what to run,
+caches one JSON per run and writes the report. Stages, in the order `run` executes them:
+
+  reference   the uncompressed adapted checkpoint, fine-tuned with exactly one trial's budget
+  baselines   CP / Tucker-2 / TT at fixed parameter retention on every conv but the first, one-shot
+              EVBMF Tucker-2 (MUSCO/Gildenblat), each fp32 and int8 weights (quantization-aware, same
+              budget); int8 of the uncompressed model, quantization-aware and post-training
+  search      the search (search_spaces/resnet_cifar.yaml) with as many trials as there are
+              fine-tuned baselines; its unconstrained Pareto models are evaluated on the test split
+  final       the search's and the baselines' Pareto models (and the reference) fine-tuned longer
+  findings    Tucker-2 + INT8 additivity (global and one layer at a time), CP + INT8 with and without
+              stabilisation, TT vs CP vs Tucker-2 at equal parameters
+  efficiency  hypervolume vs trials: EVBMF-seeded TPE / NSGA-II vs unseeded vs random (same seed)
+
+Results: OUT/runs/<stage>/<name>.json (a rerun skips every run whose JSON matches its settings;
+`report` rebuilds the tables and plots from these files alone).
+
+  .venv/bin/python scripts/benchmark_compression.py run --model resnet20 --quick
+  .venv/bin/python scripts/benchmark_compression.py report --model resnet20 --quick --docs docs/BENCHMARKS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("AUTORANK_SHARED", REPO.parent / "shared"))
+DATA_ARCHIVE = SHARED / "data" / "cifar10-jpeg.tar.gz"
+CHECKPOINTS = {"resnet20": "resnet20-12fca82f-jpeg-adapted.pt", "resnet56": "resnet56-4bfd9763-jpeg-adapted.pt"}
+SPACE = REPO / "search_spaces" / "resnet_cifar.yaml"
+STAGES = ("reference", "baselines", "search", "final", "findings", "efficiency")
+
+# Hypervolume reference point: (size = the uncompressed fp32 model, accuracy = reference - HV_FLOOR points).
+HV_FLOOR = 10.0
+WITHIN = 1.0  # "smallest model within 1.0 point of the reference"
+
+FAMILIES = ("Reference", "INT8 only", "Tucker-2", "CP", "TT", "EVBMF Tucker-2", "Search")
+METHOD_FAMILY = {"tucker2": "Tucker-2", "cp": "CP", "tt": "TT"}
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """One benchmark configuration; `quick` trades coverage and data for minutes."""
+
+    model: str
+    quick: bool
+    steps: int                      # per-model fine-tune = one trial's (from the search space unless overridden)
+    val_limit: int | None           # seeded random subsets of val/test (None: the whole split)
+    test_limit: int | None
+    ratios: tuple[float, ...]       # parameter retention of the fixed-ratio baselines
+    methods: tuple[str, ...]
+    final_steps: int                # the longer fine-tune of the final stage
+    final_top: int                  # Pareto models per side given the final fine-tune
+    eff_trials: int                 # trials per efficiency search
+    eff_steps: int
+    eff_val_limit: int
+    layer_ratio: float              # Tucker-2 retention of the one-layer-at-a-time finding
+    layer_val_limit: int
+    cp_ratio: float                 # CP retention of the stabilisation finding
+    layer_limit: int | None = None  # first N decomposable layers in the one-layer-at-a-time finding
+    cp_finetune: bool = True        # also fine-tune the unstabilised CP variants
+    batch_size: int | None = None   # per-step batch (None: the search space's)
+    seed: int = 0
+
+    @property
+    def tag(self) -> str:
+        return f"{self.model}-{'quick' if self.quick else 'full'}"
+
+    def config(self, *keys: str) -> dict[str, Any]:
+        """The settings a cached run depends on (a rerun recomputes only when these change)."""
+        return {k: getattr(self, k) for k in ("model", "steps", "batch_size", "val_limit", "test_limit", "seed", *keys)}
+
+
+def make_settings(model: str, quick: bool, steps: int | None, space_steps: int, **overrides: Any) -> Settings:
+    """The quick or full configuration; `overrides` (e.g. methods, ratios) replace single fields."""
+    base = _settings(model, quick, steps, space_steps)
+    return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _settings(model: str, quick: bool, steps: int | None, space_steps: int) -> Settings:
+    if quick:
+        steps = steps or 10
+        return Settings(model=model, quick=True, steps=steps, val_limit=500, test_limit=1000,
+                        ratios=(0.2,), methods=("tucker2", "tt", "cp"), final_steps=2 * steps, final_top=1,
+                        eff_trials=4, eff_steps=5, eff_val_limit=300, layer_ratio=0.2, layer_val_limit=300,
+                        cp_ratio=0.2, layer_limit=3, cp_finetune=False, batch_size=64)
+    steps = steps or space_steps
+    return Settings(model=model, quick=False, steps=steps, val_limit=None, test_limit=None,
+                    ratios=(0.1, 0.2, 0.5, 0.8), methods=("tucker2", "tt", "cp"), final_steps=3 * steps, final_top=3,
+                    eff_trials=20, eff_steps=max(10, steps // 3), eff_val_limit=2000, layer_ratio=0.2,
+                    layer_val_limit=2000, cp_ratio=0.2)
+
+
+# ----------------------------------------------------------------------------- small pure helpers
+
+
+def hypervolume(points: Iterable[tuple[float, float]], ref: tuple[float, float]) -> float:
+    """2-D hypervolume of (size, accuracy) points, size minimised and accuracy maximised.
+
+    The area of {(s, a): s_i <= s <= ref_size, ref_acc <= a <= a_i for some point i}; points at or
+    beyond the reference point add nothing, dominated points add nothing.
+    """
+    ref_size, ref_acc = ref
+    area, best = 0.0, ref_acc
+    for size, acc in sorted(p for p in points if p[0] < ref_size and p[1] > ref_acc):
+        if acc > best:
+            area += (ref_size - size) * (acc - best)
+            best = acc
+    return area
+
+
+def front(rows: Sequence[Mapping[str, Any]], acc_key: str) -> list[Mapping[str, Any]]:
+    """Non-dominated rows (accuracy `acc_key` up, size_bytes down), smallest first."""
+    from autorank.tracking.pareto import dominates
+
+    def point(r: Mapping[str, Any]) -> dict[str, float]:
+        return {"accuracy": r[acc_key], "size_bytes": r["size_bytes"]}
+
+    pool = [r for r in rows if r.get(acc_key) is not None]
+    keep = [r for r in pool if not any(dominates(point(o), point(r), ("accuracy", "size_bytes")) for o in pool)]
+    return sorted(keep, key=lambda r: (r["size_bytes"], -r[acc_key]))
+
+
+def hv_of(rows: Iterable[Mapping[str, Any]], acc_key: str, reference: Mapping[str, Any]) -> float:
+    """Hypervolume in (accuracy points) x (fraction of the fp32 size), reference point documented above."""
+    ref_points = reference[acc_key] * 100 - HV_FLOOR
+    return hypervolume(((r["size_bytes"] / reference["size_bytes"], r[acc_key] * 100) for r in rows
+                        if r.get(acc_key) is not None), (1.0, ref_points))
+
+
+def spread(rows: Sequence[Any], k: int) -> list[Any]:
+    """Up to k items evenly spaced along a sorted list (both ends included)."""
+    if len(rows) <= k:
+        return list(rows)
+    if k == 1:
+        return [rows[-1]]
+    return [rows[round(i * (len(rows) - 1) / (k - 1))] for i in range(k)]
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def write_json(path: Path, record: Mapping[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=float))
+    os.replace(tmp, path)
+
+
+def cached(path: Path, config: Mapping[str, Any], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """The run's JSON if it was made with `config`, else compute, store and return it."""
+    record = read_json(path)
+    if record is not None and record.get("config") == json.loads(json.dumps(config)):
+        return record
+    started = time.perf_counter()
+    record = compute()
+    record.setdefault("wall_s", time.perf_counter() - started)
+    record["config"] = dict(config)
+    write_json(path, record)
+    say(f"{path.parent.name}/{path.stem}: " + ", ".join(
+        f"{k} {record[k] * 100:.2f}" for k in ("val_accuracy", "test_accuracy") if record.get(k) is not None)
+        + f" ({record['wall_s']:.0f}s)")
+    return record
+
+
+def say(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+
+class Bench:
+    """Holds the data, the pretrained model and the search space; runs and caches every stage."""
+
+    def __init__(self, settings: Settings, out: Path, space_path: Path, device: str):
+        import torch
+
+        from autorank.data import load_data
+        from autorank.models import create_model
+        from autorank.search.trial import TrialContext
+
+        self.s, self.out, self.space_path, self.device = settings, out, space_path, device
+        self.data_spec = f"imagefolder:{DATA_ARCHIVE}"
+        self.weights = str(SHARED / "models" / "cifar10" / CHECKPOINTS[settings.model])
+        self.full_data = load_data(self.data_spec, seed=settings.seed)
+        self.data = subset(self.full_data, {"val": settings.val_limit, "test": settings.test_limit}, settings.seed)
+        self.pretrained = create_model(settings.model, self.full_data, self.weights).eval()
+        self.space = self.load_space(steps=settings.steps)
+        self.ctx = TrialContext(space=self.space, groups=[], layers={}, model=self.pretrained, reference={},
+                                out_dir=out, device=device)
+        self.decomposed: dict[str, tuple[Any, Any, float]] = {}
+        torch.manual_seed(settings.seed)
+
+    # ---- plumbing ----------------------------------------------------------------------
+    def load_space(self, **overrides: Any):
+        """The shipped search space with the benchmark's overrides (validated by the search stage)."""
+        import yaml
+
+        from autorank.search.space import parse_space
+
+        raw = yaml.safe_load(self.space_path.read_text())
+        ft, search = raw.setdefault("finetune", {}), raw.setdefault("search", {})
+        if self.s.batch_size is not None:
+            ft["batch_size"] = self.s.batch_size
+        for key, value in overrides.items():
+            if key == "steps":
+                ft["steps"] = value
+            else:
+                search[key] = value
+        search["seed"] = self.s.seed
+        return parse_space(raw, source=str(self.space_path), default_name=self.space_path.stem)
+
+    @property
+    def n_iter(self) -> int:
+        return getattr(self.space.finetune, "decompose_iters", 100)
+
+    def run_path(self, stage: str, name: str) -> Path:
+        return self.out / "runs" / stage / f"{name}.json"
+
+    def weights_path(self, name: str) -> Path:
+        return self.out / "weights" / f"{name}.pt"
+
+    def calibration(self, batches: int | None = None):
+        """Seeded random training batches (the splits are ordered by class)."""
+        import torch
+
+        ft = self.space.finetune
+        n = batches or ft.calibration_batches
+        gen = torch.Generator().manual_seed(self.s.seed)
+        return [x for x, _ in self.data.batches("train", ft.batch_size, shuffle=True, generator=gen,
+                                                 limit=n * ft.batch_size)]
+
+    def evaluate(self, model, split: str, data=None) -> float:
+        from autorank import engine
+
+        return engine.evaluate(model, data or self.data, split, device=self.device)
+
+    def plan(self, method: str, rank: Any, precision: str, stabilize: str = "epc"):
+        """The research's recipe: `method` on every searched conv (all but the first), the same
+        layers as the search; other layers (the classifier) keep their weights at `precision`."""
+        from torch import nn
+
+        from autorank.compression import LayerPlan, Plan, find_layers
+
+        layers = {}
+        for name, layer in find_layers(self.pretrained, skip_first=self.space.skip_first).items():
+            if name not in self.space.select_layers([name]):
+                continue
+            if method != "none" and isinstance(layer, nn.Conv2d):
+                layers[name] = LayerPlan(method, rank, precision, stabilize)
+            else:
+                layers[name] = LayerPlan("none", None, precision)
+        return Plan(layers, activations="fp32")
+
+    def decompose(self, method: str, rank: Any, stabilize: str = "epc"):
+        """(fp32 decomposed pretrained model, its resolved plan, seconds): computed once per recipe,
+        kept on disk so that the int8 variant and the findings reuse the same factors."""
+        import torch
+
+        from autorank.compression import Plan, compress, resolve_plan
+
+        key = f"{method}-{rank}-{stabilize}-it{self.n_iter}"
+        if key in self.decomposed:
+            return self.decomposed[key]
+        state_file, plan_file = self.out / "decomposed" / f"{key}.pt", self.out / "decomposed" / f"{key}.json"
+        if state_file.exists() and plan_file.exists():
+            saved = json.loads(plan_file.read_text())
+            plan = Plan.from_json(json.dumps(saved["plan"]))
+            model = compress(self.pretrained, plan, decompose=False)
+            model.load_state_dict(torch.load(state_file, weights_only=True))
+            result = (model.eval(), plan, saved["seconds"])
+        else:
+            start = time.perf_counter()
+            plan = resolve_plan(self.pretrained, self.plan(method, rank, "fp32", stabilize))
+            model = compress(self.pretrained, plan, n_iter_max=self.n_iter, seed=self.s.seed).eval()
+            seconds = time.perf_counter() - start
+            state_file.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(model.state_dict(), state_file)
+            plan_file.write_text(json.dumps({"plan": json.loads(plan.to_json()), "seconds": seconds}))
+            result = (model, plan, seconds)
+        self.decomposed[key] = result
+        return result
+
+    def with_precision(self, fp32_model, plan, precision: str, activations: str = "fp32"):
+        """The same factors with fake-quantized weights (and activations): the compression core
+        builds the quantized structure, the fp32 factors are copied in, then calibrated."""
+        from autorank.compression import Plan, calibrate, compress
+
+        qplan = Plan({n: dataclasses.replace(lp, precision=precision) for n, lp in plan.layers.items()},
+                     activations=activations)
+        model = compress(self.pretrained, qplan, decompose=False)
+        copy_layer_weights(fp32_model, model, list(qplan.layers))
+        if activations == "int8":
+            calibrate(model, self.calibration())
+        return model.eval(), qplan
+
+    # ---- stage: reference ----------------------------------------------------------------
+    def reference(self) -> dict[str, Any]:
+        import torch
+
+        from autorank.search.trial import finetune_and_measure
+
+        def compute() -> dict[str, Any]:
+            model = copy.deepcopy(self.pretrained)
+            pre = self.evaluate(model, "val")
+            metrics = finetune_and_measure(model, self.data, self.ctx)
+            test = self.evaluate(model, "test")
+            torch.save(model.state_dict(), self.weights_path("reference"))
+            return row("reference", "Reference", "none", None, "fp32", metrics, test, pre,
+                       pretrained_test=self.evaluate(self.pretrained, "test"))
+
+        self.weights_path("reference").parent.mkdir(parents=True, exist_ok=True)
+        return cached(self.run_path("reference", "reference"), self.s.config(), compute)
+
+    def reference_model(self):
+        import torch
+
+        model = copy.deepcopy(self.pretrained)
+        model.load_state_dict(torch.load(self.weights_path("reference"), weights_only=True))
+        return model.eval()
+
+    # ---- stage: baselines ----------------------------------------------------------------
+    def baseline_specs(self) -> list[tuple[str, str, str, Any, str]]:
+        """(name, family, method, rank, precision) of every fine-tuned baseline."""
+        specs = [("none-int8", "INT8 only", "none", None, "int8")]
+        specs += [(f"evbmf-tucker2-{p}", "EVBMF Tucker-2", "tucker2", "vbmf", p) for p in ("fp32", "int8")]
+        specs += [(f"{m}-{r:g}-{p}", METHOD_FAMILY[m], m, r, p)
+                  for m in self.s.methods for r in self.s.ratios for p in ("fp32", "int8")]
+        return specs
+
+    def baseline(self, name: str, family: str, method: str, rank: Any, precision: str,
+                 stabilize: str = "epc", stage: str = "baselines") -> dict[str, Any]:
+        import torch
+
+        from autorank.search.trial import finetune_and_measure
+
+        def compute() -> dict[str, Any]:
+            if method == "none":
+                fp32_model, plan, seconds = copy.deepcopy(self.pretrained), self.plan("none", None, "fp32"), 0.0
+            else:
+                fp32_model, plan, seconds = self.decompose(method, rank, stabilize)
+            start = time.perf_counter()
+            if precision == "fp32":
+                model = copy.deepcopy(fp32_model)
+            else:
+                model, plan = self.with_precision(fp32_model, plan, precision, self.space.activations[0])
+                seconds = time.perf_counter() - start  # the factors were shared with the fp32 variant
+            pre = self.evaluate(model, "val")
+            metrics = finetune_and_measure(model, self.data, self.ctx)
+            test = self.evaluate(model, "test")
+            torch.save(model.state_dict(), self.weights_path(name))
+            record = row(name, family, method, rank, precision, metrics, test, pre, plan=json.loads(plan.to_json()))
+            record.update(compress_s=seconds, stabilize=stabilize, finetuned=True, stage=stage)
+            return record
+
+        return cached(self.run_path(stage, name), self.s.config() | {
+            "space": self.space_hash, "recipe": [method, rank, precision, stabilize]}, compute)
+
+    @property
+    def space_hash(self) -> str:
+        """The fine-tune settings every baseline shares with the trials (a change reruns them)."""
+        text = json.dumps(self.space.to_dict(), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    def ptq(self) -> dict[str, Any]:
+        """int8 weights of the fine-tuned reference, no further training (post-training quantization)."""
+        from autorank.compression import compress, profile
+
+        def compute() -> dict[str, Any]:
+            reference = self.reference_model()
+            plan = self.plan("none", None, "int8")
+            model = compress(reference, plan)
+            val = self.evaluate(model, "val")
+            stats = profile(model, self.data.input_shape)
+            metrics = {"accuracy": val, "size_bytes": stats.size_bytes, "params": stats.params, "macs": stats.macs}
+            record = row("ptq-int8", "INT8 only", "none", None, "int8", metrics, self.evaluate(model, "test"), val,
+                         plan=json.loads(plan.to_json()))
+            record["finetuned"] = False
+            return record
+
+        return cached(self.run_path("baselines", "ptq-int8"), self.s.config() | {"space": self.space_hash}, compute)
+
+    def baselines(self) -> list[dict[str, Any]]:
+        rows = [self.baseline(*spec) for spec in self.baseline_specs()]
+        return [*rows, self.ptq()]
+
+    # ---- stage: search -------------------------------------------------------------------
+    def search(self) -> dict[str, Any]:
+        """The search with as many trials as there are fine-tuned baselines (the same steps each)."""
+        trials = len(self.baseline_specs())
+        out = self.out / "search"
+        result = self.searched(out, self.load_space(steps=self.s.steps, trials=trials), trials, self.data)
+        summary = {**result, "trials_budget": trials}
+        write_json(self.run_path("search", "summary"), summary)
+        self.search_test(out, summary)
+        return summary
+
+    def searched(self, out: Path, space, trials: int, data) -> dict[str, Any]:
+        """Run (or resume) one search; its trial records as plain JSON."""
+        from autorank.search import load_search, run_search
+
+        started = time.perf_counter()
+        if (out / "search.json").exists():
+            run_search(out_dir=out, resume=True, trials=trials, data=data, device=self.device, progress=False)
+        else:
+            run_search(space, self.s.model, self.weights, self.data_spec, out, trials=trials, data=data,
+                       device=self.device, progress=False)
+        record = load_search(out)
+        rows = [{"trial": t.number, "state": t.state, "val_accuracy": t.metrics.get("accuracy"),
+                 "size_bytes": t.metrics.get("size_bytes"), "params": t.metrics.get("params"),
+                 "macs": t.metrics.get("macs"), "wall_s": t.metrics.get("wall_s"),
+                 "train_s": t.metrics.get("train_s"), "eval_s": t.metrics.get("eval_s"),
+                 "compress_s": t.metrics.get("compress_s"), "summary": t.summary, "reason": t.reason}
+                for t in record.trials if t.counted]
+        return {"reference": record.reference, "trials": rows, "elapsed_s": time.perf_counter() - started,
+                "sampler": space.sampler, "evbmf_seeds": space.evbmf_seeds, "space": space.name}
+
+    def search_test(self, out: Path, summary: dict[str, Any]) -> list[dict[str, Any]]:
+        """Test accuracy of the search's unconstrained Pareto models (their saved weights, no retraining)."""
+        from autorank.compression import profile
+        from autorank.export.api import rebuild_trial
+
+        done = [t for t in summary["trials"] if t["state"] == "complete"]
+        rows = []
+        for t in front(done, "val_accuracy"):
+            def compute(t=t) -> dict[str, Any]:
+                _, record, _, _, plan, model = rebuild_trial(out, trial=t["trial"])
+                stats = profile(model, self.data.input_shape)
+                metrics = {"accuracy": record.metrics["accuracy"], "size_bytes": stats.size_bytes,
+                           "params": stats.params, "macs": stats.macs}
+                result = row(f"search-{t['trial']}", "Search", "search", None, "mixed", metrics,
+                             self.evaluate(model, "test"), None, plan=json.loads(plan.to_json()))
+                result.update(trial=t["trial"], summary=t["summary"], wall_s=t["wall_s"])
+                return result
+
+            rows.append(cached(self.run_path("search", f"trial-{t['trial']}"), self.s.config(), compute))
+        return rows
+
+    # ---- stage: final --------------------------------------------------------------------
+    def final(self) -> list[dict[str, Any]]:
+        """The reference, the search's and the baselines' Pareto models, each fine-tuned final_steps more."""
+        import torch
+
+        from autorank import engine
+        from autorank.compression import Plan, compress, profile
+        from autorank.export.api import rebuild_trial
+
+        runs = load_runs(self.out)
+        config = dataclasses.replace(self.ctx.train_config(), steps=self.s.final_steps)
+        chosen = [("reference", None)]
+        chosen += [(r["name"], r) for r in spread(front(runs["search"], "val_accuracy"), self.s.final_top)]
+        base = [r for r in runs["baselines"] if r.get("finetuned")]
+        chosen += [(r["name"], r) for r in spread(front(base, "val_accuracy"), self.s.final_top)]
+        rows = []
+        for name, source in chosen:
+            def compute(name=name, source=source) -> dict[str, Any]:
+                if source is None:
+                    model, family = self.reference_model(), "Reference"
+                elif source["family"] == "Search":
+                    model, family = rebuild_trial(self.out / "search", trial=source["trial"])[-1], "Search"
+                else:
+                    model = compress(self.pretrained, Plan.from_json(json.dumps(source["plan"])), decompose=False)
+                    model.load_state_dict(torch.load(self.weights_path(name), weights_only=True))
+                    family = source["family"]
+                result = engine.train(model, self.data, config)
+                val, test = self.evaluate(model, "val"), self.evaluate(model, "test")
+                stats = profile(model, self.data.input_shape)
+                metrics = {"accuracy": val, "size_bytes": stats.size_bytes, "params": stats.params, "macs": stats.macs,
+                           "train_s": result.seconds}
+                out = row(f"final-{name}", family, (source or {}).get("method", "none"), (source or {}).get("rank"),
+                          (source or {}).get("precision", "fp32"), metrics, test, None)
+                out["summary"] = (source or {}).get("summary") or name
+                return out
+
+            rows.append(cached(self.run_path("final", name), self.s.config("final_steps"), compute))
+        return rows
+
+    # ---- stage: findings -----------------------------------------------------------------
+    def findings(self) -> dict[str, Any]:
+        return {"cp": self.cp_finding(), "layers": self.layer_finding()}
+
+    def cp_finding(self) -> dict[str, Any]:
+        """CP at one retention with stabilisation none / balance / epc: int8 error and accuracy, before and
+        after the fine-tune (the epc rows are the baselines)."""
+        r = self.s.cp_ratio
+
+        def compute() -> dict[str, Any]:
+            layer_data = subset(self.full_data, {"val": self.s.layer_val_limit}, self.s.seed)
+            out: dict[str, Any] = {"ratio": r, "variants": {}}
+            t2_model, t2_plan, _ = self.decompose("tucker2", r)
+            for label, (model32, plan, _) in {"cp-none": self.decompose("cp", r, "none"),
+                                              "cp-balance": self.decompose("cp", r, "balance"),
+                                              "cp-epc": self.decompose("cp", r, "epc"),
+                                              "tucker2": (t2_model, t2_plan, 0)}.items():
+                variant: dict[str, Any] = {"fp32_val": self.evaluate(model32, "val", layer_data)}
+                for act in ("fp32", "int8"):
+                    model8, _ = self.with_precision(model32, plan, "int8", act)
+                    key = "w8" if act == "fp32" else "w8a8"
+                    variant[f"{key}_val"] = self.evaluate(model8, "val", layer_data)
+                    decomposed = [n for n, lp in plan.layers.items() if lp.method != "none"]
+                    variant[f"{key}_rel_error"] = layer_output_errors(model32, model8, decomposed,
+                                                                      self.calibration(1)[0])
+                out["variants"][label] = variant
+            return out
+
+        finding = cached(self.run_path("findings", "cp-stabilisation"), self.s.config("cp_ratio", "layer_val_limit")
+                         | {"n_iter": self.n_iter}, compute)
+        tuned = {f"{s}-{p}": self.baseline(f"cp-{r:g}-{p}-{s}", "CP", "cp", r, p, stabilize=s, stage="findings")
+                 for s in ("none", "balance") for p in ("fp32", "int8") if self.s.cp_finetune}
+        return {**finding, "finetuned": tuned}
+
+    def layer_finding(self) -> dict[str, Any]:
+        """One layer at a time, no fine-tuning: Tucker-2 alone, int8 alone, both (accuracy drops on val)."""
+        from autorank.compression import LayerPlan, Plan, compress, resolve_plan
+
+        r = self.s.layer_ratio
+
+        def compute() -> dict[str, Any]:
+            layer_data = subset(self.full_data, {"val": self.s.layer_val_limit}, self.s.seed)
+            base = self.evaluate(self.pretrained, "val", layer_data)
+            layers = {}
+            full_plan = self.plan("tucker2", r, "fp32")
+            decomposable = [n for n, lp in full_plan.layers.items() if lp.method != "none"]
+            chosen = spread(decomposable, self.s.layer_limit) if self.s.layer_limit else decomposable
+            for name in chosen:
+                lp = full_plan.layers[name]
+                resolved = resolve_plan(self.pretrained, Plan({name: lp}))
+                dec = compress(self.pretrained, resolved, n_iter_max=self.n_iter, seed=self.s.seed)
+                entry = {"ranks": resolved.layers[name].rank}
+                for act in ("fp32", "int8"):
+                    key = "w8" if act == "fp32" else "w8a8"
+                    quant = compress(self.pretrained, Plan({name: LayerPlan("none", None, "int8")}, activations=act),
+                                     calibration=self.calibration() if act == "int8" else None)
+                    both, _ = self.with_precision(dec, resolved, "int8", act)
+                    entry[f"{key}_drop"] = (base - self.evaluate(quant, "val", layer_data)) * 100
+                    entry[f"tucker2_{key}_drop"] = (base - self.evaluate(both, "val", layer_data)) * 100
+                entry["tucker2_drop"] = (base - self.evaluate(dec, "val", layer_data)) * 100
+                layers[name] = entry
+                say(f"findings/layers {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in entry.items() if k != "ranks"))
+            return {"ratio": r, "base_val": base, "layers": layers}
+
+        return cached(self.run_path("findings", "tucker2-int8-layers"),
+                      self.s.config("layer_ratio", "layer_val_limit", "layer_limit")
+                      | {"n_iter": self.n_iter}, compute)
+
+    # ---- stage: efficiency ---------------------------------------------------------------
+    def efficiency(self) -> dict[str, Any]:
+        variants = {"nsga2+evbmf": ("nsga2", True), "nsga2": ("nsga2", False), "tpe+evbmf": ("tpe", True),
+                    "tpe": ("tpe", False), "random": ("random", False)}
+        eff_data = subset(self.full_data, {"val": self.s.eff_val_limit, "test": self.s.test_limit}, self.s.seed)
+        results = {}
+        for label, (sampler, seeded) in variants.items():
+            space = self.load_space(steps=self.s.eff_steps, trials=self.s.eff_trials, sampler=sampler,
+                                    evbmf_seeds=seeded)
+            path = self.run_path("efficiency", label)
+            config = self.s.config("eff_trials", "eff_steps", "eff_val_limit") | {"variant": label}
+            results[label] = cached(path, config, lambda space=space, label=label: self.searched(
+                self.out / "efficiency" / label, space, self.s.eff_trials, eff_data))
+        return results
+
+
+def row(name: str, family: str, method: str, rank: Any, precision: str, metrics: Mapping[str, float],
+        test: float, pre: float | None, **extra: Any) -> dict[str, Any]:
+    """One model's figures as stored in a run's JSON."""
+    return {"name": name, "family": family, "method": method, "rank": rank, "precision": precision,
+            "val_accuracy": metrics["accuracy"], "test_accuracy": test, "pre_ft_val_accuracy": pre,
+            "size_bytes": int(metrics["size_bytes"]), "params": int(metrics["params"]), "macs": int(metrics["macs"]),
+            **{k: metrics[k] for k in ("train_s", "eval_s") if k in metrics}, **extra}
+
+
+def subset(data, limits: Mapping[str, int | None], seed: int):
+    """The dataset with seeded random subsets of some splits (splits are stored ordered by class)."""
+    import torch
+
+    splits = dict(data.splits)
+    for split, limit in limits.items():
+        x, y = splits[split]
+        if limit is not None and limit < len(y):
+            idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:limit].sort().values
+            splits[split] = (x[idx], y[idx])
+    return dataclasses.replace(data, splits=splits)
+
+
+def copy_layer_weights(src, dst, names: Sequence[str]) -> None:
+    """Copy the Conv2d/Linear weights of each named (possibly decomposed) layer from `src` into the
+    same-structured, fake-quantized layer of `dst` (its parametrization's original tensor)."""
+    import torch
+    from torch import nn
+    from torch.nn.utils import parametrize
+
+    for name in names:
+        convs = [[m for m in model.get_submodule(name).modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+                 for model in (src, dst)]
+        for s, d in zip(*convs, strict=True):
+            target = d.parametrizations.weight.original if parametrize.is_parametrized(d, "weight") else d.weight
+            with torch.no_grad():
+                target.copy_(s.weight)
+                if s.bias is not None:
+                    d.bias.copy_(s.bias)
+
+
+def layer_output_errors(model32, model8, names: Sequence[str], batch) -> dict[str, float]:
+    """Per layer: relative output error of the quantized layer vs the float one on the float model's
+    own input to that layer (isolates each layer's quantization error)."""
+    import torch
+
+    inputs: dict[str, Any] = {}
+    hooks = [model32.get_submodule(n).register_forward_pre_hook(
+        lambda _m, args, n=n: inputs.__setitem__(n, args[0].detach())) for n in names]
+    try:
+        with torch.no_grad():
+            model32.eval()(batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    errors = {}
+    model8.eval()
+    with torch.no_grad():
+        for n in names:
+            y32 = model32.get_submodule(n)(inputs[n])
+            y8 = model8.get_submodule(n)(inputs[n])
+            errors[n] = float(torch.linalg.vector_norm(y8 - y32) / torch.linalg.vector_norm(y32).clamp_min(1e-30))
+    return errors
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def load_runs(out: Path) -> dict[str, list[dict[str, Any]]]:
+    """Every cached run, by stage."""
+    runs: dict[str, list[dict[str, Any]]] = {stage: [] for stage in STAGES}
+    for path in sorted((out / "runs").glob("*/*.json")):
+        record = read_json(path)
+        if record is not None:
+            runs.setdefault(path.parent.name, []).append({**record, "_file": path.stem})
+    runs["search_summary"] = [r for r in runs.get("search", []) if r["_file"] == "summary"]
+    runs["search"] = [r for r in runs.get("search", []) if r["_file"] != "summary"]
+    return runs
+
+
+def fmt_size(n: float) -> str:
+    return f"{n / 1e3:,.1f} KB" if n < 1e6 else f"{n / 1e6:.2f} MB"
+
+
+def pct(x: float | None) -> str:
+    return "—" if x is None else f"{x * 100:.2f}"
+
+
+def model_table(rows: Sequence[Mapping[str, Any]], reference: Mapping[str, Any]) -> list[str]:
+    lines = ["| method | model | size_bytes | ratio vs fp32 | params | MACs (M) | test acc % | drop (pt) | val acc % | before fine-tune val % |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        drop = (reference["test_accuracy"] - r["test_accuracy"]) * 100 if r.get("test_accuracy") is not None else None
+        lines.append(
+            f"| {r['family']} | {r.get('summary') or r['name']} | {r['size_bytes']:,} | "
+            f"{reference['size_bytes'] / r['size_bytes']:.2f}x | {r['params']:,} | {r['macs'] / 1e6:.2f} | "
+            f"{pct(r.get('test_accuracy'))} | {'—' if drop is None else f'{drop:+.2f}'} | {pct(r.get('val_accuracy'))} | "
+            f"{pct(r.get('pre_ft_val_accuracy'))} |")
+    return lines
+
+
+def family_summary(rows: Sequence[Mapping[str, Any]], reference: Mapping[str, Any]) -> list[str]:
+    lines = ["| method | models | hypervolume (test) | smallest within 1.0 pt of the reference (test) | its size | its test acc % |",
+             "|---|---:|---:|---|---:|---:|"]
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for r in rows:
+        if r["family"] != "Reference":
+            groups.setdefault(r["family"], []).append(r)
+    baselines = [r for r in rows if r["family"] not in ("Reference", "Search")]
+    if baselines:
+        groups["All baselines"] = baselines
+    for family in [*FAMILIES, "All baselines"]:
+        members = groups.get(family)
+        if not members:
+            continue
+        hv = hv_of(members, "test_accuracy", reference)
+        ok = [r for r in members if (reference["test_accuracy"] - r["test_accuracy"]) * 100 <= WITHIN]
+        best = min(ok, key=lambda r: (r["size_bytes"], -r["test_accuracy"])) if ok else None
+        lines.append(f"| {family} | {len(members)} | {hv:.3f} | {(best.get('summary') or best['name']) if best else 'none'} | "
+                     f"{fmt_size(best['size_bytes']) if best else '—'} | {pct(best['test_accuracy']) if best else '—'} |")
+    return lines
+
+
+def plot_models(rows: Sequence[Mapping[str, Any]], reference: Mapping[str, Any], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    markers = {"Reference": "*", "INT8 only": "D", "Tucker-2": "o", "CP": "s", "TT": "^", "EVBMF Tucker-2": "P",
+               "Search": "X"}
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for family in FAMILIES:
+        members = [r for r in rows if r["family"] == family]
+        if not members:
+            continue
+        color = "black" if family == "Reference" else None
+        pts = ax.scatter([r["size_bytes"] / 1e3 for r in members], [r["test_accuracy"] * 100 for r in members],
+                         marker=markers[family], s=70 if family in ("Search", "Reference") else 40, label=family,
+                         color=color, alpha=0.85)
+        best = front(members, "test_accuracy")
+        if len(best) > 1:
+            ax.step([r["size_bytes"] / 1e3 for r in best], [r["test_accuracy"] * 100 for r in best], where="post",
+                    color=pts.get_facecolor()[0], alpha=0.5)
+    ref_acc = reference["test_accuracy"] * 100
+    ax.axhline(ref_acc - WITHIN, color="grey", linestyle=":", label=f"reference - {WITHIN:g} pt")
+    ax.set_xscale("log")
+    ax.set_xlabel("size_bytes (KB, log scale; int8 = filled weights at 1 byte + scales)")
+    ax.set_ylabel("test accuracy (%)")
+    low = min([r["test_accuracy"] * 100 for r in rows] + [ref_acc - HV_FLOOR])
+    ax.set_ylim(max(low - 1, 0), ref_acc + 2)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def hv_curve(trials: Sequence[Mapping[str, Any]], reference: Mapping[str, Any]) -> list[float]:
+    """Hypervolume (val) after each finished trial, in trial order; failed trials add nothing."""
+    ref = {"val_accuracy": reference["accuracy"], "size_bytes": reference["size_bytes"]}
+    done: list[Mapping[str, Any]] = []
+    curve = []
+    for t in sorted(trials, key=lambda t: t["trial"]):
+        if t["state"] == "complete" and t.get("val_accuracy") is not None:
+            done.append(t)
+        curve.append(hv_of(done, "val_accuracy", ref))
+    return curve
+
+
+def efficiency_section(runs: Mapping[str, list[dict[str, Any]]], docs_png: Path | None, tag: str) -> list[str]:
+    effs = {r["_file"]: r for r in runs.get("efficiency", [])}
+    if not effs:
+        return ["Not run yet."]
+    curves = {label: hv_curve(r["trials"], r["reference"]) for label, r in effs.items()}
+    n = max(len(c) for c in curves.values())
+    marks = sorted({max(1, n // 3), max(1, 2 * n // 3), n})
+    lines = ["| sampler | EVBMF seeds | trials | " + " | ".join(f"HV after {k}" for k in marks)
+             + " | best val acc % | reference val % | wall (s) |",
+             "|---|---|---:|" + "---:|" * len(marks) + "---:|---:|---:|"]
+    for label, r in effs.items():
+        c = curves[label]
+        ok = [t for t in r["trials"] if t["state"] == "complete"]
+        best = max((t["val_accuracy"] for t in ok), default=None)
+        lines.append(f"| {r['sampler']} | {'yes' if r['evbmf_seeds'] else 'no'} | {len(c)} | "
+                     + " | ".join(f"{c[k - 1]:.3f}" if k <= len(c) else "—" for k in marks)
+                     + f" | {pct(best)} | {pct(r['reference']['accuracy'])} | {r.get('elapsed_s', 0):.0f} |")
+    if docs_png is not None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for label, c in curves.items():
+            ax.plot(range(1, len(c) + 1), c, marker=".", label=label)
+        ax.set_xlabel("trials")
+        ax.set_ylabel(f"hypervolume (val; ref = fp32 size, reference - {HV_FLOOR:g} pt)")
+        ax.set_title(f"Search efficiency, {tag}")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(docs_png, dpi=110)
+        plt.close(fig)
+        lines += ["", f"![hypervolume vs trials]({docs_png.name})"]
+    return lines
+
+
+def findings_section(runs: Mapping[str, list[dict[str, Any]]], reference: Mapping[str, Any]) -> list[str]:
+    by_name = {r["name"]: r for r in runs.get("baselines", []) if "name" in r}
+    by_name.update({r["name"]: r for r in runs.get("findings", []) if "name" in r})
+    lines = ["**Tucker-2 + INT8, whole network (fine-tuned, test).** Drops in points vs the reference; "
+             "int8 = int8 weights, quantization-aware fine-tune.", "",
+             "| Tucker-2 retention | drop Tucker-2 fp32 | drop int8 alone | sum | drop Tucker-2 + int8 | joint - sum |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    q = by_name.get("none-int8")
+    ref_test = reference["test_accuracy"]
+    for name, r in sorted(by_name.items()):
+        if r.get("method") != "tucker2" or r.get("precision") != "fp32" or not isinstance(r.get("rank"), float):
+            continue
+        joint = by_name.get(name.replace("-fp32", "-int8"))
+        if q is None or joint is None:
+            continue
+        d_dec, d_q, d_joint = ((ref_test - x["test_accuracy"]) * 100 for x in (r, q, joint))
+        lines.append(f"| {r['rank']:g} | {d_dec:+.2f} | {d_q:+.2f} | {d_dec + d_q:+.2f} | {d_joint:+.2f} | "
+                     f"{d_joint - d_dec - d_q:+.2f} |")
+    layers = next((r for r in runs.get("findings", []) if r["_file"] == "tucker2-int8-layers"), None)
+    if layers:
+        lines += ["", f"**Tucker-2 + INT8, one layer at a time (no fine-tuning, {layers['config']['layer_val_limit']} "
+                  f"val images, Tucker-2 at retention {layers['ratio']:g}).** Drops in points vs the pretrained model "
+                  f"({layers['base_val'] * 100:.2f}%); w8 = int8 weights, w8a8 = int8 weights and static int8 input.", "",
+                  "| layer | ranks | Tucker-2 | w8 | Tucker-2 + w8 | sum | w8a8 | Tucker-2 + w8a8 | sum |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        resid = {"w8": [], "w8a8": []}
+        for name, e in layers["layers"].items():
+            for k in resid:
+                resid[k].append(e[f"tucker2_{k}_drop"] - e["tucker2_drop"] - e[f"{k}_drop"])
+            lines.append(f"| {name} | {e['ranks']} | {e['tucker2_drop']:+.2f} | {e['w8_drop']:+.2f} | "
+                         f"{e['tucker2_w8_drop']:+.2f} | {e['tucker2_drop'] + e['w8_drop']:+.2f} | {e['w8a8_drop']:+.2f} | "
+                         f"{e['tucker2_w8a8_drop']:+.2f} | {e['tucker2_drop'] + e['w8a8_drop']:+.2f} |")
+        for k, values in resid.items():
+            if values:
+                lines.append(f"\n{k}: joint minus sum of separate drops over {len(values)} layers: mean "
+                             f"{statistics.fmean(values):+.2f} pt, mean |.| {statistics.fmean(abs(v) for v in values):.2f} pt, "
+                             f"max |.| {max(abs(v) for v in values):.2f} pt.")
+    cp = next((r for r in runs.get("findings", []) if r["_file"] == "cp-stabilisation"), None)
+    if cp:
+        lines += ["", f"**CP + INT8 with and without stabilisation (retention {cp['ratio']:g}).** Relative output error "
+                  "of each decomposed layer quantized vs float on the same input (median / max over layers), and val "
+                  "accuracy without fine-tuning; Tucker-2 at the same retention for comparison.", "",
+                  "| factors | fp32 val % | w8 rel. error (median / max) | w8 val % | w8a8 rel. error (median / max) | w8a8 val % |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for label, v in cp["variants"].items():
+            e8, e88 = list(v["w8_rel_error"].values()), list(v["w8a8_rel_error"].values())
+            lines.append(f"| {label} | {pct(v['fp32_val'])} | {statistics.median(e8):.3f} / {max(e8):.3f} | "
+                         f"{pct(v['w8_val'])} | {statistics.median(e88):.3f} / {max(e88):.3f} | {pct(v['w8a8_val'])} |")
+        lines += ["", "After the fine-tune (same budget as every baseline, test):", "",
+                  "| CP stabilisation | fp32 test % | int8 test % | int8 - fp32 |", "|---|---:|---:|---:|"]
+        r = cp["ratio"]
+        for s in ("none", "balance", "epc"):
+            suffix = "" if s == "epc" else f"-{s}"
+            a, b = by_name.get(f"cp-{r:g}-fp32{suffix}"), by_name.get(f"cp-{r:g}-int8{suffix}")
+            if a and b:
+                lines.append(f"| {s} | {pct(a['test_accuracy'])} | {pct(b['test_accuracy'])} | "
+                             f"{(b['test_accuracy'] - a['test_accuracy']) * 100:+.2f} |")
+    lines += ["", "**TT vs CP vs Tucker-2 at equal parameters (fp32, same retention → same parameter target).**", "",
+              "| retention | method | params | val before fine-tune % | val after % | test after % |",
+              "|---:|---|---:|---:|---:|---:|"]
+    fixed = sorted((r for r in by_name.values() if r.get("precision") == "fp32" and isinstance(r.get("rank"), float)
+                    and r.get("stabilize", "epc") == "epc"
+                    and r["family"] in ("Tucker-2", "CP", "TT")), key=lambda r: (r["rank"], r["family"]))
+    for r in fixed:
+        lines.append(f"| {r['rank']:g} | {r['family']} | {r['params']:,} | {pct(r['pre_ft_val_accuracy'])} | "
+                     f"{pct(r['val_accuracy'])} | {pct(r['test_accuracy'])} |")
+    return lines
+
+
+def build_report(out: Path, tag: str, command: str, docs_dir: Path | None) -> dict[str, str]:
+    """Markdown per section from the cached JSON alone (plots go to `docs_dir` when given)."""
+    runs = load_runs(out)
+    refs = runs.get("reference") or []
+    if not refs:
+        return {"baselines": f"_{tag}: the reference has not run yet._"}
+    reference = refs[0]
+    models = [reference, *runs.get("baselines", []), *runs.get("search", [])]
+    sections: dict[str, list[str]] = {}
+    lines = [f"**{tag}** — `{command}`", "",
+             f"Reference: the adapted checkpoint fine-tuned {reference['config']['steps']} steps (one trial's budget): "
+             f"test {pct(reference['test_accuracy'])}% (before: {pct(reference.get('pretrained_test'))}%), "
+             f"val {pct(reference['val_accuracy'])}%, {fmt_size(reference['size_bytes'])} fp32. "
+             f"Test images: {reference['config']['test_limit'] or 'all 10,000'}; val: "
+             f"{reference['config']['val_limit'] or 'all 5,000'}.", ""]
+    summary = (runs.get("search_summary") or [None])[0]
+    if summary:
+        done = [t for t in summary["trials"] if t["state"] == "complete"]
+        base_wall = sum(r.get("wall_s", 0) for r in runs.get("baselines", []))
+        lines += [f"Compute: {len(runs.get('baselines', [])) - 1} fine-tuned baselines vs a search of "
+                  f"{len(summary['trials'])} trials ({len(done)} completed, budget {summary['trials_budget']}) at the "
+                  f"same steps each; wall time baselines {base_wall / 60:.1f} min, search trials "
+                  f"{sum(t['wall_s'] or 0 for t in summary['trials']) / 60:.1f} min.", ""]
+    lines += model_table(models, reference) + [""] + family_summary(models, reference)
+    if docs_dir is not None:
+        png = docs_dir / f"benchmark_{tag.replace('-', '_')}.png"
+        plot_models(models, reference, png, f"CIFAR-10 {tag}: test accuracy vs size")
+        lines += ["", f"![accuracy vs size]({png.name})"]
+    final = runs.get("final", [])
+    if final:
+        fref = next((r for r in final if r["family"] == "Reference"), None)
+        if fref:
+            lines += ["", f"Final fine-tune ({final[0]['config']['final_steps']} more steps each, test):", ""]
+            lines += model_table(final, fref)
+            lines += [""] + family_summary(final, fref)
+    sections["baselines"] = lines
+    sections["efficiency"] = efficiency_section(
+        runs, docs_dir / f"benchmark_{tag.replace('-', '_')}_efficiency.png" if docs_dir else None, tag)
+    sections["findings"] = findings_section(runs, reference)
+    return {k: "\n".join(v) for k, v in sections.items()}
+
+
+def update_docs(doc: Path, tag: str, sections: Mapping[str, str]) -> list[str]:
+    """Replace the text between `<!-- bench:TAG:SECTION:begin/end -->` markers; returns missing markers."""
+    text = doc.read_text()
+    missing = []
+    for section, body in sections.items():
+        begin, end = f"<!-- bench:{tag}:{section}:begin -->", f"<!-- bench:{tag}:{section}:end -->"
+        if begin not in text or end not in text:
+            missing.append(section)
+            continue
+        head, rest = text.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        text = f"{head}{begin}\n{body}\n{end}{tail}"
+    doc.write_text(text)
+    return missing
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=("run", "report"))
+    parser.add_argument("--model", choices=tuple(CHECKPOINTS), default="resnet20")
+    parser.add_argument("--quick", action="store_true", help="minutes: one ratio, short fine-tunes, val/test subsets")
+    parser.add_argument("--steps", type=int, help="per-model fine-tune steps (default: the search space's; quick 20)")
+    parser.add_argument("--methods", help="comma-separated fixed-ratio methods (default tucker2,cp,tt)")
+    parser.add_argument("--ratios", help="comma-separated retention ratios (default quick 0.2; full 0.1,0.2,0.5,0.8)")
+    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    parser.add_argument("--out", type=Path, help="results folder (default runs/benchmark/<model>-<quick|full>)")
+    parser.add_argument("--space", type=Path, default=SPACE)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--docs", type=Path, help="report: update this markdown file's marked sections (plots beside it)")
+    args = parser.parse_args(argv)
+    tag = f"{args.model}-{'quick' if args.quick else 'full'}"
+    out = args.out or REPO / "runs" / "benchmark" / tag
+    command = " ".join(["python scripts/benchmark_compression.py run", f"--model {args.model}"]
+                       + (["--quick"] if args.quick else []) + ([f"--steps {args.steps}"] if args.steps else []))
+    if args.command == "report":
+        sections = build_report(out, tag, command, args.docs.parent if args.docs else None)
+        (out / "report.md").parent.mkdir(parents=True, exist_ok=True)
+        (out / "report.md").write_text("\n\n".join(f"## {k}\n\n{v}" for k, v in sections.items()))
+        if args.docs:
+            missing = update_docs(args.docs, tag, sections)
+            if missing:
+                print(f"no markers for {tag} sections {missing} in {args.docs}; see {out / 'report.md'}", file=sys.stderr)
+        print((out / "report.md").read_text())
+        return 0
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        parser.error(f"unknown stages {sorted(unknown)}: choose from {', '.join(STAGES)}")
+    if not DATA_ARCHIVE.exists():
+        parser.error(f"CIFAR-10 archive not found at {DATA_ARCHIVE} (set AUTORANK_SHARED)")
+    from autorank.search import load_space
+
+    settings = make_settings(
+        args.model, args.quick, args.steps, load_space(args.space).finetune.steps,
+        methods=tuple(args.methods.split(",")) if args.methods else None,
+        ratios=tuple(float(r) for r in args.ratios.split(",")) if args.ratios else None)
+    bench = Bench(settings, out, args.space, args.device)
+    say(f"{tag}: {settings} -> {out}")
+    started = time.perf_counter()
+    for stage in STAGES:
+        if stage in stages:
+            say(f"stage {stage}")
+            getattr(bench, stage)()
+    say(f"done in {(time.perf_counter() - started) / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
