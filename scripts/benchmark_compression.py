@@ -662,6 +662,11 @@ def load_runs(out: Path) -> dict[str, list[dict[str, Any]]]:
     return runs
 
 
+def label(r: Mapping[str, Any]) -> str:
+    """A model's name for a markdown cell (search summaries contain '|')."""
+    return str(r.get("summary") or r["name"]).replace("|", "\\|")
+
+
 def fmt_size(n: float) -> str:
     return f"{n / 1e3:,.1f} KB" if n < 1e6 else f"{n / 1e6:.2f} MB"
 
@@ -676,7 +681,7 @@ def model_table(rows: Sequence[Mapping[str, Any]], reference: Mapping[str, Any])
     for r in rows:
         drop = (reference["test_accuracy"] - r["test_accuracy"]) * 100 if r.get("test_accuracy") is not None else None
         lines.append(
-            f"| {r['family']} | {r.get('summary') or r['name']} | {r['size_bytes']:,} | "
+            f"| {r['family']} | {label(r)} | {r['size_bytes']:,} | "
             f"{reference['size_bytes'] / r['size_bytes']:.2f}x | {r['params']:,} | {r['macs'] / 1e6:.2f} | "
             f"{pct(r.get('test_accuracy'))} | {'—' if drop is None else f'{drop:+.2f}'} | {pct(r.get('val_accuracy'))} | "
             f"{pct(r.get('pre_ft_val_accuracy'))} |")
@@ -700,7 +705,7 @@ def family_summary(rows: Sequence[Mapping[str, Any]], reference: Mapping[str, An
         hv = hv_of(members, "test_accuracy", reference)
         ok = [r for r in members if (reference["test_accuracy"] - r["test_accuracy"]) * 100 <= WITHIN]
         best = min(ok, key=lambda r: (r["size_bytes"], -r["test_accuracy"])) if ok else None
-        lines.append(f"| {family} | {len(members)} | {hv:.3f} | {(best.get('summary') or best['name']) if best else 'none'} | "
+        lines.append(f"| {family} | {len(members)} | {hv:.3f} | {label(best) if best else 'none'} | "
                      f"{fmt_size(best['size_bytes']) if best else '—'} | {pct(best['test_accuracy']) if best else '—'} |")
     return lines
 
