@@ -72,6 +72,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--split", choices=("val", "test"), default="val")
     parser.add_argument("--limit", type=int, help="evaluate on the first N images of the split")
     parser.add_argument("--calibration-images", type=int, default=512)
+    parser.add_argument("--iters", type=int, default=100, help="CP-ALS / HOOI iterations per layer")
     parser.add_argument("--out", type=Path, help="folder for plan.json (resolved), model.pt, metrics.json")
     parser.set_defaults(handler=run_compress)
 
@@ -92,7 +93,7 @@ def _build_plan(args: argparse.Namespace, model: nn.Module) -> Plan:
     kwargs = dict(activations=args.activations, include=args.include, exclude=args.exclude,
                   skip_first=not args.with_first)
     if args.method == "mixed":
-        return mixed_plan(model, rank, args.precision, seed=args.seed, **kwargs)
+        return mixed_plan(model, rank, args.precision, n_iter_max=args.iters, seed=args.seed, **kwargs)
     return make_plan(model, args.method, rank, args.precision, **kwargs)
 
 
@@ -101,8 +102,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise AutorankError(f"plan file not found: {args.plan}")
     if args.plan is None:
         parse_rank(args.rank)
-    if args.finetune_steps < 0 or args.batch_size < 1 or args.calibration_images < 1:
-        raise AutorankError("--finetune-steps must be >= 0, --batch-size and --calibration-images >= 1")
+    if args.finetune_steps < 0 or min(args.batch_size, args.calibration_images, args.iters) < 1:
+        raise AutorankError("--finetune-steps must be >= 0; --batch-size, --calibration-images, --iters >= 1")
     if args.limit is not None and args.limit < 1:
         raise AutorankError("--limit must be >= 1")
 
@@ -121,7 +122,7 @@ def run_compress(args: argparse.Namespace) -> int:
     if plan.activations == "int8":
         calibration = [x for x, _ in data.batches("train", min(args.batch_size, args.calibration_images),
                                                   limit=args.calibration_images)]
-    compressed = compress(model, plan, calibration=calibration, seed=args.seed)
+    compressed = compress(model, plan, calibration=calibration, n_iter_max=args.iters, seed=args.seed)
     before = _measure(model, data, args)
     after = _measure(compressed, data, args)
     result = {"model": args.model, "data": args.data, "split": args.split, "before": before, "compressed": after}

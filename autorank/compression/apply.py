@@ -130,7 +130,8 @@ def _probe_error(layer: nn.Module, chain: nn.Module, seed: int) -> float:
 
 def mixed_plan(model: nn.Module, rank: RankSpec = "vbmf", precision: str = "fp32", *,
                activations: str = "fp32", include: list[str] | None = None,
-               exclude: list[str] | None = None, skip_first: bool = True, seed: int = 0) -> Plan:
+               exclude: list[str] | None = None, skip_first: bool = True, n_iter_max: int = 100,
+               seed: int = 0) -> Plan:
     """Per conv, the method (Tucker-2, CP or TT) with the lowest reconstruction error at the parameter
     budget that Tucker-2 gets from `rank`; linear layers get SVD. Returns a resolved plan."""
     layers = {}
@@ -142,7 +143,8 @@ def mixed_plan(model: nn.Module, rank: RankSpec = "vbmf", precision: str = "fp32
         tucker = resolve_rank("tucker2", layer, rank)
         budget = min(method_params("tucker2", shape, tucker) / math.prod(shape), 1.0)
         options = {"tucker2": tucker, "cp": ratio_ranks("cp", shape, budget), "tt": ratio_ranks("tt", shape, budget)}
-        errors = {m: _probe_error(layer, decompose_layer(layer, m, r, seed=seed), seed) for m, r in options.items()}
+        errors = {m: _probe_error(layer, decompose_layer(layer, m, r, n_iter_max=n_iter_max, seed=seed), seed)
+                  for m, r in options.items()}
         best = min(errors, key=errors.get)
         layers[name] = LayerPlan(best, list(options[best]), precision)
     return resolve_plan(model, Plan(layers, activations))
