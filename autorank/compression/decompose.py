@@ -168,6 +168,14 @@ def decompose_cp(kernel: torch.Tensor, rank: int, *, stabilize: str = "epc", n_i
 # ---------------------------------------------------------------- chains
 
 
+def _set_weight(module: nn.Module, layer: nn.Module, tensor: torch.Tensor) -> None:
+    """Load a factor into a chain module (in the layer's dtype/device); shapes must already agree."""
+    if module.weight.shape != tensor.shape:
+        raise RuntimeError(f"factor of shape {tuple(tensor.shape)} does not fit {module} "
+                           f"(weight {tuple(module.weight.shape)})")
+    module.weight = _like(layer, tensor)
+
+
 def _like(layer: nn.Module, tensor: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(tensor.to(device=layer.weight.device, dtype=layer.weight.dtype).contiguous())
 
@@ -267,10 +275,10 @@ def cp_conv(layer: nn.Conv2d, rank: int, *, stabilize: str = "epc", n_iter_max: 
     chain = cp_chain(layer, rank)
     cp = decompose_cp(layer.weight, rank, stabilize=stabilize, n_iter_max=n_iter_max, seed=seed)
     f_t, f_c, f_h, f_w = cp.factors
-    chain[0].weight = _like(layer, f_c.T[:, :, None, None])
-    chain[1].weight = _like(layer, f_h.T[:, None, :, None])
-    chain[2].weight = _like(layer, f_w.T[:, None, None, :])
-    chain[3].weight = _like(layer, f_t[:, :, None, None])
+    _set_weight(chain[0], layer, f_c.T[:, :, None, None])
+    _set_weight(chain[1], layer, f_h.T[:, None, :, None])
+    _set_weight(chain[2], layer, f_w.T[:, None, None, :])
+    _set_weight(chain[3], layer, f_t[:, :, None, None])
     return _finish(chain, layer)
 
 
@@ -282,9 +290,9 @@ def tucker2_conv(layer: nn.Conv2d, ranks: tuple[int, int], *, n_iter_max: int = 
     with _tensorly():
         (core, (u_out, u_in)), _ = partial_tucker(kernel, rank=[r2, r1], modes=[0, 1],
                                                   n_iter_max=n_iter_max, init="svd")
-    chain[0].weight = _like(layer, u_in.T[:, :, None, None])
-    chain[1].weight = _like(layer, core)
-    chain[2].weight = _like(layer, u_out[:, :, None, None])
+    _set_weight(chain[0], layer, u_in.T[:, :, None, None])
+    _set_weight(chain[1], layer, core)
+    _set_weight(chain[2], layer, u_out[:, :, None, None])
     return _finish(chain, layer)
 
 
@@ -294,10 +302,10 @@ def tt_conv(layer: nn.Conv2d, ranks: tuple[int, int, int]) -> nn.Sequential:
     kernel = layer.weight.detach().to(_work_dtype(layer.weight.device)).permute(1, 2, 3, 0).contiguous()
     with _tensorly():
         g1, g2, g3, g4 = tensor_train(kernel, rank=[1, *ranks, 1]).factors
-    chain[0].weight = _like(layer, g1[0].T[:, :, None, None])
-    chain[1].weight = _like(layer, g2.permute(2, 0, 1)[..., None])
-    chain[2].weight = _like(layer, g3.permute(2, 0, 1)[:, :, None, :])
-    chain[3].weight = _like(layer, g4[:, :, 0].T[:, :, None, None])
+    _set_weight(chain[0], layer, g1[0].T[:, :, None, None])
+    _set_weight(chain[1], layer, g2.permute(2, 0, 1)[..., None])
+    _set_weight(chain[2], layer, g3.permute(2, 0, 1)[:, :, None, :])
+    _set_weight(chain[3], layer, g4[:, :, 0].T[:, :, None, None])
     return _finish(chain, layer)
 
 
@@ -307,8 +315,8 @@ def svd_linear(layer: nn.Linear, rank: int) -> nn.Sequential:
     weight = layer.weight.detach().to(_work_dtype(layer.weight.device))
     u, s, vh = torch.linalg.svd(weight, full_matrices=False)
     root = s[:rank].sqrt()
-    chain[0].weight = _like(layer, root[:, None] * vh[:rank])
-    chain[1].weight = _like(layer, u[:, :rank] * root[None, :])
+    _set_weight(chain[0], layer, root[:, None] * vh[:rank])
+    _set_weight(chain[1], layer, u[:, :rank] * root[None, :])
     return _finish(chain, layer)
 
 

@@ -227,7 +227,8 @@ def ratio_ranks(method: str, shape: tuple[int, ...], ratio: float) -> tuple[int,
     a = (-lin + math.sqrt(lin * lin + 4 * quad * target)) / (2 * quad)
     base = [a * f for f in full]
     candidates = {
-        tt_feasible(method, shape, tuple(_clamp(math.floor(b) + d, f) for b, d, f in zip(base, delta, full, strict=True)))
+        tt_feasible(method, shape, tuple(_clamp(math.floor(b) + d, f) for b, d, f in zip(base, delta, full,
+                                                                                          strict=True)))
         for delta in product((0, 1), repeat=len(full))
     }
     return min(candidates, key=lambda r: (abs(method_params(method, shape, r) - target), r))
@@ -281,4 +282,4 @@ def resolve_rank(method: str, layer: nn.Module, rank: int | float | str | list[i
         if not 1 <= r <= f:
             raise AutorankError(f"{method} rank {list(ranks)} out of range for weight {list(shape)}: "
                                 f"each must be in [1, {list(full)}]")
-    return ranks
+    return tt_feasible(method, shape, ranks)

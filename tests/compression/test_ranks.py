@@ -102,3 +102,12 @@ def test_resolve_rank_validates_before_computing():
             resolve_rank("tucker2", conv, bad)
     with pytest.raises(AutorankError, match="out of range"):
         resolve_rank("cp", conv, 10_000)
+
+
+def test_tt_ranks_are_clamped_to_what_tt_svd_returns():
+    conv = nn.Conv2d(16, 16, 3, bias=False)
+    # r2 <= r1 * kh and r3 <= r2 * kw: (2, 16, 16) becomes (2, 6, 16)
+    assert resolve_rank("tt", conv, [2, 16, 16]) == (2, 6, 16)
+    from autorank.compression import decompose_layer
+    chain = decompose_layer(conv, "tt", resolve_rank("tt", conv, [2, 16, 16]))
+    assert [m.out_channels for m in chain] == [2, 6, 16, 16]
