@@ -1,0 +1,38 @@
+"""A trial that raises, and a trial whose loss becomes NaN: recorded failed with the reason, and
+the search goes on to its requested number of trials."""
+
+from __future__ import annotations
+
+from tests.reliability.fixtures import NAN_LAYER, RAISE_LAYER, RAISE_MESSAGE
+from tests.reliability.searches import POISONED, assert_study_and_mlflow_agree, write_space
+
+
+def test_raising_and_nan_trials_are_recorded_failed_and_the_search_goes_on(tmp_path):
+    from autorank.search import run_search
+
+    space = tmp_path / "poison.yaml"
+    space.write_text(write_space(tmp_path, trials=8).read_text().replace("precisions: [fp32, int8]",
+                                                                        "precisions: [fp32]"))
+    result = run_search(space, POISONED, None, "digits", tmp_path / "search", progress=False)
+    assert result.unlogged == []
+    trials = assert_study_and_mlflow_agree(tmp_path / "search", 8)
+
+    def method(trial, layer):
+        return trial.params.get(f"{layer}.method")
+
+    for trial in trials:
+        raised = method(trial, RAISE_LAYER) == "svd"
+        diverged = method(trial, NAN_LAYER) == "tucker2" and not raised
+        if raised:
+            assert trial.state == "failed" and trial.reason == f"RuntimeError: {RAISE_MESSAGE}"
+        elif diverged:
+            assert trial.state == "failed" and trial.reason.startswith("TrialDiverged:")
+            assert "non-finite" in trial.reason
+        else:
+            assert trial.state == "complete" and 0 <= trial.metrics["accuracy"] <= 1
+        if trial.state == "failed":  # the traceback is kept, no weights are
+            assert (trial.directory / "error.txt").is_file() and not trial.has_weights
+    states = {t.state for t in trials}
+    reasons = {(t.reason or "").split(":")[0] for t in trials}
+    assert states == {"complete", "failed"} and {"RuntimeError", "TrialDiverged"} <= reasons
+    assert result.best is not None and result.best.state == "complete"
