@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
@@ -83,6 +84,65 @@ def _ray_trial(config: dict[str, Any], ctx: TrialContext, data: Dataset) -> None
     tune.report({**report, "outcome": json.dumps(asdict(outcome))})
 
 
+def _finish_ray_trial(searcher, ctx: TrialContext, outcome_json: str | None, ot_trial: optuna.Trial, failed: bool,
+                      on_done: OnDone) -> None:
+    if outcome_json is not None and not failed:
+        outcome = TrialOutcome(**json.loads(outcome_json))
+    else:
+        outcome = TrialOutcome(number=ot_trial.number, params=dict(ot_trial.params),
+                               reason="the Ray worker running this trial failed (see the Ray logs)")
+    tell(searcher._ot_study, ot_trial, ctx, outcome)
+    on_done(outcome)
+
+
+_STUDY_SEARCH = None
+
+
+def _study_search_class():
+    """OptunaSearch that stops at the budget and tells outcomes (constraints, reasons) itself.
+
+    Built on first use (importing Ray is slow); its driver-side hooks are dropped when Tune pickles
+    the searcher into its experiment state, since the study, not Tune, is what a resume reads.
+    """
+    global _STUDY_SEARCH
+    if _STUDY_SEARCH is not None:
+        return _STUDY_SEARCH
+    from ray.tune.search import Searcher
+    from ray.tune.search.optuna import OptunaSearch
+
+    class StudySearch(OptunaSearch):
+        def __init__(self, budget_left: BudgetLeft, finish: Callable, **kwargs: Any):
+            self._budget_left, self._finish, self._started = budget_left, finish, 0
+            super().__init__(**kwargs)
+
+        def __getstate__(self) -> dict[str, Any]:
+            return {k: v for k, v in self.__dict__.items() if k not in ("_budget_left", "_finish", "_ot_study",
+                                                                          "_storage", "_space", "_sampler",
+                                                                          "_ot_trials")}
+
+        def save(self, checkpoint_path: str) -> None:
+            with open(checkpoint_path, "wb") as f:  # the study holds the real state
+                pickle.dump({"completed": sorted(self._completed_trials)}, f)
+
+        def restore(self, checkpoint_path: str) -> None:
+            """Nothing to restore: `--resume` reopens the study."""
+
+        def suggest(self, trial_id: str):
+            if not self._budget_left(self._started):
+                return Searcher.FINISHED
+            self._started += 1
+            return super().suggest(trial_id)
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+                return
+            self._completed_trials.add(trial_id)
+            self._finish((result or {}).get("outcome"), self._ot_trials[trial_id], error)
+
+    _STUDY_SEARCH = StudySearch
+    return StudySearch
+
+
 def run_ray(study: optuna.Study, storage: optuna.storages.BaseStorage, ctx: TrialContext, data: Dataset, budget_left: BudgetLeft, on_done: OnDone, *,
             num_samples: int, address: str | None, resources: dict[str, float], max_concurrent: int) -> None:
     """Trials as Ray Tune trials driven by OptunaSearch on this (the driver's) study."""
@@ -93,32 +153,7 @@ def run_ray(study: optuna.Study, storage: optuna.storages.BaseStorage, ctx: Tria
 
     import ray
     from ray import tune
-    from ray.tune.search import ConcurrencyLimiter, Searcher
-    from ray.tune.search.optuna import OptunaSearch
-
-    class StudySearch(OptunaSearch):
-        """OptunaSearch that stops at the budget and tells outcomes (constraints, reasons) itself."""
-
-        started = 0
-
-        def suggest(self, trial_id: str):
-            if not budget_left(self.started):
-                return Searcher.FINISHED
-            self.started += 1
-            return super().suggest(trial_id)
-
-        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-            if trial_id in self._completed_trials or trial_id not in self._ot_trials:
-                return
-            ot_trial = self._ot_trials[trial_id]
-            if result and "outcome" in result:
-                outcome = TrialOutcome(**json.loads(result["outcome"]))
-            else:
-                outcome = TrialOutcome(number=ot_trial.number, params=dict(ot_trial.params),
-                                       reason="the Ray worker running this trial failed (see the Ray logs)")
-            tell(self._ot_study, ot_trial, ctx, outcome)
-            self._completed_trials.add(trial_id)
-            on_done(outcome)
+    from ray.tune.search import ConcurrencyLimiter
 
     started_ray = False
     if not ray.is_initialized():
@@ -133,7 +168,9 @@ def run_ray(study: optuna.Study, storage: optuna.storages.BaseStorage, ctx: Tria
             ctx.space.suggest(trial, ctx.groups)  # Ray captures the suggested values as the config
             return {"trial_number": trial.number}
 
-        searcher = StudySearch(
+        searcher = _study_search_class()(
+            budget_left, lambda outcome_json, ot_trial, failed: _finish_ray_trial(
+                searcher, ctx, outcome_json, ot_trial, failed, on_done),
             space=define_by_run,
             metric=list(ctx.space.objectives),
             mode=["max" if d == "maximize" else "min" for d in ctx.space.directions],

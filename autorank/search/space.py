@@ -124,6 +124,8 @@ class Finetune:
     weight_decay: float = 5e-4
     qat: bool = True                  # fine-tune with fake quantization on (else quantize after)
     calibration_batches: int = 4      # batches used to calibrate int8 activations
+    decompose_iters: int = 30         # CP/Tucker ALS iterations: fine-tuning recovers the rest, faster trials
+    channels_last: bool = False       # NHWC memory format for fine-tune and evaluation (faster convs on CPU)
 
 
 @dataclass(frozen=True)
@@ -439,6 +441,8 @@ def parse_space(raw: Any, source: str = "<dict>", default_name: str = "search") 
         qat=r.flag(ft.get("qat", d.qat), "finetune.qat"),
         calibration_batches=r.number(ft.get("calibration_batches", d.calibration_batches),
                                      "finetune.calibration_batches", int, 1),
+        decompose_iters=r.number(ft.get("decompose_iters", d.decompose_iters), "finetune.decompose_iters", int, 1),
+        channels_last=r.flag(ft.get("channels_last", d.channels_last), "finetune.channels_last"),
     )
     if not finetune.qat and "int8" in activations:
         raise r.fail("finetune.qat", "false (quantize after fine-tuning) supports weight precisions only: "

@@ -12,6 +12,7 @@ import json
 import math
 import time
 import traceback
+import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -111,7 +112,7 @@ class TrialContext:
         ft = self.space.finetune
         return engine.TrainConfig(steps=ft.steps, batch_size=ft.batch_size, optimizer=ft.optimizer, lr=ft.lr,
                                   weight_decay=ft.weight_decay, schedule=ft.schedule, device=self.device,
-                                  seed=self.space.seed)
+                                  channels_last=ft.channels_last, seed=self.space.seed)
 
 
 def finetune_and_measure(model: nn.Module, data: Dataset, ctx: TrialContext,
@@ -128,7 +129,7 @@ def finetune_and_measure(model: nn.Module, data: Dataset, ctx: TrialContext,
                 if isinstance(module, nn.Conv2d | nn.Linear):
                     quantize_weights_(module, lp.precision)
     trained = time.perf_counter()
-    accuracy = engine.evaluate(model, data, "val", device=ctx.device)
+    accuracy = engine.evaluate(model, data, "val", device=ctx.device, channels_last=ctx.space.finetune.channels_last)
     evaluated = time.perf_counter()
     stats = profile(model, data.input_shape)
     metrics = {"accuracy": accuracy, "size_bytes": float(stats.size_bytes), "params": float(stats.params),
@@ -150,22 +151,25 @@ def reference_metrics(ctx: TrialContext, data: Dataset) -> dict[str, float]:
 def run_trial(ctx: TrialContext, data: Dataset, params: Mapping[str, Any], number: int) -> TrialOutcome:
     """Run one trial; any failure (divergence included) becomes an outcome with a reason."""
     start = time.perf_counter()
+    warnings.filterwarnings("ignore", category=UserWarning, module="tensorly")  # rank clipping notes
     outcome = TrialOutcome(number=number, params=dict(params))
     folder = ctx.out_dir / TRIALS_DIR / str(number)
     try:
         plan, outcome.summary = build_plan(ctx.space, ctx.groups, ctx.layers, params)
         plan = resolve_plan(ctx.model, plan)  # integer ranks: export rebuilds exactly this model
         outcome.plan = json.loads(plan.to_json())
+        ft = ctx.space.finetune
         calibration = None
         if plan.activations == "int8":
-            calibration = [x for x, _ in data.batches("train", ctx.space.finetune.batch_size, limit=
-                           ctx.space.finetune.batch_size * ctx.space.finetune.calibration_batches)]
+            calibration = [x for x, _ in data.batches("train", ft.batch_size, limit=ft.batch_size * ft.calibration_batches)]
         if ctx.space.finetune.qat:
-            model = compress(ctx.model, plan, calibration=calibration)
+            model = compress(ctx.model, plan, calibration=calibration, n_iter_max=ft.decompose_iters,
+                             seed=ctx.space.seed)
             compressed = time.perf_counter()
             metrics = finetune_and_measure(model, data, ctx)
         else:  # fine-tune the float decomposition, then quantize its weights (post-training)
-            model = compress(ctx.model, Plan({n: replace(lp, precision="fp32") for n, lp in plan.layers.items()}))
+            model = compress(ctx.model, Plan({n: replace(lp, precision="fp32") for n, lp in plan.layers.items()}),
+                             n_iter_max=ft.decompose_iters, seed=ctx.space.seed)
             compressed = time.perf_counter()
             metrics = finetune_and_measure(model, data, ctx, quantize=plan)
         metrics["compress_s"] = compressed - start
