@@ -28,9 +28,14 @@ from itertools import product
 import numpy as np
 import torch
 from scipy.optimize import minimize_scalar
+from threadpoolctl import ThreadpoolController
 from torch import nn
 
 from autorank.errors import AutorankError
+
+# SVDs of layer unfoldings are small: multi-threaded BLAS spends far more on spinning threads than it
+# saves (50x slower on a busy 2-core machine), so they run single-threaded.
+_BLAS = ThreadpoolController()
 
 # tau-bar(alpha) / sqrt(alpha) from Nakajima et al. (2013), eq. (15): the threshold constant.
 _TAU_BAR_SCALE = 2.5129
@@ -83,7 +88,8 @@ def evbmf(matrix: torch.Tensor | np.ndarray, sigma2: float | None = None) -> EVB
     L, M = Y.shape
     alpha = L / M
     tau_bar = _TAU_BAR_SCALE * math.sqrt(alpha)
-    s = np.linalg.svd(Y, compute_uv=False)
+    with _BLAS.limit(limits=1, user_api="blas"):
+        s = np.linalg.svd(Y, compute_uv=False)
     if s[0] <= 0:
         return EVBMFResult(0, s[:0], 0.0, 0.0, s)
     xubar = (1 + tau_bar) * (1 + alpha / tau_bar)
