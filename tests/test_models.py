@@ -45,7 +45,6 @@ def test_small_inputs_get_a_3x3_stem_and_large_keep_imagenet_stem():
     small, large = create_model("resnet18", CIFAR_LIKE), create_model("resnet18", IMAGENET_LIKE)
     assert small.conv1.kernel_size == (3, 3) and isinstance(small.maxpool, nn.Identity)
     assert large.conv1.kernel_size == (7, 7) and isinstance(large.maxpool, nn.MaxPool2d)
-    assert create_model("vgg16_bn", IMAGENET_LIKE).classifier[-1].out_features == 1000
 
 
 @pytest.mark.parametrize(
