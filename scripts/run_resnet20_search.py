@@ -36,7 +36,8 @@ def main() -> int:
     from autorank import engine
     from autorank.data import load_data
     from autorank.models import create_model
-    from autorank.search.results import load_search, load_trial_model
+    from autorank.export.api import rebuild_trial
+    from autorank.search.results import load_search
     from autorank.search.run import run_search
     from autorank.tracking import format_front, pareto_front
 
@@ -55,7 +56,7 @@ def main() -> int:
     reference_test = engine.evaluate(create_model("resnet20", data, WEIGHTS), data, "test")
     rows = [{"trial": "pretrained (no fine-tune)", "test_accuracy": reference_test}]
     for t in front:
-        model = load_trial_model(search, t.number, data)
+        model = rebuild_trial(args.out, trial=t.number)[-1]
         rows.append({"trial": t.number, "summary": t.summary, "val_accuracy": t.metrics["accuracy"],
                      "test_accuracy": engine.evaluate(model, data, "test"), "size_bytes": t.metrics["size_bytes"],
                      "ratio": t.metrics["ratio"], "macs": t.metrics["macs"]})

@@ -166,28 +166,6 @@ def best_trial(
     return max(feasible, key=lambda t: (t.metrics["accuracy"], -t.metrics["size_bytes"], -t.number))
 
 
-def load_trial_model(search: SearchRecord, number: int, data: Any) -> Any:
-    """Rebuild a trial's compressed model from its saved weights (no decomposition, no retraining).
-
-    `data` is the search's Dataset (it fixes the class count and input shape of the model)."""
-    import torch
-
-    from autorank.compression import Plan, compress
-    from autorank.models import create_model
-
-    record = search.trial(number)
-    if not record.finished_ok:
-        raise AutorankError(f"trial {number} of {search.out_dir} did not complete ({record.state}): nothing to load")
-    if not record.has_weights:
-        raise AutorankError(f"trial {number} has no saved weights in {record.directory} (only Pareto-front "
-                            "trials keep them)")
-    original = create_model(search.info["model"], data, search.info["weights"])
-    plan = Plan.from_json((record.directory / PLAN_FILE).read_text())
-    model = compress(original, plan, decompose=False)
-    model.load_state_dict(torch.load(record.directory / WEIGHTS_FILE, map_location="cpu", weights_only=True))
-    return model.eval()
-
-
 def _finite(metrics: dict[str, float]) -> bool:
     return all(isinstance(metrics.get(k), (int, float)) and math.isfinite(metrics[k])
                for k in ("accuracy", "size_bytes"))

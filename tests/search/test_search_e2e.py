@@ -13,7 +13,7 @@ import torch
 from autorank import engine
 from autorank.errors import AutorankError, TrialDiverged
 from autorank.search import best_trial, load_search
-from autorank.search.results import load_trial_model
+from autorank.export.api import rebuild_trial
 from autorank.search.run import run_search
 from autorank.search.space import load_space
 from autorank.tracking import pareto_front
@@ -83,7 +83,7 @@ def test_front_members_keep_weights_that_rebuild_the_measured_model(local_search
     for t in search.trials:
         assert t.has_weights == (t.number in unconstrained)
     member = local_search.front[0]
-    model = load_trial_model(search, member.number, digits)
+    model = rebuild_trial(local_search.out_dir, trial=member.number)[-1]
     assert engine.evaluate(model, digits, "val") == pytest.approx(member.metrics["accuracy"])
 
 

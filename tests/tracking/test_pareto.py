@@ -1,0 +1,47 @@
+"""Pareto front: dominance, feasibility, ties, and its tabular forms."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+from autorank.search.results import TrialRecord
+from autorank.tracking import format_front, front_csv, front_json, pareto_front
+from autorank.tracking.pareto import dominates
+
+OBJ = ("accuracy", "size_bytes")
+
+
+def rec(number, accuracy, size, *, feasible=True, state="complete"):
+    return TrialRecord(number=number, state=state, params={}, summary=f"plan {number}",
+                       metrics={"accuracy": accuracy, "size_bytes": size, "ratio": 100_000 / size,
+                                "drop_points": (0.9 - accuracy) * 100, "params": size / 4, "macs": 1e6},
+                       constraints={"max_drop": -1.0 if feasible else 2.0})
+
+
+def test_dominance_respects_directions():
+    assert dominates({"accuracy": 0.9, "size_bytes": 10}, {"accuracy": 0.8, "size_bytes": 20}, OBJ)
+    assert dominates({"accuracy": 0.9, "size_bytes": 10}, {"accuracy": 0.9, "size_bytes": 20}, OBJ)
+    assert not dominates({"accuracy": 0.9, "size_bytes": 10}, {"accuracy": 0.9, "size_bytes": 10}, OBJ)
+    assert not dominates({"accuracy": 0.95, "size_bytes": 30}, {"accuracy": 0.9, "size_bytes": 10}, OBJ)
+
+
+def test_front_is_the_feasible_non_dominated_set_sorted_by_size():
+    trials = [rec(0, 0.90, 50_000), rec(1, 0.85, 20_000), rec(2, 0.80, 30_000),  # 2 dominated by 1
+              rec(3, 0.95, 90_000, feasible=False),                              # infeasible
+              rec(4, 0.70, 5_000), rec(5, 0.70, 5_000),                           # ties: both kept
+              rec(6, 0.99, 1_000, state="failed")]                               # failed never counts
+    assert [t.number for t in pareto_front(trials, OBJ)] == [4, 5, 1, 0]
+    assert [t.number for t in pareto_front(trials, OBJ, feasible_only=False)] == [4, 5, 1, 0, 3]
+    assert pareto_front([rec(0, 0.9, 10, feasible=False)], OBJ) == []
+
+
+def test_front_tables():
+    front = pareto_front([rec(0, 0.90, 50_000), rec(1, 0.85, 20_000)], OBJ)
+    rows = list(csv.DictReader(io.StringIO(front_csv(front))))
+    assert [int(r["trial"]) for r in rows] == [1, 0] and float(rows[0]["accuracy"]) == 0.85
+    data = json.loads(front_json(front, OBJ, {"accuracy": 0.9, "size_bytes": 100_000}))
+    assert data["objectives"] == list(OBJ) and [r["trial"] for r in data["front"]] == [1, 0]
+    table = format_front(front, {"accuracy": 0.9, "size_bytes": 100_000, "macs": 2e6})
+    assert "ref" in table and "plan 1" in table and len(table.splitlines()) == 4
