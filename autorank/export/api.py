@@ -22,7 +22,7 @@ import onnx
 import torch
 from torch import nn
 
-from autorank.compression import Plan, compress, layer_precisions, profile, strip_fake_quant
+from autorank.compression import ActivationFakeQuant, Plan, compress, layer_precisions, profile, strip_fake_quant
 from autorank.data import Dataset, load_data
 from autorank.errors import AutorankError
 from autorank.export.bench import Speed, benchmark
@@ -104,6 +104,30 @@ def _quiet():
         root.setLevel(level)
 
 
+def _trained_ranges(model: nn.Module, mapping: dict[str, list[str]],
+                    fp32: onnx.ModelProto) -> dict[str, tuple[float, float]]:
+    """Input tensor of each ONNX node → the activation range the quantization-aware model learned.
+
+    The compression core puts an `ActivationFakeQuant` right before each quantized conv/linear of a
+    chain; a QAT-fine-tuned model depends on that exact clipping, so ONNX Runtime must not
+    re-calibrate those inputs. A tensor feeding several quantized layers gets the union of ranges.
+    """
+    inputs = {node.name: node.input[0] for node in fp32.graph.node}
+    ranges: dict[str, tuple[float, float]] = {}
+    for parent_name, parent in model.named_modules():
+        children = list(parent.named_children())
+        for (_, quantizer), (child_name, child) in zip(children, children[1:]):
+            if not (isinstance(quantizer, ActivationFakeQuant) and quantizer.calibrated
+                    and isinstance(child, nn.Conv2d | nn.Linear)):
+                continue
+            low, high = float(quantizer.min_val), float(quantizer.max_val)
+            for node in mapping.get(f"{parent_name}.{child_name}" if parent_name else child_name, []):
+                tensor = inputs[node]
+                old = ranges.get(tensor, (low, high))
+                ranges[tensor] = (min(old[0], low), max(old[1], high))
+    return ranges
+
+
 def write_onnx(model: nn.Module, data: Dataset, out: str | Path, precision: str = "int8", *,
                calibration_batches: int = 8, calibration_batch_size: int = 64,
                calibration_method: str = "minmax", activation_type: str = "uint8", seed: int = 0) -> dict[str, str]:
@@ -131,6 +155,7 @@ def write_onnx(model: nn.Module, data: Dataset, out: str | Path, precision: str 
             with _quiet():
                 to_int8(fp32_path, out, _calibration(data, calibration_batches, calibration_batch_size, seed),
                         exclude_fp32=nodes("fp32"), exclude_fp16=nodes("fp16"), int4_nodes=nodes("int4"),
+                        activation_ranges=_trained_ranges(model, mapping, onnx.load_model(fp32_path)),
                         method=calibration_method, activation_type=activation_type)
     onnx.save_model(compact(onnx.load_model(out)), out)
     return precisions

@@ -20,9 +20,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from autorank.export.graph import INPUT_NAME
+from autorank.export.graph import COMPUTE_OPS, INPUT_NAME
 
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+INT8_SCOPES = ("plan", "full")
 
 
 class _Batches:
@@ -55,15 +56,25 @@ def to_int8(
     exclude_fp32: list[str] = (),
     exclude_fp16: list[str] = (),
     int4_nodes: list[str] = (),
+    activation_ranges: dict[str, tuple[float, float]] | None = None,
     method: str = "minmax",
     activation_type: str = "uint8",
+    scope: str = "plan",
 ) -> None:
     """Static QDQ int8 of the fp32 model at `src`; the listed node names are kept as the plan says.
 
+    `scope`: `plan` quantizes exactly what the quantization-aware model simulated (weights and
+    inputs of Conv/Gemm/MatMul), so ONNX Runtime computes the model the search measured; `full` is
+    ONNX Runtime's complete static QDQ (also conv outputs, Add, ...), which lets it fuse integer
+    kernels (QLinearConv) for speed at the cost of extra rounding the search never saw.
     `activation_type` is `uint8` (ORT's recommended U8S8 on x86) or `int8` (S8S8, better on ARM).
+    `activation_ranges` (tensor name → (min, max)) replace calibration where the quantization-aware
+    model already fixed a range: its fine-tuned weights rely on exactly that clipping.
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    if scope not in INT8_SCOPES:
+        raise ValueError(f"int8 scope {scope!r}: choose from {', '.join(INT8_SCOPES)}")
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"calibration method {method!r}: choose from {', '.join(CALIBRATION_METHODS)}")
     model = onnx.load_model(src)
@@ -72,6 +83,8 @@ def to_int8(
         weights[name]: [{"quant_type": QuantType.QInt4, "symmetric": True, "axis": 0}]
         for name in int4_nodes if name in weights
     }
+    for tensor, (low, high) in (activation_ranges or {}).items():
+        overrides[tensor] = [{"rmin": np.float32(min(low, 0.0)), "rmax": np.float32(max(high, 0.0))}]
     ort_logger = logging.getLogger("onnxruntime")
     level = ort_logger.level
     ort_logger.setLevel(logging.ERROR)  # ORT logs every tensor it calibrates at INFO
@@ -79,6 +92,7 @@ def to_int8(
         quantize_static(
             model, dst, _Batches(calibration),
             quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(COMPUTE_OPS) if scope == "plan" else None,
             per_channel=True,
             activation_type=QuantType.QUInt8 if activation_type == "uint8" else QuantType.QInt8,
             weight_type=QuantType.QInt8,
@@ -88,14 +102,47 @@ def to_int8(
                 "percentile": CalibrationMethod.Percentile,
                 "entropy": CalibrationMethod.Entropy,
             }[method],
-            extra_options={"WeightSymmetric": True, "TensorQuantOverrides": overrides},
+            extra_options={
+                "WeightSymmetric": True, "TensorQuantOverrides": overrides,
+                "OpTypesToExcludeOutputQuantization": list(COMPUTE_OPS) if scope == "plan" else [],
+            },
         )
     finally:
         ort_logger.setLevel(level)
-    if exclude_fp16:
-        quantized = onnx.load_model(dst)
-        _store_fp16_weights(quantized, exclude_fp16)
-        onnx.save_model(quantized, dst)
+    quantized = onnx.load_model(dst)
+    if scope == "plan":
+        _float_for_unquantized_consumers(quantized)
+    _store_fp16_weights(quantized, list(exclude_fp16))
+    onnx.save_model(quantized, dst)
+
+
+def _float_for_unquantized_consumers(model: onnx.ModelProto) -> None:
+    """Give the float tensor back to consumers the plan does not quantize.
+
+    ORT's quantizer routes *every* consumer of a quantized activation through its
+    DequantizeLinear, so a residual Add or an fp32 layer would read the rounded tensor; the
+    quantization-aware model rounds only the inputs of its int8/int4 layers.
+    """
+    producers = {out: node for node in model.graph.node for out in node.output}
+    initializers = {init.name for init in model.graph.initializer}
+
+    def quantized_layer(node: onnx.NodeProto) -> bool:
+        weight = producers.get(node.input[1]) if node.op_type in COMPUTE_OPS and len(node.input) > 1 else None
+        return weight is not None and weight.op_type == "DequantizeLinear" and weight.input[0] in initializers
+
+    float_of = {}
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] not in initializers:
+            quantize = producers.get(node.input[0])
+            if quantize is not None and quantize.op_type == "QuantizeLinear":
+                float_of[node.output[0]] = quantize.input[0]
+    for node in model.graph.node:
+        if quantized_layer(node) or node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        node.input[:] = [float_of.get(name, name) for name in node.input]
+    outputs = {value.name for value in model.graph.output}
+    if outputs & set(float_of):  # a graph output that was quantized: keep the float value visible
+        raise RuntimeError("a graph output was routed through QuantizeLinear/DequantizeLinear")
 
 
 def _weight_inputs(model: onnx.ModelProto) -> dict[str, str]:
@@ -110,7 +157,10 @@ def _weight_inputs(model: onnx.ModelProto) -> dict[str, str]:
 
 def _store_fp16_weights(model: onnx.ModelProto, node_names: list[str]) -> None:
     """Weights of the given (unquantized) nodes stored as fp16 and cast back to fp32 at load time."""
-    weights = set(_weight_inputs(model)[name] for name in node_names if name in _weight_inputs(model))
+    weight_of = _weight_inputs(model)
+    weights = {weight_of[name] for name in node_names if name in weight_of}
+    if not weights:
+        return
     casts = []
     for init in model.graph.initializer:
         if init.name in weights and init.data_type == onnx.TensorProto.FLOAT:
