@@ -137,7 +137,10 @@ def _study_search_class():
             if trial_id in self._completed_trials or trial_id not in self._ot_trials:
                 return
             self._completed_trials.add(trial_id)
-            self._finish((result or {}).get("outcome"), self._ot_trials[trial_id], error)
+            outcome = (result or {}).get("outcome")
+            if outcome is None and not error:
+                return  # stopped before it finished (Ctrl-C): left running, so --resume reruns its choices
+            self._finish(outcome, self._ot_trials[trial_id], error)
 
     _STUDY_SEARCH = StudySearch
     return StudySearch

@@ -1,0 +1,42 @@
+"""`autorank search` / `autorank best` input errors: one line, exit 2, no output folder left behind."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from autorank.cli import main
+
+
+def run(argv, capsys):
+    code = main(argv)
+    err = capsys.readouterr().err
+    return code, err
+
+
+@pytest.mark.parametrize("problem", ["yaml", "model", "data", "weights", "trials", "budget", "resources"])
+def test_bad_input_is_one_line_and_leaves_no_folder(tmp_path, capsys, problem, tiny_space):
+    space = tiny_space
+    if problem == "yaml":
+        space = tmp_path / "bad.yaml"
+        space.write_text(yaml.safe_dump({"finetune": {"steps": -3}}))
+    argv = ["search", "--config", str(space), "--model", "small_cnn", "--data", "digits",
+            "--out", str(tmp_path / "out"), "--no-progress"]
+    bad = {"model": ["--model", "resnet7"], "data": ["--data", "mnist"], "weights": ["--weights", str(tmp_path / "x.pt")],
+           "trials": ["--trials", "0"], "budget": ["--time-budget", "soon"],
+           "resources": ["--executor", "ray", "--trial-resources", "tpu=1"]}.get(problem, [])
+    code, err = run(argv + bad, capsys)
+    assert code == 2
+    assert err.startswith("autorank: error: ") and err.count("\n") == 1, err
+    if problem == "yaml":
+        assert "'finetune.steps'" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_search_needs_its_inputs_or_resume(tmp_path, capsys):
+    code, err = run(["search", "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and "--config, --model and --data" in err
+    code, err = run(["search", "--out", str(tmp_path / "out"), "--resume"], capsys)
+    assert code == 2 and "holds no search" in err
+    code, err = run(["best", "--search", str(tmp_path)], capsys)
+    assert code == 2 and "holds no search" in err
