@@ -105,6 +105,8 @@ def to_int8(
             extra_options={
                 "WeightSymmetric": True, "TensorQuantOverrides": overrides,
                 "OpTypesToExcludeOutputQuantization": list(COMPUTE_OPS) if scope == "plan" else [],
+                # the QAT model adds float biases (BatchNorm folded) to the integer-grid product
+                "QuantizeBias": scope != "plan",
             },
         )
     finally:
