@@ -30,6 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="int8: batches of 64 training images for activation ranges (default %(default)s)")
     export.add_argument("--calibration-method", choices=("minmax", "percentile", "entropy"), default="minmax",
                         help="int8: ONNX Runtime calibrator (default %(default)s)")
+    export.add_argument("--int8-scope", choices=("plan", "full"), default="plan",
+                        help="int8: quantize exactly what the search simulated (plan, default) or ONNX Runtime's "
+                             "full static QDQ with integer kernels (full: faster, drifts from the search)")
     export.add_argument("--verify-limit", type=int,
                         help="verify on a seeded sample of this many test images (default: all)")
     export.add_argument("--threads", type=int, help="ONNX Runtime threads for verification and timing")
@@ -52,7 +55,8 @@ def run_export_command(args: argparse.Namespace) -> int:
         args.search, args.out, args.precision, trial=args.trial,
         max_size=parse_size(args.max_size, "--max-size") if args.max_size else None,
         min_ratio=args.min_ratio, max_drop=args.max_drop, calibration_batches=args.calibration_batches,
-        calibration_method=args.calibration_method, verify_limit=args.verify_limit, threads=args.threads,
+        calibration_method=args.calibration_method, int8_scope=args.int8_scope, verify_limit=args.verify_limit,
+        threads=args.threads,
         bench=not args.no_bench, register=not args.no_register, registered_name=args.registered_name,
     )
     if args.json:

@@ -27,7 +27,7 @@ from autorank.data import Dataset, load_data
 from autorank.errors import AutorankError
 from autorank.export.bench import Speed, benchmark
 from autorank.export.graph import to_onnx
-from autorank.export.precision import CALIBRATION_METHODS, compact, payload_bytes, to_fp16, to_int8
+from autorank.export.precision import CALIBRATION_METHODS, INT8_SCOPES, compact, payload_bytes, to_fp16, to_int8
 from autorank.export.verify import Verification, onnx_accuracy, verify
 
 EXPORT_PRECISIONS = ("fp32", "fp16", "int8")
@@ -73,7 +73,10 @@ class ExportResult:
         return out
 
 
-def _check_options(precision: str, calibration_batches: int, calibration_method: str, threads: int | None) -> None:
+def _check_options(precision: str, calibration_batches: int, calibration_method: str, threads: int | None,
+                   int8_scope: str = "plan") -> None:
+    if int8_scope not in INT8_SCOPES:
+        raise AutorankError(f"int8 scope {int8_scope!r}: choose from {', '.join(INT8_SCOPES)}")
     if precision not in EXPORT_PRECISIONS:
         raise AutorankError(f"precision {precision!r}: choose from {', '.join(EXPORT_PRECISIONS)}")
     if calibration_batches < 1:
@@ -130,12 +133,13 @@ def _trained_ranges(model: nn.Module, mapping: dict[str, list[str]],
 
 def write_onnx(model: nn.Module, data: Dataset, out: str | Path, precision: str = "int8", *,
                calibration_batches: int = 8, calibration_batch_size: int = 64,
-               calibration_method: str = "minmax", activation_type: str = "uint8", seed: int = 0) -> dict[str, str]:
+               calibration_method: str = "minmax", activation_type: str = "uint8", int8_scope: str = "plan",
+               seed: int = 0) -> dict[str, str]:
     """Write `model` (a compressed model, fake quantization included) as ONNX at `precision`.
 
     Returns the weight precision of every Conv2d/Linear (by module name) that the file honours.
     """
-    _check_options(precision, calibration_batches, calibration_method, None)
+    _check_options(precision, calibration_batches, calibration_method, None, int8_scope)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     precisions = layer_precisions(model)
@@ -156,7 +160,9 @@ def write_onnx(model: nn.Module, data: Dataset, out: str | Path, precision: str 
                 to_int8(fp32_path, out, _calibration(data, calibration_batches, calibration_batch_size, seed),
                         exclude_fp32=nodes("fp32"), exclude_fp16=nodes("fp16"), int4_nodes=nodes("int4"),
                         activation_ranges=_trained_ranges(model, mapping, onnx.load_model(fp32_path)),
-                        method=calibration_method, activation_type=activation_type)
+                        method=calibration_method, activation_type=activation_type,
+                        scope=int8_scope,
+                        weight_only=not any(isinstance(m, ActivationFakeQuant) for m in model.modules()))
     onnx.save_model(compact(onnx.load_model(out)), out)
     return precisions
 
@@ -164,15 +170,15 @@ def write_onnx(model: nn.Module, data: Dataset, out: str | Path, precision: str 
 def export_model(model: nn.Module, data: Dataset, out: str | Path, precision: str = "int8", *,
                  baseline: nn.Module | None = None, verify_split: str = "test", verify_limit: int | None = None,
                  calibration_batches: int = 8, calibration_batch_size: int = 64,
-                 calibration_method: str = "minmax", activation_type: str = "uint8",
+                 calibration_method: str = "minmax", activation_type: str = "uint8", int8_scope: str = "plan",
                  threads: int | None = None, bench: bool = True, seed: int = 0) -> ExportResult:
     """Export, verify against PyTorch and (with `bench`) time next to `baseline` exported in fp32."""
-    _check_options(precision, calibration_batches, calibration_method, threads)
+    _check_options(precision, calibration_batches, calibration_method, threads, int8_scope)
     model = model.eval().cpu()
     out = Path(out)
     precisions = write_onnx(model, data, out, precision, calibration_batches=calibration_batches,
                             calibration_batch_size=calibration_batch_size, calibration_method=calibration_method,
-                            activation_type=activation_type, seed=seed)
+                            activation_type=activation_type, int8_scope=int8_scope, seed=seed)
     threads = threads or torch.get_num_threads()
     verification = verify(out, model, data, verify_split, limit=verify_limit, seed=seed, threads=threads)
     result = ExportResult(path=out, precision=precision, file_bytes=out.stat().st_size,
@@ -233,8 +239,8 @@ def rebuild_trial(search_dir: str | Path, *, trial: int | None = None, max_size:
 def export_onnx(search_dir: str | Path, out: str | Path, precision: str = "int8", *, trial: int | None = None,
                 max_size: int | None = None, min_ratio: float | None = None, max_drop: float | None = None,
                 calibration_batches: int = 8, calibration_method: str = "minmax", activation_type: str = "uint8",
-                verify_limit: int | None = None, threads: int | None = None, bench: bool = True,
-                register: bool = True, registered_name: str | None = None, seed: int = 0) -> ExportResult:
+                int8_scope: str = "plan", verify_limit: int | None = None, threads: int | None = None,
+                bench: bool = True, register: bool = True, registered_name: str | None = None, seed: int = 0) -> ExportResult:
     """Export a trial of the search at `search_dir` (by number, or the best one meeting the limits).
 
     The file is verified (ONNX Runtime vs PyTorch on the test split; ONNX accuracy on the split the
@@ -244,7 +250,7 @@ def export_onnx(search_dir: str | Path, out: str | Path, precision: str = "int8"
     """
     from autorank.export.registry import register_model, write_card
 
-    _check_options(precision, calibration_batches, calibration_method, threads)
+    _check_options(precision, calibration_batches, calibration_method, threads, int8_scope)
     if trial is not None and any(v is not None for v in (max_size, min_ratio, max_drop)):
         raise AutorankError("give either a trial number or limits (max size / min ratio / max drop), not both")
     out = Path(out)
@@ -254,7 +260,8 @@ def export_onnx(search_dir: str | Path, out: str | Path, precision: str = "int8"
         search_dir, trial=trial, max_size=max_size, min_ratio=min_ratio, max_drop=max_drop)
     result = export_model(model, data, out, precision, baseline=pretrained, verify_limit=verify_limit,
                           calibration_batches=calibration_batches, calibration_method=calibration_method,
-                          activation_type=activation_type, threads=threads, bench=bench, seed=seed)
+                          activation_type=activation_type, int8_scope=int8_scope, threads=threads, bench=bench,
+                          seed=seed)
     result.trial, result.search_dir = record.number, Path(search_dir)
     result.recorded_accuracy = record.metrics.get("accuracy")
     result.onnx_val_accuracy = onnx_accuracy(out, data, "val", threads=threads or torch.get_num_threads())

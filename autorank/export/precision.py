@@ -60,6 +60,7 @@ def to_int8(
     method: str = "minmax",
     activation_type: str = "uint8",
     scope: str = "plan",
+    weight_only: bool = False,
 ) -> None:
     """Static QDQ int8 of the fp32 model at `src`; the listed node names are kept as the plan says.
 
@@ -67,6 +68,7 @@ def to_int8(
     inputs of Conv/Gemm/MatMul), so ONNX Runtime computes the model the search measured; `full` is
     ONNX Runtime's complete static QDQ (also conv outputs, Add, ...), which lets it fuse integer
     kernels (QLinearConv) for speed at the cost of extra rounding the search never saw.
+    `weight_only` (a plan with fp32 activations): int8/int4 weights, float activations, as simulated.
     `activation_type` is `uint8` (ORT's recommended U8S8 on x86) or `int8` (S8S8, better on ARM).
     `activation_ranges` (tensor name → (min, max)) replace calibration where the quantization-aware
     model already fixed a range: its fine-tuned weights rely on exactly that clipping.
@@ -113,17 +115,18 @@ def to_int8(
         ort_logger.setLevel(level)
     quantized = onnx.load_model(dst)
     if scope == "plan":
-        _float_for_unquantized_consumers(quantized)
+        _float_for_unquantized_consumers(quantized, everywhere=weight_only)
     _store_fp16_weights(quantized, list(exclude_fp16))
     onnx.save_model(quantized, dst)
 
 
-def _float_for_unquantized_consumers(model: onnx.ModelProto) -> None:
+def _float_for_unquantized_consumers(model: onnx.ModelProto, *, everywhere: bool = False) -> None:
     """Give the float tensor back to consumers the plan does not quantize.
 
     ORT's quantizer routes *every* consumer of a quantized activation through its
     DequantizeLinear, so a residual Add or an fp32 layer would read the rounded tensor; the
-    quantization-aware model rounds only the inputs of its int8/int4 layers.
+    quantization-aware model rounds only the inputs of its int8/int4 layers (`everywhere`: none,
+    for weight-only plans; the activation Quantize/DequantizeLinear pairs are then removed).
     """
     producers = {out: node for node in model.graph.node for out in node.output}
     initializers = {init.name for init in model.graph.initializer}
@@ -139,12 +142,19 @@ def _float_for_unquantized_consumers(model: onnx.ModelProto) -> None:
             if quantize is not None and quantize.op_type == "QuantizeLinear":
                 float_of[node.output[0]] = quantize.input[0]
     for node in model.graph.node:
-        if quantized_layer(node) or node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+        if (quantized_layer(node) and not everywhere) or node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             continue
         node.input[:] = [float_of.get(name, name) for name in node.input]
     outputs = {value.name for value in model.graph.output}
     if outputs & set(float_of):  # a graph output that was quantized: keep the float value visible
         raise RuntimeError("a graph output was routed through QuantizeLinear/DequantizeLinear")
+    while True:  # drop Quantize/DequantizeLinear nodes nobody reads any more
+        read = {name for node in model.graph.node for name in node.input} | outputs
+        dead = [node for node in model.graph.node if not any(out in read for out in node.output)]
+        if not dead:
+            return
+        for node in dead:
+            model.graph.node.remove(node)
 
 
 def _weight_inputs(model: onnx.ModelProto) -> dict[str, str]:
