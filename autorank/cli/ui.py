@@ -248,6 +248,7 @@ def health(url: str, timeout: float = 2.0) -> bool:
 def _bind_port(host: str, port: int) -> int:
     """Check that `host:port` is free (port 0: pick a free one) and return the port."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: TIME_WAIT is no conflict
         try:
             sock.bind((host, port))
         except OSError as exc:

@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import pytest
 
@@ -26,39 +28,38 @@ def test_server_outage_during_and_at_the_end_of_a_search_loses_nothing(tmp_path)
     proc = start_cli(["search", "--config", str(space), "--model", "small_cnn", "--data", "digits", "--out", str(out),
                       "--mlflow-uri", url, "--no-progress"], log)
     try:
-        def one_trial_in_mlflow():
-            """a trial run in MLflow"""
+        def first_trial_run():
+            """the first trial's run in MLflow"""
             if not (out / "search.json").exists():
                 return False
             return mlflow_trial_runs(url, json.loads((out / "search.json").read_text())["search_id"])
 
-        wait_for(one_trial_in_mlflow, 300, proc, log)
+        wait_for(first_trial_run, 300, proc, log)
+        # 1. the server dies (SIGKILL: no graceful shutdown) while that trial is being logged
+        os.killpg(json.loads((cfg.data_dir / "server.json").read_text())["pid"], signal.SIGKILL)
         stop_server(cfg)
-        done_at_outage = sum(s == "complete" or s == "failed" for s in trial_states(out).values())
+        done_at_outage = sum(s in ("complete", "failed") for s in trial_states(out).values())
 
         def two_more_finished():
             """two more trials finished while MLflow is down"""
             return sum(s in ("complete", "failed") for s in trial_states(out).values()) >= done_at_outage + 2
 
         wait_for(two_more_finished, 300, proc, log)
-        start_server(cfg)
+        start_server(cfg)  # back on the same address
         assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert_study_and_mlflow_agree(out, 5)
+        assert_study_and_mlflow_agree(out, 5)
 
-    # 2. down at the end: finishes, keeps everything in the study, says how to resume
-    stop_server(cfg)
-    extended = run_cli(["search", "--resume", "--out", str(out), "--trials", "7", "--no-progress"])
-    assert extended.returncode == 0, extended.stderr[-3000:]
-    assert "--resume" in extended.stderr and "safe in the study" in extended.stderr
-    states = trial_states(out)
-    assert sum(s in ("complete", "failed") for s in states.values()) == 7
-    start_server(cfg)
-    try:
+        # 2. down at the end: finishes, keeps everything in the study, says how to resume
+        stop_server(cfg)
+        extended = run_cli(["search", "--resume", "--out", str(out), "--trials", "7", "--no-progress"])
+        assert extended.returncode == 0, extended.stderr[-3000:]
+        assert "--resume" in extended.stderr and "safe in the study" in extended.stderr
+        assert sum(s in ("complete", "failed") for s in trial_states(out).values()) == 7
+        start_server(cfg)
         replayed = run_cli(["search", "--resume", "--out", str(out), "--trials", "7", "--no-progress"])
         assert replayed.returncode == 0, replayed.stderr[-3000:]
         assert_study_and_mlflow_agree(out, 7)
     finally:
+        if proc.poll() is None:
+            proc.kill()
         stop_server(cfg)
