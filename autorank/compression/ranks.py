@@ -128,11 +128,6 @@ def weaken(full: int, estimate: int, weakening: float) -> int:
 # ---- shapes, full ranks and parameter counts (closed forms) ----
 
 
-def conv_shape(layer: nn.Module) -> tuple[int, ...]:
-    """(T, C, kh, kw) for a conv, (out, in) for a linear layer."""
-    return tuple(layer.weight.shape)
-
-
 def full_ranks(method: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     """The largest meaningful ranks of `method` for a weight of `shape` (the exact-reconstruction ranks)."""
     if method == "svd":
@@ -268,7 +263,7 @@ def resolve_rank(method: str, layer: nn.Module, rank: int | float | str | list[i
     Specs: None or "vbmf" / "vbmf:W" (EVBMF, weakening W), a float in (0, 1] (parameter retention),
     an int (same rank in every position) or a list of ints (one per rank position).
     """
-    shape = conv_shape(layer)
+    shape = tuple(layer.weight.shape)  # (T, C, kh, kw) or (out, in)
     full = full_ranks(method, shape)
     if rank is None or isinstance(rank, str):
         weakening = parse_vbmf(rank or "vbmf")
