@@ -96,8 +96,3 @@ def objective_values(space: SearchSpace, outcome: TrialOutcome) -> list[float] |
 
 def records(study: optuna.Study, out_dir: Path) -> list[TrialRecord]:
     return [record_from_trial(t, out_dir) for t in study.get_trials(deepcopy=False)]
-
-
-def count_done(study: optuna.Study) -> int:
-    """Finished trials (complete or failed), the number --trials asks for."""
-    return sum(1 for r in records(study, Path(".")) if r.counted)

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FRONT_FILES = ("pareto.json", "pareto.csv", "pareto.png", "pareto.html")
+PLOT_EVERY_S = 30.0
 TRIAL_TAG = "autorank.trial"
 SEARCH_TAG = "autorank.search_id"
 KIND_TAG = "autorank.kind"
@@ -58,6 +58,8 @@ class SearchTracker:
         self._cond = threading.Condition()
         self._closing = False
         self._thread: threading.Thread | None = None
+        self._plotted_front: tuple[int, ...] | None = None
+        self._plotted_at = float("-inf")
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> str | None:
@@ -97,8 +99,11 @@ class SearchTracker:
         return [r.number for r in records if r.counted and r.number not in self.logged]
 
     # ---- the work ----------------------------------------------------------------------------
-    def sync(self, records: Sequence[TrialRecord]) -> None:
-        """Log missing finished trials, retag the front, refresh the front artifacts (idempotent)."""
+    def sync(self, records: Sequence[TrialRecord], *, final: bool = True) -> None:
+        """Log missing finished trials, retag the front, refresh the front artifacts (idempotent).
+
+        The plots are redrawn when the front changed or every `PLOT_EVERY_S` (drawing costs CPU the
+        next trial's fine-tune would otherwise have), and always on the final sync."""
         if self.client is None or self.parent_id is None:
             self._connect()
         for record in records:
@@ -109,7 +114,7 @@ class SearchTracker:
         for number in (members ^ self.pareto) & set(self.logged):
             self.client.set_tag(self.logged[number], "pareto", "true" if number in members else "false")
         self.pareto = members & set(self.logged)
-        self._write_front(records, front)
+        self._write_front(records, front, plots=final or self._plots_due(front))
         done = [r for r in records if r.counted]
         feasible = [r for r in done if r.feasible]
         metrics = {"trials_done": len(done), "trials_failed": sum(r.state == "failed" for r in done),
@@ -186,13 +191,21 @@ class SearchTracker:
                                    end_time=ended)
         return run_id
 
-    def _write_front(self, records: Sequence[TrialRecord], front: Sequence[TrialRecord]) -> None:
-        title = f"{self.run_name}: {sum(1 for r in records if r.counted)} trials, {len(front)} on the front"
+    def _plots_due(self, front: Sequence[TrialRecord]) -> bool:
+        members = tuple(t.number for t in front)
+        return members != self._plotted_front or time.monotonic() - self._plotted_at >= PLOT_EVERY_S
+
+    def _write_front(self, records: Sequence[TrialRecord], front: Sequence[TrialRecord], *, plots: bool) -> None:
         (self.out_dir / "pareto.json").write_text(front_json(front, self.objectives, self.reference))
         (self.out_dir / "pareto.csv").write_text(front_csv(front))
-        plot_png(self.out_dir / "pareto.png", records, front, self.reference, self.limits, title)
-        plot_html(self.out_dir / "pareto.html", records, front, self.reference, title)
-        for name in FRONT_FILES:
+        names = ["pareto.json", "pareto.csv"]
+        if plots:
+            title = f"{self.run_name}: {sum(1 for r in records if r.counted)} trials, {len(front)} on the front"
+            plot_png(self.out_dir / "pareto.png", records, front, self.reference, self.limits, title)
+            plot_html(self.out_dir / "pareto.html", records, front, self.reference, title)
+            self._plotted_front, self._plotted_at = tuple(t.number for t in front), time.monotonic()
+            names += ["pareto.png", "pareto.html"]
+        for name in names:
             self.client.log_artifact(self.parent_id, str(self.out_dir / name))
 
     def _log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int) -> None:
@@ -217,7 +230,7 @@ class SearchTracker:
                     return
                 records, self._pending = self._pending, None
             try:
-                self.sync(records)
+                self.sync(records, final=False)
                 self.last_error = None
             except Exception as exc:  # noqa: BLE001 - retried with the next snapshot or at close
                 self.last_error = f"{type(exc).__name__}: {exc}".splitlines()[0]

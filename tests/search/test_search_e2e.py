@@ -3,23 +3,18 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-
 import optuna
 import pytest
 import torch
 
 from autorank import engine
+from autorank.cli import main
 from autorank.errors import AutorankError, TrialDiverged
 from autorank.search import best_trial, load_search
 from autorank.export.api import rebuild_trial
 from autorank.search.run import run_search
 from autorank.search.space import load_space
 from autorank.tracking import pareto_front
-
-REPO_ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
-
 
 def mlflow_trial_runs(out_dir, search_id):
     from mlflow import MlflowClient
@@ -87,7 +82,7 @@ def test_front_members_keep_weights_that_rebuild_the_measured_model(local_search
     assert engine.evaluate(model, digits, "val") == pytest.approx(member.metrics["accuracy"])
 
 
-def test_best_is_the_most_accurate_feasible_trial_never_an_infeasible_one(local_search):
+def test_best_is_the_most_accurate_feasible_trial_never_an_infeasible_one(local_search, capsys):
     search = load_search(local_search.out_dir)
     done = sorted((t for t in search.trials if t.finished_ok), key=lambda t: -t.metrics["accuracy"])
     # the search's own limit (drop <= 5 points): the best respects it
@@ -101,14 +96,12 @@ def test_best_is_the_most_accurate_feasible_trial_never_an_infeasible_one(local_
     assert best.metrics["accuracy"] == max(t.metrics["accuracy"] for t in done if t.metrics["size_bytes"] <= limit)
     with pytest.raises(AutorankError, match="none of the 6 completed trials"):
         best_trial(search, max_size=10)
-    cli = subprocess.run([sys.executable, "-m", "autorank", "best", "--search", str(search.out_dir),
-                          "--max-size", str(limit), "--max-drop", "100", "--json"],
-                         capture_output=True, text=True, cwd=REPO_ROOT)
-    assert cli.returncode == 0, cli.stderr
-    assert json.loads(cli.stdout)["trial"] == best.number
-    cli = subprocess.run([sys.executable, "-m", "autorank", "best", "--search", str(search.out_dir),
-                          "--max-size", "10B"], capture_output=True, text=True, cwd=REPO_ROOT)
-    assert cli.returncode == 2 and cli.stderr.count("\n") == 1 and "none of the" in cli.stderr
+    assert main(["best", "--search", str(search.out_dir), "--max-size", str(limit), "--max-drop", "100",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["trial"] == best.number
+    assert main(["best", "--search", str(search.out_dir), "--max-size", "10B"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "none of the" in err
 
 
 def test_interrupted_search_resumes_to_exactly_the_requested_trials(tmp_path, pretrained_digits, tiny_space,
