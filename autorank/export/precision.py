@@ -210,7 +210,7 @@ def _base36(number: int) -> str:
 
 
 def compact(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Drop what deployment does not need, so that the file's size is its weights' size.
+    """Drop what deployment does not need, so that the file's size is its tensors' size.
 
     Small compressed CNNs have hundreds of QDQ nodes; their descriptive tensor names and shape
     annotations would otherwise outweigh the int8 weights. Compute nodes keep their module names;
@@ -218,6 +218,9 @@ def compact(model: onnx.ModelProto) -> onnx.ModelProto:
     """
     graph = model.graph
     del graph.value_info[:]
+    del graph.metadata_props[:]  # the exporter's graph signature: ~10 KB of parameter names
+    for value in (*graph.input, *graph.output):
+        del value.metadata_props[:]
     zero_points = {
         init.name for init in graph.initializer
         if init.data_type == onnx.TensorProto.INT8 and not numpy_helper.to_array(init).any()

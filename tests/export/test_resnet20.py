@@ -46,10 +46,10 @@ def test_tucker2_evbmf_int8_onnx_matches_the_quantization_aware_model(resnet20, 
     assert result.file_bytes == pytest.approx(result.size_bytes, rel=0.10)
 
 
-CP_LAYERS = ("layer2.1.conv1", "layer2.2.conv2", "layer3.1.conv1", "layer3.2.conv2")
+CP_LAYERS = tuple(f"layer{stage}.{block}.conv{conv}" for stage in (2, 3) for block in range(3) for conv in (1, 2))
 
 
-@pytest.mark.parametrize("stabilize, max_loss, min_loss", [("epc", 0.01, None), ("none", None, 0.05)])
+@pytest.mark.parametrize("stabilize, max_loss, min_loss", [("epc", 0.01, None), ("none", None, 0.03)])
 def test_cp_int8_needs_stabilisation(resnet20, cifar, tmp_path, stabilize, max_loss, min_loss):
     plan = Plan({name: LayerPlan("cp", 0.6, "int8", stabilize=stabilize) for name in CP_LAYERS},
                 activations="int8")
