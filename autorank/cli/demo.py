@@ -37,4 +37,11 @@ def run_demo_command(args: argparse.Namespace) -> int:
     out = args.out if args.out is not None else free_folder(DEFAULT_OUT)
     result = run_demo(out, trials=args.trials, progress=not args.no_progress)
     print(summary_text(result))
+    if result.best is not None:  # issue 5: the deployable artefact of the best feasible trial
+        from autorank.export import export_onnx, figures
+
+        exported = export_onnx(out, out / "best-int8.onnx", "int8", trial=result.best.number)
+        print(f"int8 ONNX export of trial {exported.trial}, verified in ONNX Runtime:")
+        for label, value in figures(exported):
+            print(f"  {label}: {value}")
     return 0
