@@ -48,6 +48,7 @@ STAGES = ("reference", "baselines", "search", "final", "findings", "efficiency")
 
 # Hypervolume reference point: (size = the uncompressed fp32 model, accuracy = reference - HV_FLOOR points).
 HV_FLOOR = 10.0
+CHANCE = 10.0  # a second, absolute floor (CIFAR-10 chance accuracy, points) for heavily degraded short-budget runs
 WITHIN = 1.0  # "smallest model within 1.0 point of the reference"
 
 FAMILIES = ("Reference", "INT8 only", "Tucker-2", "CP", "TT", "EVBMF Tucker-2", "Search")
@@ -140,9 +141,11 @@ def front(rows: Sequence[Mapping[str, Any]], acc_key: str) -> list[Mapping[str, 
     return sorted(keep, key=lambda r: (r["size_bytes"], -r[acc_key]))
 
 
-def hv_of(rows: Iterable[Mapping[str, Any]], acc_key: str, reference: Mapping[str, Any]) -> float:
-    """Hypervolume in (accuracy points) x (fraction of the fp32 size), reference point documented above."""
-    ref_points = reference[acc_key] * 100 - HV_FLOOR
+def hv_of(rows: Iterable[Mapping[str, Any]], acc_key: str, reference: Mapping[str, Any],
+          floor: float | None = None) -> float:
+    """Hypervolume in (accuracy points) x (fraction of the fp32 size); the accuracy floor of the reference
+    point is the reference minus HV_FLOOR points unless `floor` (points) is given."""
+    ref_points = reference[acc_key] * 100 - HV_FLOOR if floor is None else floor
     return hypervolume(((r["size_bytes"] / reference["size_bytes"], r[acc_key] * 100) for r in rows
                         if r.get(acc_key) is not None), (1.0, ref_points))
 
@@ -405,8 +408,8 @@ class Bench:
         return cached(self.run_path("baselines", "ptq-int8"), self.s.config() | {"space": self.space_hash}, compute)
 
     def baselines(self) -> list[dict[str, Any]]:
-        rows = [self.baseline(*spec) for spec in self.baseline_specs()]
-        return [*rows, self.ptq()]
+        ptq = self.ptq()
+        return [ptq, *(self.baseline(*spec) for spec in self.baseline_specs())]
 
     # ---- stage: search -------------------------------------------------------------------
     def search(self) -> dict[str, Any]:
@@ -569,8 +572,8 @@ class Bench:
 
     # ---- stage: efficiency ---------------------------------------------------------------
     def efficiency(self) -> dict[str, Any]:
-        variants = {"nsga2+evbmf": ("nsga2", True), "nsga2": ("nsga2", False), "tpe+evbmf": ("tpe", True),
-                    "tpe": ("tpe", False), "random": ("random", False)}
+        variants = {"nsga2+evbmf": ("nsga2", True), "nsga2": ("nsga2", False), "random": ("random", False),
+                    "tpe+evbmf": ("tpe", True), "tpe": ("tpe", False)}
         eff_data = subset(self.full_data, {"val": self.s.eff_val_limit, "test": self.s.test_limit}, self.s.seed)
         results = {}
         for label, (sampler, seeded) in variants.items():
@@ -689,8 +692,9 @@ def model_table(rows: Sequence[Mapping[str, Any]], reference: Mapping[str, Any])
 
 
 def family_summary(rows: Sequence[Mapping[str, Any]], reference: Mapping[str, Any]) -> list[str]:
-    lines = ["| method | models | hypervolume (test) | smallest within 1.0 pt of the reference (test) | its size | its test acc % |",
-             "|---|---:|---:|---|---:|---:|"]
+    lines = [f"| method | models | hypervolume (test) | smallest within {WITHIN:g} pt of the reference (test) | its size | "
+             f"its test acc % | hypervolume, floor {CHANCE:g}% |",
+             "|---|---:|---:|---|---:|---:|---:|"]
     groups: dict[str, list[Mapping[str, Any]]] = {}
     for r in rows:
         if r["family"] != "Reference":
@@ -706,7 +710,8 @@ def family_summary(rows: Sequence[Mapping[str, Any]], reference: Mapping[str, An
         ok = [r for r in members if (reference["test_accuracy"] - r["test_accuracy"]) * 100 <= WITHIN]
         best = min(ok, key=lambda r: (r["size_bytes"], -r["test_accuracy"])) if ok else None
         lines.append(f"| {family} | {len(members)} | {hv:.3f} | {label(best) if best else 'none'} | "
-                     f"{fmt_size(best['size_bytes']) if best else '—'} | {pct(best['test_accuracy']) if best else '—'} |")
+                     f"{fmt_size(best['size_bytes']) if best else '—'} | {pct(best['test_accuracy']) if best else '—'} | "
+                     f"{hv_of(members, 'test_accuracy', reference, CHANCE):.2f} |")
     return lines
 
 
@@ -747,7 +752,8 @@ def plot_models(rows: Sequence[Mapping[str, Any]], reference: Mapping[str, Any],
     plt.close(fig)
 
 
-def hv_curve(trials: Sequence[Mapping[str, Any]], reference: Mapping[str, Any]) -> list[float]:
+def hv_curve(trials: Sequence[Mapping[str, Any]], reference: Mapping[str, Any],
+             floor: float | None = None) -> list[float]:
     """Hypervolume (val) after each finished trial, in trial order; failed trials add nothing."""
     ref = {"val_accuracy": reference["accuracy"], "size_bytes": reference["size_bytes"]}
     done: list[Mapping[str, Any]] = []
@@ -755,7 +761,7 @@ def hv_curve(trials: Sequence[Mapping[str, Any]], reference: Mapping[str, Any]) 
     for t in sorted(trials, key=lambda t: t["trial"]):
         if t["state"] == "complete" and t.get("val_accuracy") is not None:
             done.append(t)
-        curve.append(hv_of(done, "val_accuracy", ref))
+        curve.append(hv_of(done, "val_accuracy", ref, floor))
     return curve
 
 
@@ -767,29 +773,31 @@ def efficiency_section(runs: Mapping[str, list[dict[str, Any]]], docs_png: Path 
     n = max(len(c) for c in curves.values())
     marks = sorted({max(1, n // 3), max(1, 2 * n // 3), n})
     lines = ["| sampler | EVBMF seeds | trials | " + " | ".join(f"HV after {k}" for k in marks)
-             + " | best val acc % | reference val % | wall (s) |",
-             "|---|---|---:|" + "---:|" * len(marks) + "---:|---:|---:|"]
+             + f" | HV floor {CHANCE:g}% | best val acc % | reference val % | wall (s) |",
+             "|---|---|---:|" + "---:|" * len(marks) + "---:|---:|---:|---:|"]
     for label, r in effs.items():
         c = curves[label]
         ok = [t for t in r["trials"] if t["state"] == "complete"]
         best = max((t["val_accuracy"] for t in ok), default=None)
         lines.append(f"| {r['sampler']} | {'yes' if r['evbmf_seeds'] else 'no'} | {len(c)} | "
                      + " | ".join(f"{c[k - 1]:.3f}" if k <= len(c) else "—" for k in marks)
-                     + f" | {pct(best)} | {pct(r['reference']['accuracy'])} | {r.get('elapsed_s', 0):.0f} |")
+                     + f" | {hv_curve(r['trials'], r['reference'], CHANCE)[-1]:.2f} | {pct(best)} | {pct(r['reference']['accuracy'])} | {r.get('elapsed_s', 0):.0f} |")
     if docs_png is not None:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for label, c in curves.items():
-            ax.plot(range(1, len(c) + 1), c, marker=".", label=label)
-        ax.set_xlabel("trials")
-        ax.set_ylabel(f"hypervolume (val; ref = fp32 size, reference - {HV_FLOOR:g} pt)")
-        ax.set_title(f"Search efficiency, {tag}")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+        for ax, floor, name in ((axes[0], None, f"reference - {HV_FLOOR:g} pt"), (axes[1], CHANCE, f"{CHANCE:g}%")):
+            for label, r in effs.items():
+                c = hv_curve(r["trials"], r["reference"], floor)
+                ax.plot(range(1, len(c) + 1), c, marker=".", label=label)
+            ax.set_xlabel("trials")
+            ax.set_ylabel(f"hypervolume (val; accuracy floor {name})")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.suptitle(f"Search efficiency, {tag}")
         fig.tight_layout()
         fig.savefig(docs_png, dpi=110)
         plt.close(fig)
@@ -882,10 +890,20 @@ def build_report(out: Path, tag: str, command: str, docs_dir: Path | None) -> di
              f"Test images: {reference['config']['test_limit'] or 'all 10,000'}; val: "
              f"{reference['config']['val_limit'] or 'all 5,000'}.", ""]
     summary = (runs.get("search_summary") or [None])[0]
+    tuned = [r for r in runs.get("baselines", []) if r.get("finetuned")]
+    if summary is None and (out / "search" / "search.json").exists():
+        from autorank.search import load_search
+
+        live = [t for t in load_search(out / "search").trials if t.counted]
+        ok = [t for t in live if t.finished_ok]
+        best = max(ok, key=lambda t: t.metrics["accuracy"], default=None)
+        lines += [f"Search still running: {len(live)} trials finished ({len(ok)} completed)"
+                  + (f", best val {best.metrics['accuracy'] * 100:.2f}% at {fmt_size(best.metrics['size_bytes'])}"
+                     if best else "") + "; its Pareto models are evaluated on test when it ends.", ""]
     if summary:
         done = [t for t in summary["trials"] if t["state"] == "complete"]
-        base_wall = sum(r.get("wall_s", 0) for r in runs.get("baselines", []))
-        lines += [f"Compute: {len(runs.get('baselines', [])) - 1} fine-tuned baselines vs a search of "
+        base_wall = sum(r.get("wall_s", 0) for r in tuned)
+        lines += [f"Compute: {len(tuned)} fine-tuned baselines vs a search of "
                   f"{len(summary['trials'])} trials ({len(done)} completed, budget {summary['trials_budget']}) at the "
                   f"same steps each; wall time baselines {base_wall / 60:.1f} min, search trials "
                   f"{sum(t['wall_s'] or 0 for t in summary['trials']) / 60:.1f} min.", ""]
