@@ -76,7 +76,8 @@ def trial_states(out: Path) -> dict[int, str]:
         return {}
 
 
-def wait_for(condition, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None):
+def wait_for(condition, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None,
+             poll_s: float = 0.25):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()
@@ -84,7 +85,7 @@ def wait_for(condition, timeout: float, proc: subprocess.Popen | None = None, lo
             return value
         if proc is not None and proc.poll() is not None:
             pytest.fail(f"the search exited ({proc.returncode}) early:\n{log.read_text()[-3000:] if log else ''}")
-        time.sleep(0.25)
+        time.sleep(poll_s)
     pytest.fail(f"timed out after {timeout}s waiting for {condition.__doc__ or condition}")
 
 

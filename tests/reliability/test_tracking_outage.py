@@ -1,7 +1,7 @@
 """The tracking server goes away during a search.
 
-1. It comes back before the search ends: the trials finished meanwhile are written once it is
-   back, exactly once each.
+1. It is killed while a trial is being logged and comes back before the search ends: the trials
+   finished meanwhile are written once it is back, each exactly once.
 2. It stays down until the end: the search still finishes every trial, keeps them in the study,
    says how to resume, and `--resume` (server back) writes the missing ones exactly once.
 """
@@ -19,46 +19,70 @@ from tests.reliability.searches import (assert_study_and_mlflow_agree, mlflow_tr
                                         trial_states, wait_for, write_space)
 
 
-@pytest.mark.slow
-def test_server_outage_during_and_at_the_end_of_a_search_loses_nothing(tmp_path):
-    cfg = ServerConfig(port=0, data_dir=tmp_path / "server")
-    url = start_server(cfg)["url"]
+def _start_search(tmp_path, url: str, trials: int):
     out, log = tmp_path / "search", tmp_path / "search.log"
-    space = write_space(tmp_path, trials=5, steps=6)
+    space = write_space(tmp_path, trials=trials, steps=6)
     proc = start_cli(["search", "--config", str(space), "--model", "small_cnn", "--data", "digits", "--out", str(out),
                       "--mlflow-uri", url, "--no-progress"], log)
+    return proc, out, log
+
+
+def _finished(out) -> int:
+    return sum(s in ("complete", "failed") for s in trial_states(out).values())
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="SearchTracker._log_trial leaves a half-written RUNNING run when the server "
+                                       "dies between create_run and set_terminated, then logs the trial again "
+                                       "(duplicate); see docs/RELIABILITY.md")
+def test_server_killed_while_a_trial_is_logged_then_back_loses_and_repeats_nothing(tmp_path):
+    cfg = ServerConfig(port=0, data_dir=tmp_path / "server")
+    url = start_server(cfg)["url"]
+    proc, out, log = _start_search(tmp_path, url, trials=5)
     try:
-        def first_trial_run():
-            """the first trial's run in MLflow"""
+        def a_trial_being_logged():
+            """a trial run created but not yet terminated"""
             if not (out / "search.json").exists():
                 return False
-            return mlflow_trial_runs(url, json.loads((out / "search.json").read_text())["search_id"])
+            runs = mlflow_trial_runs(url, json.loads((out / "search.json").read_text())["search_id"])
+            return any(run.info.status == "RUNNING" for run in runs)
 
-        wait_for(first_trial_run, 300, proc, log)
-        # 1. the server dies (SIGKILL: no graceful shutdown) while that trial is being logged
+        wait_for(a_trial_being_logged, 300, proc, log, poll_s=0.05)
+        # the server dies (SIGKILL: no graceful shutdown) while that trial is being logged
         os.killpg(json.loads((cfg.data_dir / "server.json").read_text())["pid"], signal.SIGKILL)
         stop_server(cfg)
-        done_at_outage = sum(s in ("complete", "failed") for s in trial_states(out).values())
+        done_at_outage = _finished(out)
 
         def two_more_finished():
             """two more trials finished while MLflow is down"""
-            return sum(s in ("complete", "failed") for s in trial_states(out).values()) >= done_at_outage + 2
+            return _finished(out) >= done_at_outage + 2
 
         wait_for(two_more_finished, 300, proc, log)
         start_server(cfg)  # back on the same address
         assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
         assert_study_and_mlflow_agree(out, 5)
-
-        # 2. down at the end: finishes, keeps everything in the study, says how to resume
+    finally:
+        if proc.poll() is None:
+            proc.kill()
         stop_server(cfg)
-        extended = run_cli(["search", "--resume", "--out", str(out), "--trials", "7", "--no-progress"])
-        assert extended.returncode == 0, extended.stderr[-3000:]
-        assert "--resume" in extended.stderr and "safe in the study" in extended.stderr
-        assert sum(s in ("complete", "failed") for s in trial_states(out).values()) == 7
+
+
+@pytest.mark.slow
+def test_server_down_at_the_end_keeps_everything_in_the_study_and_resume_logs_it(tmp_path):
+    cfg = ServerConfig(port=0, data_dir=tmp_path / "server")
+    url = start_server(cfg)["url"]
+    proc, out, log = _start_search(tmp_path, url, trials=4)
+    try:
+        wait_for(lambda: _finished(out) >= 2, 300, proc, log)
+        stop_server(cfg)  # graceful stop between two trials' logging, and it stays down
+        assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+        log_text = log.read_text()
+        assert "safe in the study" in log_text and f"autorank search --resume --out {out}" in log_text
+        assert _finished(out) == 4
         start_server(cfg)
-        replayed = run_cli(["search", "--resume", "--out", str(out), "--trials", "7", "--no-progress"])
+        replayed = run_cli(["search", "--resume", "--out", str(out), "--no-progress"])
         assert replayed.returncode == 0, replayed.stderr[-3000:]
-        assert_study_and_mlflow_agree(out, 7)
+        assert_study_and_mlflow_agree(out, 4)
     finally:
         if proc.poll() is None:
             proc.kill()
