@@ -140,12 +140,16 @@ class LocalPostgres:
         if not self.password_file.exists():
             self.password_file.write_text(secrets.token_urlsafe(18))
             self.password_file.chmod(0o600)
-        if not (self.cluster / "PG_VERSION").exists():
+        fresh = not (self.cluster / "PG_VERSION").exists()
+        if fresh:
             self._init_cluster()
         if not self.running():
             self._run(_postgres_binary("pg_ctl"), "-D", str(self.cluster), "-w", "-t", "60",
                       "-l", str(self.directory / "postgres.log"), "-o",
                       f"-c listen_addresses={LOOPBACK} -p {self.port} -k {self.cluster}", "start")
+        if fresh:
+            self._run(_postgres_binary("createdb"), "-h", str(self.cluster), "-p", str(self.port),
+                      "-U", self.user, self.database)
         return self.url
 
     def running(self) -> bool:
@@ -174,11 +178,6 @@ class LocalPostgres:
                       "-E", "UTF8")
         finally:
             pwfile.unlink()
-        self._run(_postgres_binary("pg_ctl"), "-D", str(self.cluster), "-w", "-t", "60",
-                  "-l", str(self.directory / "postgres.log"), "-o",
-                  f"-c listen_addresses={LOOPBACK} -p {self.port} -k {self.cluster}", "start")
-        self._run(_postgres_binary("createdb"), "-h", str(self.cluster), "-p", str(self.port),
-                  "-U", self.user, self.database)
 
     def _check_traversable(self) -> None:
         for parent in self.cluster.resolve().parents:
