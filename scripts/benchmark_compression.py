@@ -386,7 +386,7 @@ class Bench:
     @property
     def space_hash(self) -> str:
         """The fine-tune settings every baseline shares with the trials (a change reruns them)."""
-        text = json.dumps(self.space.to_dict(), sort_keys=True, default=str)
+        text = json.dumps(self.space.to_dict()["finetune"], sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
     def ptq(self) -> dict[str, Any]:
