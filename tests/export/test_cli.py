@@ -20,7 +20,7 @@ SPACE = {
     "activations": ["int8"],
     "rank": {"multiplier": [2.0, 8.0]},
     "constraints": {"max_drop": 10.0},
-    "finetune": {"steps": 10, "lr": 0.05, "batch_size": 64, "decompose_iters": 5},
+    "finetune": {"steps": 5, "lr": 0.05, "batch_size": 64, "decompose_iters": 5},
     "search": {"trials": 2, "population": 2, "seed": 0, "evbmf_seeds": False},
 }
 
@@ -35,7 +35,7 @@ def search_dir(tmp_path_factory, digits) -> Path:
     root = tmp_path_factory.mktemp("export-search")
     torch.manual_seed(0)
     model = create_model("small_cnn", digits)
-    train(model, digits, TrainConfig(steps=120, batch_size=64, lr=0.05, schedule="onecycle", seed=0))
+    train(model, digits, TrainConfig(steps=80, batch_size=64, lr=0.05, schedule="onecycle", seed=0))
     weights = root / "small_cnn.pt"
     torch.save({"state_dict": model.state_dict()}, weights)
     space = root / "space.yaml"

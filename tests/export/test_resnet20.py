@@ -32,7 +32,7 @@ def _calibration(cifar, images: int = 512) -> list[torch.Tensor]:
 def test_tucker2_evbmf_int8_onnx_matches_the_quantization_aware_model(resnet20, cifar, tmp_path):
     # EVBMF ranks weakened with w = 0.2 (MUSCO): usable without fine-tuning (docs/COMPRESSION.md)
     plan = make_plan(resnet20, "tucker2", "vbmf:0.2", "int8", activations="int8")
-    model = compress(resnet20, plan, calibration=_calibration(cifar), n_iter_max=30).eval()
+    model = compress(resnet20, plan, calibration=_calibration(cifar), n_iter_max=10).eval()
     result = export_model(model, cifar, tmp_path / "tucker.onnx", "int8", verify_limit=TEST_IMAGES, bench=False)
     v = result.verification
     print(f"Tucker-2 int8: ONNX {v.onnx_accuracy:.4f}, PyTorch {v.torch_accuracy:.4f}, agreement "
@@ -49,11 +49,11 @@ def test_tucker2_evbmf_int8_onnx_matches_the_quantization_aware_model(resnet20, 
 CP_LAYERS = tuple(f"layer{stage}.{block}.conv{conv}" for stage in (2, 3) for block in range(3) for conv in (1, 2))
 
 
-@pytest.mark.parametrize("stabilize, max_loss, min_loss", [("epc", 0.01, None), ("none", None, 0.03)])
+@pytest.mark.parametrize("stabilize, max_loss, min_loss", [("epc", 0.01, None), ("none", None, 0.10)])
 def test_cp_int8_needs_stabilisation(resnet20, cifar, tmp_path, stabilize, max_loss, min_loss):
     plan = Plan({name: LayerPlan("cp", 0.6, "int8", stabilize=stabilize) for name in CP_LAYERS},
                 activations="int8")
-    model = compress(resnet20, plan, calibration=_calibration(cifar), n_iter_max=40).eval()
+    model = compress(resnet20, plan, calibration=_calibration(cifar), n_iter_max=20).eval()
     write_onnx(model, cifar, tmp_path / "cp32.onnx", "fp32")
     write_onnx(model, cifar, tmp_path / "cp8.onnx", "int8")
     fp32 = onnx_accuracy(tmp_path / "cp32.onnx", cifar, "test", limit=TEST_IMAGES)
