@@ -95,11 +95,3 @@ def to_onnx(model: nn.Module, input_shape: tuple[int, ...], path: str | Path) ->
     onnx.save_model(proto, Path(path), save_as_external_data=False)
     return mapping
 
-
-def nodes_of(mapping: dict[str, list[str]], module_names: list[str] | set[str]) -> list[str]:
-    """The ONNX nodes that implement the given modules (a decomposed layer → all of its factors)."""
-    found = []
-    for module_path, node_names in mapping.items():
-        if any(module_path == name or module_path.startswith(name + ".") for name in module_names):
-            found.extend(node_names)
-    return found
