@@ -271,12 +271,15 @@ def launch(cfg: ServerConfig, backend_uri: str, log_path: Path | None = None) ->
         if log:
             log.close()
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while not health(cfg.url):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            terminate(proc.pid)
-            where = f"; see {log_path}" if log_path else ""
-            raise AutorankError(f"MLflow server on {cfg.url} did not come up{where}")
-        time.sleep(0.3)
+    try:
+        while not health(cfg.url):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                where = f"; see {log_path}" if log_path else ""
+                raise AutorankError(f"MLflow server on {cfg.url} did not come up{where}")
+            time.sleep(0.3)
+    except BaseException:  # a failed start or Ctrl-C while waiting leaves no server behind
+        terminate(proc.pid)
+        raise
     return proc
 
 

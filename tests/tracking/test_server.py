@@ -229,3 +229,42 @@ def test_ui_serves_a_search_store_on_loopback_until_interrupted(tmp_path):
 def test_ui_on_a_folder_without_a_search_is_a_one_line_error(tmp_path, capsys):
     assert main(["ui", "--search", str(tmp_path)]) == 2
     assert "holds no search" in capsys.readouterr().err
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def test_ctrl_c_while_the_ui_starts_leaves_no_server_behind(tmp_path):
+    out = tmp_path / "search"
+    out.mkdir()
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    subprocess.run([sys.executable, "-c", f"import mlflow; mlflow.MlflowClient('{uri}').search_experiments()"],
+                   check=True, timeout=120, cwd=tmp_path)
+    (out / "search.json").write_text(json.dumps({"mlflow_uri": uri}))
+    ui = subprocess.Popen([sys.executable, "-m", "autorank", "ui", "--search", str(out), "--port", "0"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (server := _children(ui.pid)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server, "autorank ui never started the MLflow server"
+    ui.send_signal(signal.SIGINT)  # before the server answers /health
+    assert ui.wait(timeout=60) == 130
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(server[0], 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        os.killpg(server[0], signal.SIGKILL)
+        pytest.fail("the MLflow server outlived `autorank ui`")
