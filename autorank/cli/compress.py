@@ -120,8 +120,8 @@ def run_compress(args: argparse.Namespace) -> int:
     plan = resolve_plan(model, _build_plan(args, model))
     calibration = None
     if plan.activations == "int8":
-        calibration = [x for x, _ in data.batches("train", min(args.batch_size, args.calibration_images),
-                                                  limit=args.calibration_images)]
+        calibration = data.calibration_images(args.calibration_images,
+                                              min(args.batch_size, args.calibration_images), seed=args.seed)
     compressed = compress(model, plan, calibration=calibration, n_iter_max=args.iters, seed=args.seed)
     before = _measure(model, data, args)
     after = _measure(compressed, data, args)

@@ -83,6 +83,17 @@ class Dataset:
             yield x, y
 
 
+    def calibration_images(self, count: int, batch_size: int, *, seed: int = 0,
+                           device: str | torch.device = "cpu") -> list[Tensor]:
+        """A seeded random sample of normalised training images, in batches, for quantization ranges.
+
+        Random, not the first `count`: image-folder splits are ordered by class, so the first images
+        would all be one class and the calibrated ranges would fit only it."""
+        generator = torch.Generator().manual_seed(seed)
+        return [x for x, _ in self.batches("train", batch_size, shuffle=True, generator=generator,
+                                           limit=count, device=device)]
+
+
 def augment_batch(images: Tensor, generator: torch.Generator, padding: int | None = None) -> Tensor:
     """Random crop with zero padding (default 1/8 of the side, 4 px at 32 px) and horizontal flip.
 

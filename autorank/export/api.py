@@ -88,9 +88,7 @@ def _check_options(precision: str, calibration_batches: int, calibration_method:
 
 
 def _calibration(data: Dataset, batches: int, batch_size: int, seed: int):
-    """Seeded random training images (splits are ordered by class: the first N would be one class)."""
-    generator = torch.Generator().manual_seed(seed)
-    for x, _ in data.batches("train", batch_size, shuffle=True, generator=generator, limit=batches * batch_size):
+    for x in data.calibration_images(batches * batch_size, batch_size, seed=seed):
         yield x.numpy()
 
 

@@ -149,7 +149,6 @@ def _study_search_class():
 def run_ray(study: optuna.Study, storage: optuna.storages.BaseStorage, ctx: TrialContext, data: Dataset, budget_left: BudgetLeft, on_done: OnDone, *,
             num_samples: int, address: str | None, resources: dict[str, float], max_concurrent: int) -> None:
     """Trials as Ray Tune trials driven by OptunaSearch on this (the driver's) study."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     import logging

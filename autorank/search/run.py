@@ -79,6 +79,7 @@ def run_search(
     """
     started = time.monotonic()
     out = Path(out_dir)
+    weights, data_spec = _absolute_paths(weights, data_spec)
     info: dict[str, Any] | None = None
     if resume:
         info = read_info(out)
@@ -199,6 +200,16 @@ def run_search(
     return SearchResult(out_dir=out, study_name=study_name, trials=final, front=pareto_front(final, space.objectives),
                         reference=ctx.reference, mlflow_uri=mlflow_uri, parent_run_id=info["parent_run_id"],
                         elapsed_s=time.monotonic() - started, unlogged=unlogged)
+
+
+def _absolute_paths(weights: str | Path | None, data_spec: str | None) -> tuple[str | Path | None, str | None]:
+    """Local paths as absolute ones: search.json then serves export and --resume from any directory."""
+    if weights is not None and Path(weights).expanduser().is_file():
+        weights = str(Path(weights).expanduser().resolve())
+    kind, sep, arg = (data_spec or "").partition(":")
+    if sep and arg and kind in ("imagefolder", "cifar10") and Path(arg).expanduser().exists():
+        data_spec = f"{kind}:{Path(arg).expanduser().resolve()}"
+    return weights, data_spec
 
 
 def prune_weights(trials: list[TrialRecord], objectives: tuple[str, ...] | list[str]) -> None:

@@ -161,7 +161,8 @@ def run_trial(ctx: TrialContext, data: Dataset, params: Mapping[str, Any], numbe
         ft = ctx.space.finetune
         calibration = None
         if plan.activations == "int8":
-            calibration = [x for x, _ in data.batches("train", ft.batch_size, limit=ft.batch_size * ft.calibration_batches)]
+            calibration = data.calibration_images(ft.batch_size * ft.calibration_batches, ft.batch_size,
+                                                  seed=ctx.space.seed)
         if ctx.space.finetune.qat:
             model = compress(ctx.model, plan, calibration=calibration, n_iter_max=ft.decompose_iters,
                              seed=ctx.space.seed)

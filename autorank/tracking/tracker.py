@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -39,6 +40,12 @@ def default_tracking_uri(out_dir: Path) -> str:
     return f"sqlite:///{(out_dir / 'mlflow.db').resolve()}"
 
 
+# MLflow's client retries an unreachable server for ~4 minutes per call by default; a search should
+# notice an outage in seconds and replay later instead (users can still override these).
+MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
 class SearchTracker:
     """Logs a search to MLflow; safe to lose (everything is replayable from the study)."""
 
@@ -64,6 +71,8 @@ class SearchTracker:
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> str | None:
         """Create or reopen the parent run and start the background writer; None if unreachable."""
+        for name, value in MLFLOW_HTTP_DEFAULTS.items():
+            os.environ.setdefault(name, value)
         try:
             self._connect()
         except Exception as exc:  # noqa: BLE001 - tracking must never stop a search
@@ -106,6 +115,13 @@ class SearchTracker:
         next trial's fine-tune would otherwise have), and always on the final sync."""
         if self.client is None or self.parent_id is None:
             self._connect()
+        try:
+            self._sync(records, final=final)
+        except Exception:
+            self.client = None  # reconnect next time: _connect replaces runs half-written by this failure
+            raise
+
+    def _sync(self, records: Sequence[TrialRecord], *, final: bool) -> None:
         for record in records:
             if record.counted and record.number not in self.logged:
                 self.logged[record.number] = self._log_trial(record)

@@ -32,9 +32,6 @@ def _finished(out) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="SearchTracker._log_trial leaves a half-written RUNNING run when the server "
-                                       "dies between create_run and set_terminated, then logs the trial again "
-                                       "(duplicate); see docs/RELIABILITY.md")
 def test_server_killed_while_a_trial_is_logged_then_back_loses_and_repeats_nothing(tmp_path):
     cfg = ServerConfig(port=0, data_dir=tmp_path / "server")
     url = start_server(cfg)["url"]
