@@ -823,6 +823,8 @@ def findings_section(runs: Mapping[str, list[dict[str, Any]]], reference: Mappin
         d_dec, d_q, d_joint = ((ref_test - x["test_accuracy"]) * 100 for x in (r, q, joint))
         lines.append(f"| {r['rank']:g} | {d_dec:+.2f} | {d_q:+.2f} | {d_dec + d_q:+.2f} | {d_joint:+.2f} | "
                      f"{d_joint - d_dec - d_q:+.2f} |")
+    if len(lines) == 4:
+        lines.append("| not run yet | | | | | |")
     layers = next((r for r in runs.get("findings", []) if r["_file"] == "tucker2-int8-layers"), None)
     if layers:
         lines += ["", f"**Tucker-2 + INT8, one layer at a time (no fine-tuning, {layers['config']['layer_val_limit']} "
@@ -871,6 +873,12 @@ def findings_section(runs: Mapping[str, list[dict[str, Any]]], reference: Mappin
     for r in fixed:
         lines.append(f"| {r['rank']:g} | {r['family']} | {r['params']:,} | {pct(r['pre_ft_val_accuracy'])} | "
                      f"{pct(r['val_accuracy'])} | {pct(r['test_accuracy'])} |")
+    if not fixed:
+        lines.append("| not run yet | | | | | |")
+    if not layers:
+        lines += ["", "One layer at a time: not run yet."]
+    if not cp:
+        lines += ["", "CP + INT8 stabilisation: not run yet."]
     return lines
 
 
