@@ -264,8 +264,10 @@ def measure(
     limit: int | None = None,
     channels_last: bool = False,
     bf16: bool = False,
+    latency: bool = True,
 ) -> dict[str, float | int]:
-    """Accuracy plus the deployment figures: params, size_bytes, MACs at the data's input size, latency."""
+    """Accuracy plus the deployment figures: params, size_bytes, MACs at the data's input size, latency
+    (skipped with `latency=False` where only the accounting matters)."""
     from autorank.compression import profile
 
     accuracy = evaluate(
@@ -273,10 +275,12 @@ def measure(
         channels_last=channels_last, bf16=bf16,
     )
     stats = profile(model, data.input_shape)
-    return {
+    figures: dict[str, float | int] = {
         "accuracy": accuracy,
         "params": int(stats.params),
         "size_bytes": int(stats.size_bytes),
         "macs": int(stats.macs),
-        "latency_ms": latency_ms(model, data.input_shape, device=device),
     }
+    if latency:
+        figures["latency_ms"] = latency_ms(model, data.input_shape, device=device)
+    return figures

@@ -16,13 +16,12 @@ from autorank.compression import (
     find_layers,
     make_plan,
     mixed_plan,
-    profile,
     resolve_plan,
     vbmf_method_ranks,
 )
 from autorank.compression.plan import ACTIVATIONS, PRECISIONS
 from autorank.compression.ranks import parse_vbmf
-from autorank.engine import TrainConfig, evaluate, train
+from autorank.engine import TrainConfig, measure, train
 from autorank.errors import AutorankError
 
 CLI_METHODS = ("tucker2", "cp", "tt", "mixed", "none")
@@ -109,9 +108,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _measure(model: nn.Module, data, args: argparse.Namespace) -> dict[str, float]:
-    stats = profile(model, data.input_shape)
-    accuracy = evaluate(model, data, args.split, device=args.device, limit=args.limit)
-    return {"accuracy": accuracy, "params": stats.params, "size_bytes": stats.size_bytes, "macs": stats.macs}
+    return measure(model, data, args.split, device=args.device, limit=args.limit, latency=False)
 
 
 def run_compress(args: argparse.Namespace) -> int:
