@@ -39,6 +39,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from autorank.tracking.pareto import format_size
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("AUTORANK_SHARED", REPO.parent / "shared"))
 DATA_ARCHIVE = SHARED / "data" / "cifar10-jpeg.tar.gz"
@@ -670,10 +672,6 @@ def label(r: Mapping[str, Any]) -> str:
     return str(r.get("summary") or r["name"]).replace("|", "\\|")
 
 
-def fmt_size(n: float) -> str:
-    return f"{n / 1e3:,.1f} KB" if n < 1e6 else f"{n / 1e6:.2f} MB"
-
-
 def pct(x: float | None) -> str:
     return "—" if x is None else f"{x * 100:.2f}"
 
@@ -710,7 +708,7 @@ def family_summary(rows: Sequence[Mapping[str, Any]], reference: Mapping[str, An
         ok = [r for r in members if (reference["test_accuracy"] - r["test_accuracy"]) * 100 <= WITHIN]
         best = min(ok, key=lambda r: (r["size_bytes"], -r["test_accuracy"])) if ok else None
         lines.append(f"| {family} | {len(members)} | {hv:.3f} | {label(best) if best else 'none'} | "
-                     f"{fmt_size(best['size_bytes']) if best else '—'} | {pct(best['test_accuracy']) if best else '—'} | "
+                     f"{format_size(best['size_bytes']) if best else '—'} | {pct(best['test_accuracy']) if best else '—'} | "
                      f"{hv_of(members, 'test_accuracy', reference, CHANCE):.2f} |")
     return lines
 
@@ -894,7 +892,7 @@ def build_report(out: Path, tag: str, command: str, docs_dir: Path | None) -> di
     lines = [f"**{tag}** — `{command}`", "",
              f"Reference: the adapted checkpoint fine-tuned {reference['config']['steps']} steps (one trial's budget): "
              f"test {pct(reference['test_accuracy'])}% (before: {pct(reference.get('pretrained_test'))}%), "
-             f"val {pct(reference['val_accuracy'])}%, {fmt_size(reference['size_bytes'])} fp32. "
+             f"val {pct(reference['val_accuracy'])}%, {format_size(reference['size_bytes'])} fp32. "
              f"Test images: {reference['config']['test_limit'] or 'all 10,000'}; val: "
              f"{reference['config']['val_limit'] or 'all 5,000'}.", ""]
     summary = (runs.get("search_summary") or [None])[0]
@@ -906,7 +904,7 @@ def build_report(out: Path, tag: str, command: str, docs_dir: Path | None) -> di
         ok = [t for t in live if t.finished_ok]
         best = max(ok, key=lambda t: t.metrics["accuracy"], default=None)
         lines += [f"Search still running: {len(live)} trials finished ({len(ok)} completed)"
-                  + (f", best val {best.metrics['accuracy'] * 100:.2f}% at {fmt_size(best.metrics['size_bytes'])}"
+                  + (f", best val {best.metrics['accuracy'] * 100:.2f}% at {format_size(best.metrics['size_bytes'])}"
                      if best else "") + "; its Pareto models are evaluated on test when it ends.", ""]
     if summary:
         done = [t for t in summary["trials"] if t["state"] == "complete"]

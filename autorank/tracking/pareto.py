@@ -71,17 +71,18 @@ def format_front(front: Sequence[TrialRecord], reference: Mapping[str, Any] | No
     """A plain-text table of the front, for the terminal."""
     lines = [f"{'trial':>5}  {'accuracy':>8}  {'drop':>6}  {'size':>10}  {'ratio':>6}  {'MMACs':>7}  plan"]
     if reference:
-        lines.append(f"{'ref':>5}  {reference['accuracy'] * 100:7.2f}%  {'':>6}  {_size(reference['size_bytes']):>10}"
+        lines.append(f"{'ref':>5}  {reference['accuracy'] * 100:7.2f}%  {'':>6}  {format_size(reference['size_bytes']):>10}"
                      f"  {'1.0x':>6}  {reference.get('macs', 0) / 1e6:7.2f}  uncompressed, same fine-tune")
     for row in front_rows(front):
         drop = f"{row['drop_points']:+.2f}" if row["drop_points"] is not None else ""
         ratio = f"{row['ratio']:.1f}x" if row["ratio"] is not None else ""
-        lines.append(f"{row['trial']:>5}  {row['accuracy'] * 100:7.2f}%  {drop:>6}  {_size(row['size_bytes']):>10}"
+        lines.append(f"{row['trial']:>5}  {row['accuracy'] * 100:7.2f}%  {drop:>6}  {format_size(row['size_bytes']):>10}"
                      f"  {ratio:>6}  {row['macs'] / 1e6:7.2f}  {row['summary']}")
     return "\n".join(lines)
 
 
-def _size(n: float) -> str:
+def format_size(n: float) -> str:
+    """Bytes as B / KB / MB (SI), as the front tables and reports print them."""
     if n >= 1e6:
         return f"{n / 1e6:.2f} MB"
     if n >= 1e3:
