@@ -6,7 +6,8 @@ Equivalent CLI for the search part (run from the repository root):
         --weights ../shared/models/cifar10/resnet20-12fca82f-jpeg-adapted.pt \
         --data imagefolder:../shared/data/cifar10-jpeg.tar.gz --trials 30 --out OUT
 
-Selection happens on val; the front members are then rebuilt from their saved weights (no
+Selection happens on val; the members of the Pareto front over all trials (feasible or not: the
+trade-off the search mapped) are then rebuilt from their saved weights (no
 retraining) and measured once on the test split, which the search never saw.
 
 Usage: python scripts/run_resnet20_search.py OUT [--trials 30] [--test-only]
@@ -49,21 +50,27 @@ def main() -> int:
         print(f"search wall time: {(time.time() - start) / 60:.1f} min", flush=True)
 
     search = load_search(args.out)
-    front = pareto_front(search.trials, search.space.objectives)
+    feasible = pareto_front(search.trials, search.space.objectives)
+    # every trial, feasible or not: the accuracy-versus-size trade-off the search mapped out
+    front = pareto_front(search.trials, search.space.objectives, feasible_only=False)
     done = [t for t in search.trials if t.counted]
-    print(f"{len(done)} trials ({sum(t.state == 'failed' for t in done)} failed), front of {len(front)}:")
+    print(f"{len(done)} trials ({sum(t.state == 'failed' for t in done)} failed), "
+          f"{sum(t.feasible for t in done)} feasible; feasible front of {len(feasible)}:")
+    print(format_front(feasible, search.reference))
+    print(f"front over all trials ({len(front)}):")
     print(format_front(front, search.reference))
     reference_test = engine.evaluate(create_model("resnet20", data, WEIGHTS), data, "test")
     rows = [{"trial": "pretrained (no fine-tune)", "test_accuracy": reference_test}]
     for t in front:
         model = rebuild_trial(args.out, trial=t.number)[-1]
-        rows.append({"trial": t.number, "summary": t.summary, "val_accuracy": t.metrics["accuracy"],
+        rows.append({"trial": t.number, "summary": t.summary, "feasible": t.feasible, "val_accuracy": t.metrics["accuracy"],
                      "test_accuracy": engine.evaluate(model, data, "test"), "size_bytes": t.metrics["size_bytes"],
                      "ratio": t.metrics["ratio"], "macs": t.metrics["macs"]})
-    print("| trial | plan | val acc | test acc | size | ratio | MMACs |")
-    print("|---|---|---|---|---|---|---|")
+    print("| trial | feasible | plan | val acc | test acc | size | ratio | MMACs |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows[1:]:
-        print(f"| {r['trial']} | {r['summary']} | {r['val_accuracy'] * 100:.2f}% | {r['test_accuracy'] * 100:.2f}% | "
+        print(f"| {r['trial']} | {'yes' if r['feasible'] else 'no'} | {r['summary']} | {r['val_accuracy'] * 100:.2f}% | "
+              f"{r['test_accuracy'] * 100:.2f}% | "
               f"{r['size_bytes'] / 1e3:.1f} KB | {r['ratio']:.1f}x | {r['macs'] / 1e6:.1f} |")
     print(f"uncompressed adapted ResNet-20: test {reference_test * 100:.2f}%, "
           f"val after the same fine-tune {search.reference['accuracy'] * 100:.2f}%, "

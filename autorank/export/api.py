@@ -27,7 +27,9 @@ from autorank.data import Dataset, load_data
 from autorank.errors import AutorankError
 from autorank.export.bench import Speed, benchmark
 from autorank.export.graph import to_onnx
-from autorank.export.precision import CALIBRATION_METHODS, INT8_SCOPES, compact, payload_bytes, to_fp16, to_int8
+from autorank.compression.quantize import INT_BITS
+from autorank.export.precision import (CALIBRATION_METHODS, INT8_SCOPES, compact, payload_bytes, round_biases, to_fp16,
+                                     to_int8)
 from autorank.export.verify import Verification, onnx_accuracy, verify
 
 EXPORT_PRECISIONS = ("fp32", "fp16", "int8")
@@ -129,19 +131,52 @@ def _trained_ranges(model: nn.Module, mapping: dict[str, list[str]],
     return ranges
 
 
+@dataclass
+class Written:
+    """What `write_onnx` wrote: the plan it honoured and the PyTorch model the file computes."""
+
+    precisions: dict[str, str]  # weight precision of every Conv2d/Linear, by module name
+    reference: nn.Module        # int8: a copy with the file's int32 bias rounding applied; else the model
+
+
+def _shift_biases(model: nn.Module, mapping: dict[str, list[str]],
+                  shifts: dict[str, tuple[np.ndarray, np.ndarray]]) -> nn.Module:
+    """A copy of `model` whose outputs move by the same per-channel bias shifts as the ONNX file.
+
+    The file's layers have BatchNorm folded in (weight x a, bias x a + b per channel); PyTorch keeps
+    them apart, so a shift d of the folded bias is d / a on the layer's own bias, where a is read
+    off the folded weight against the layer's (quantized) weight.
+    """
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for path, nodes in mapping.items():
+            for node in nodes:
+                if node not in shifts:
+                    continue
+                delta, folded = shifts[node]
+                layer = reference.get_submodule(path)
+                weight = layer.weight.detach().double().flatten(1).numpy()
+                folded = folded.astype(np.float64).reshape(weight.shape[0], -1)
+                norm = (weight * weight).sum(1)
+                scale = np.divide((weight * folded).sum(1), norm, out=np.zeros_like(norm), where=norm > 0)
+                bias_shift = np.divide(delta, scale, out=np.zeros_like(norm), where=np.abs(scale) > 1e-12)
+                if layer.bias is None:
+                    layer.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=layer.weight.dtype))
+                layer.bias += torch.from_numpy(bias_shift).to(layer.bias.dtype)
+    return reference
+
+
 def write_onnx(model: nn.Module, data: Dataset, out: str | Path, precision: str = "int8", *,
                calibration_batches: int = 8, calibration_batch_size: int = 64,
                calibration_method: str = "minmax", activation_type: str = "uint8", int8_scope: str = "plan",
-               seed: int = 0) -> dict[str, str]:
-    """Write `model` (a compressed model, fake quantization included) as ONNX at `precision`.
-
-    Returns the weight precision of every Conv2d/Linear (by module name) that the file honours.
-    """
+               seed: int = 0) -> Written:
+    """Write `model` (a compressed model, fake quantization included) as ONNX at `precision`."""
     _check_options(precision, calibration_batches, calibration_method, None, int8_scope)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     precisions = layer_precisions(model)
     plain = strip_fake_quant(model)
+    reference = model
     with tempfile.TemporaryDirectory() as tmp:
         fp32_path = out if precision == "fp32" else Path(tmp) / "fp32.onnx"
         mapping = to_onnx(plain, data.input_shape, fp32_path)
@@ -154,15 +189,20 @@ def write_onnx(model: nn.Module, data: Dataset, out: str | Path, precision: str 
             def nodes(wanted: str) -> list[str]:
                 return [node for name, p in precisions.items() if p == wanted for node in mapping[name]]
 
+            weight_only = not any(isinstance(m, ActivationFakeQuant) for m in model.modules())
+            fp32 = onnx.load_model(fp32_path)
+            ranges = _trained_ranges(model, mapping, fp32)
+            if not weight_only:
+                bits = {node: INT_BITS[p] for name, p in precisions.items() if p in INT_BITS for node in mapping[name]}
+                reference = _shift_biases(model, mapping, round_biases(fp32, ranges, bits))
+                onnx.save_model(fp32, fp32_path)
             with _quiet():
                 to_int8(fp32_path, out, _calibration(data, calibration_batches, calibration_batch_size, seed),
                         exclude_fp32=nodes("fp32"), exclude_fp16=nodes("fp16"), int4_nodes=nodes("int4"),
-                        activation_ranges=_trained_ranges(model, mapping, onnx.load_model(fp32_path)),
-                        method=calibration_method, activation_type=activation_type,
-                        scope=int8_scope,
-                        weight_only=not any(isinstance(m, ActivationFakeQuant) for m in model.modules()))
+                        activation_ranges=ranges, method=calibration_method, activation_type=activation_type,
+                        scope=int8_scope, weight_only=weight_only)
     onnx.save_model(compact(onnx.load_model(out)), out)
-    return precisions
+    return Written(precisions, reference)
 
 
 def export_model(model: nn.Module, data: Dataset, out: str | Path, precision: str = "int8", *,
@@ -174,15 +214,15 @@ def export_model(model: nn.Module, data: Dataset, out: str | Path, precision: st
     _check_options(precision, calibration_batches, calibration_method, threads, int8_scope)
     model = model.eval().cpu()
     out = Path(out)
-    precisions = write_onnx(model, data, out, precision, calibration_batches=calibration_batches,
-                            calibration_batch_size=calibration_batch_size, calibration_method=calibration_method,
-                            activation_type=activation_type, int8_scope=int8_scope, seed=seed)
+    written = write_onnx(model, data, out, precision, calibration_batches=calibration_batches,
+                         calibration_batch_size=calibration_batch_size, calibration_method=calibration_method,
+                         activation_type=activation_type, int8_scope=int8_scope, seed=seed)
     threads = threads or torch.get_num_threads()
-    verification = verify(out, model, data, verify_split, limit=verify_limit, seed=seed, threads=threads)
+    verification = verify(out, written.reference, data, verify_split, limit=verify_limit, seed=seed, threads=threads)
     result = ExportResult(path=out, precision=precision, file_bytes=out.stat().st_size,
                           size_bytes=profile(model, data.input_shape).size_bytes,
                           payload_bytes=payload_bytes(onnx.load_model(out)), verification=verification,
-                          layer_precisions=precisions)
+                          layer_precisions=written.precisions)
     if bench:
         result.speed["exported"] = benchmark(out, data.input_shape, threads=threads, seed=seed)
         if baseline is not None:

@@ -107,8 +107,8 @@ def to_int8(
             extra_options={
                 "WeightSymmetric": True, "TensorQuantOverrides": overrides,
                 "OpTypesToExcludeOutputQuantization": list(COMPUTE_OPS) if scope == "plan" else [],
-                # the QAT model adds float biases (BatchNorm folded) to the integer-grid product
-                "QuantizeBias": scope != "plan",
+                # int32 biases (round_biases put plan layers' biases on that grid already)
+                "QuantizeBias": not weight_only,
             },
         )
     finally:
@@ -155,6 +155,47 @@ def _float_for_unquantized_consumers(model: onnx.ModelProto, *, everywhere: bool
             return
         for node in dead:
             model.graph.node.remove(node)
+
+
+def round_biases(model: onnx.ModelProto, input_ranges: dict[str, tuple[float, float]],
+                 weight_bits: dict[str, int]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Put the float biases of integer layers on their int32 grid, in place; returns the shifts.
+
+    Integer inference (QLinearConv, or ORT's own bias quantization at load time) adds the bias as
+    int32 at scale input_scale x weight_scale (scales computed as ORT's quantizer computes them). That moves a BatchNorm-folded bias by under half an
+    accumulator step, yet in a network of rounded activations such a nudge flips rounding decisions
+    downstream: measured, 1.1% of ResNet-20's top-1 predictions. Rounding here, where the scales
+    are known (`input_ranges`: the quantization-aware model's activation ranges, which the
+    quantizer will use unchanged), lets the PyTorch reference apply the very same shifts.
+
+    `weight_bits` maps Conv/Gemm node names to 8 or 4. Returns node name → (shift per output
+    channel, folded weight), for `shift_biases` on the PyTorch side.
+    """
+    from onnxruntime.quantization.quant_utils import get_qmin_qmax_for_qType
+
+    initializers = {init.name: init for init in model.graph.initializer}
+    shifts = {}
+    for node in model.graph.node:
+        bits = weight_bits.get(node.name)
+        if bits is None or len(node.input) < 3 or node.input[0] not in input_ranges or node.input[2] not in initializers:
+            continue
+        low, high = input_ranges[node.input[0]]
+        input_scale = np.float32((max(high, 0.0) - min(low, 0.0)) / 255.0)  # ORT: (rmax - rmin) / (qmax - qmin)
+        weight = numpy_helper.to_array(initializers[node.input[1]])
+        if node.op_type == "Gemm" and not any(a.name == "transB" and a.i for a in node.attribute):
+            weight = weight.T  # Gemm without transB stores (in, out): channels on axis 1
+        qmin, qmax = get_qmin_qmax_for_qType(onnx.TensorProto.INT8 if bits == 8 else onnx.TensorProto.INT4,
+                                             symmetric=True)
+        absmax = np.abs(weight.reshape(weight.shape[0], -1)).max(axis=1).astype(np.float64)
+        weight_scale = np.where(absmax > 0, 2 * absmax / (float(qmax) - float(qmin)), 1.0).astype(np.float32)
+        step = (input_scale * weight_scale).astype(np.float32)
+        if not input_scale > 0:
+            continue
+        bias = numpy_helper.to_array(initializers[node.input[2]]).astype(np.float32)
+        rounded = (np.round(bias.astype(np.float64) / step) * step).astype(np.float32)
+        initializers[node.input[2]].CopyFrom(numpy_helper.from_array(rounded, node.input[2]))
+        shifts[node.name] = (rounded - bias, weight)
+    return shifts
 
 
 def _weight_inputs(model: onnx.ModelProto) -> dict[str, str]:

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import TensorProto
+from onnx import TensorProto, numpy_helper
 
 from autorank import engine
 from autorank.compression import LayerPlan, Plan, compress, profile
 from autorank.export import export_model, write_onnx
-from autorank.export.precision import payload_bytes
+from autorank.export.precision import payload_bytes, round_biases, to_int8
 from autorank.models import create_model
 
 # SmallCNN: features.0 (stem, left fp32), features.3/.7/.10 convs, classifier
@@ -98,3 +99,34 @@ def test_bad_options_are_one_line_errors(mixed, digits, tmp_path):
         export_model(mixed, digits, tmp_path / "x.onnx", "int8", calibration_batches=0)
     assert not (tmp_path / "x.onnx").exists()
     assert profile(mixed, digits.input_shape).size_bytes > 0
+
+
+def _one_conv(weight: np.ndarray, bias: np.ndarray) -> onnx.ModelProto:
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Conv", ["input", "w", "b"], ["logits"], name="conv")], "one_conv",
+        [onnx.helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, weight.shape[1], 3, 3])],
+        [onnx.helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, weight.shape[0], 3, 3])],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")])
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 21)])
+
+
+def test_round_biases_puts_biases_on_the_int32_grid_onnx_runtime_uses(tmp_path):
+    weight = np.zeros((2, 1, 1, 1), np.float32)
+    weight[:, 0, 0, 0] = [1.27, -0.5]
+    bias = np.array([0.123456, -0.3], np.float32)
+    model = _one_conv(weight, bias)
+    shifts = round_biases(model, {"input": (-1.0, 3.0)}, {"conv": 8})
+    # by hand: input scale (3 - -1) / 255, weight scales 1.27 / 127 and 0.5 / 127
+    step = np.float32(4 / 255) * np.array([1.27 / 127, 0.5 / 127], np.float32)
+    expected = np.round(bias / step) * step
+    rounded = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "b"))
+    np.testing.assert_allclose(rounded, expected, rtol=1e-6)
+    np.testing.assert_allclose(shifts["conv"][0], expected - bias, rtol=1e-5)
+    assert (np.abs(shifts["conv"][0]) <= step / 2 + 1e-9).all() and shifts["conv"][0].any()
+    # ONNX Runtime's quantizer, fed the same input range, stores exactly these integers
+    onnx.save_model(model, tmp_path / "fp32.onnx")
+    calibration = [np.random.default_rng(0).uniform(-1, 3, (1, 1, 3, 3)).astype(np.float32)]
+    to_int8(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", calibration, activation_ranges={"input": (-1.0, 3.0)})
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load_model(tmp_path / "int8.onnx").graph.initializer}
+    stored = next(v for v in inits.values() if v.dtype == np.int32)
+    np.testing.assert_array_equal(stored, np.round(bias / step).astype(np.int32))
