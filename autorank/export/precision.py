@@ -23,6 +23,7 @@ from onnx import numpy_helper
 from autorank.export.graph import COMPUTE_OPS, INPUT_NAME
 
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+INT8_MAX, INT4_MAX = 127, 7  # symmetric weight grids of the quantization-aware model ([-127, 127], [-7, 7])
 INT8_SCOPES = ("plan", "full")
 
 
@@ -81,8 +82,9 @@ def to_int8(
         raise ValueError(f"calibration method {method!r}: choose from {', '.join(CALIBRATION_METHODS)}")
     model = onnx.load_model(src)
     weights = _weight_inputs(model)
+    arrays = {init.name: init for init in model.graph.initializer}
     overrides = {
-        weights[name]: [{"quant_type": QuantType.QInt4, "symmetric": True, "axis": 0}]
+        weights[name]: _int4_scales(numpy_helper.to_array(arrays[weights[name]]), QuantType.QInt4)
         for name in int4_nodes if name in weights
     }
     for tensor, (low, high) in (activation_ranges or {}).items():
@@ -118,6 +120,18 @@ def to_int8(
         _float_for_unquantized_consumers(quantized, everywhere=weight_only)
     _store_fp16_weights(quantized, list(exclude_fp16))
     onnx.save_model(quantized, dst)
+
+
+def _int4_scales(weight: np.ndarray, quant_type) -> list[dict]:
+    """Per-channel int4 overrides with the quantization-aware model's grid, scale = max|w| / 7.
+
+    ORT's own symmetric int4 scale is 2 max|w| / 15 (its range is [-8, 7]), which would put the
+    trained weights on a different grid than the one the search measured.
+    """
+    absmax = np.abs(weight.reshape(weight.shape[0], -1)).max(axis=1)
+    scales = np.where(absmax > 0, absmax / INT4_MAX, 1.0).astype(np.float32)
+    return [{"axis": 0, "quant_type": quant_type, "scale": np.float32(scale), "zero_point": np.int8(0)}
+            for scale in scales]
 
 
 def _float_for_unquantized_consumers(model: onnx.ModelProto, *, everywhere: bool = False) -> None:
@@ -162,7 +176,7 @@ def round_biases(model: onnx.ModelProto, input_ranges: dict[str, tuple[float, fl
     """Put the float biases of integer layers on their int32 grid, in place; returns the shifts.
 
     Integer inference (QLinearConv, or ORT's own bias quantization at load time) adds the bias as
-    int32 at scale input_scale x weight_scale (scales computed as ORT's quantizer computes them). That moves a BatchNorm-folded bias by under half an
+    int32 at scale input_scale x weight_scale (the weight grids of `to_int8`). That moves a BatchNorm-folded bias by under half an
     accumulator step, yet in a network of rounded activations such a nudge flips rounding decisions
     downstream: measured, 1.1% of ResNet-20's top-1 predictions. Rounding here, where the scales
     are known (`input_ranges`: the quantization-aware model's activation ranges, which the
@@ -171,8 +185,6 @@ def round_biases(model: onnx.ModelProto, input_ranges: dict[str, tuple[float, fl
     `weight_bits` maps Conv/Gemm node names to 8 or 4. Returns node name → (shift per output
     channel, folded weight), for `shift_biases` on the PyTorch side.
     """
-    from onnxruntime.quantization.quant_utils import get_qmin_qmax_for_qType
-
     initializers = {init.name: init for init in model.graph.initializer}
     shifts = {}
     for node in model.graph.node:
@@ -184,10 +196,8 @@ def round_biases(model: onnx.ModelProto, input_ranges: dict[str, tuple[float, fl
         weight = numpy_helper.to_array(initializers[node.input[1]])
         if node.op_type == "Gemm" and not any(a.name == "transB" and a.i for a in node.attribute):
             weight = weight.T  # Gemm without transB stores (in, out): channels on axis 1
-        qmin, qmax = get_qmin_qmax_for_qType(onnx.TensorProto.INT8 if bits == 8 else onnx.TensorProto.INT4,
-                                             symmetric=True)
-        absmax = np.abs(weight.reshape(weight.shape[0], -1)).max(axis=1).astype(np.float64)
-        weight_scale = np.where(absmax > 0, 2 * absmax / (float(qmax) - float(qmin)), 1.0).astype(np.float32)
+        absmax = np.abs(weight.reshape(weight.shape[0], -1)).max(axis=1).astype(np.float32)
+        weight_scale = np.where(absmax > 0, absmax / np.float32(INT8_MAX if bits == 8 else INT4_MAX), np.float32(1.0))
         step = (input_scale * weight_scale).astype(np.float32)
         if not input_scale > 0:
             continue

@@ -28,6 +28,7 @@ def run_demo(out_dir: str | Path, *, trials: int | None = None, progress: bool =
     out = Path(out_dir)
     space_ = load_space(space)
     data = load_data("digits", seed=space_.seed)
+    torch.manual_seed(space_.seed)  # the CNN's initialisation: the same demo gives the same search
     model = create_model("small_cnn", data)
     if progress:
         print("autorank demo: training the small CNN on digits (the model to compress)", file=sys.stderr)

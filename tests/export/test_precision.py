@@ -76,6 +76,33 @@ def test_int8_honours_the_plan(mixed, digits, tmp_path):
     assert result.payload_bytes == pytest.approx(result.size_bytes, rel=0.10)
 
 
+def _dequantized_weights(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Compute node name → its weight as ONNX Runtime reads it (integer x per-channel scale)."""
+    producers = {out: node for node in proto.graph.node for out in node.output}
+    inits = {init.name: numpy_helper.to_array(init) for init in proto.graph.initializer}
+    weights = {}
+    for node in proto.graph.node:
+        dq = producers.get(node.input[1]) if node.op_type in ("Conv", "Gemm") else None
+        if dq is not None and dq.op_type == "DequantizeLinear":
+            q = inits[dq.input[0]].astype(np.float32)
+            scale = inits[dq.input[1]].reshape(-1, *([1] * (q.ndim - 1)))
+            weights[node.name] = q * scale
+    return weights
+
+
+def test_integer_weights_are_the_ones_the_model_trained_with(mixed, digits, tmp_path):
+    """int8 and int4 (ORT's own int4 grid is max|w|/7.5, the model's max|w|/7) stored exactly."""
+    write_onnx(mixed, digits, tmp_path / "fp32.onnx", "fp32")
+    write_onnx(mixed, digits, tmp_path / "int8.onnx", "int8")
+    trained = {init.name: numpy_helper.to_array(init) for init in onnx.load_model(tmp_path / "fp32.onnx").graph.initializer}
+    fp32_weight = {node.name: trained[node.input[1]] for node in onnx.load_model(tmp_path / "fp32.onnx").graph.node
+                   if node.op_type in ("Conv", "Gemm")}
+    stored = _dequantized_weights(onnx.load_model(tmp_path / "int8.onnx"))
+    assert set(stored) == {"features.3.1", "features.3.3", "features.3.5", "features.10.1"}
+    for name, weight in stored.items():
+        np.testing.assert_allclose(weight, fp32_weight[name], rtol=1e-5, atol=1e-7, err_msg=name)
+
+
 def test_fp16_keeps_fp32_io_and_halves_the_file(mixed, digits, tmp_path):
     fp32 = tmp_path / "m32.onnx"
     fp16 = tmp_path / "m16.onnx"
