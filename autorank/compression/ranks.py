@@ -184,24 +184,34 @@ def vbmf_method_ranks(method: str, weight: torch.Tensor, weakening: float = 1.0)
     if method == "svd":
         return (vbmf_ranks(weight, weakening)[0],)
     if method == "tucker2":
-        return vbmf_ranks(weight, weakening)
+        return attainable_ranks("tucker2", shape, vbmf_ranks(weight, weakening))
     if method == "cp":
-        budget = method_params("tucker2", shape, vbmf_ranks(weight, weakening))
+        budget = method_params("tucker2", shape, vbmf_method_ranks("tucker2", weight, weakening))
         return (_clamp(round(budget / sum(shape)), full_ranks("cp", shape)[0]),)
     if method == "tt":
         T, C, kh, kw = shape
         tensor = weight.permute(1, 2, 3, 0)  # (C, kh, kw, T)
         unfoldings = (tensor.reshape(C, -1), tensor.reshape(C * kh, -1), tensor.reshape(C * kh * kw, -1))
-        return tt_feasible("tt", shape, tuple(
+        return attainable_ranks("tt", shape, tuple(
             weaken(full, _guarded_rank(unf), weakening)
             for full, unf in zip(full_ranks("tt", shape), unfoldings, strict=True)
         ))
     raise AutorankError(f"no EVBMF rank rule for method {method!r}")
 
 
-def tt_feasible(method: str, shape: tuple[int, ...], ranks: tuple[int, ...]) -> tuple[int, ...]:
-    """TT-SVD returns at most r_k = r_(k-1) n_k channels (C, kh, kw in turn): clamp the TT ranks to that,
-    so the chain built from the plan has the shapes of the factors (other methods: unchanged)."""
+def attainable_ranks(method: str, shape: tuple[int, ...], ranks: tuple[int, ...]) -> tuple[int, ...]:
+    """Clamp ranks to what the decomposition can return, so the chain built from a plan has the
+    shapes of the factors and no factor spans directions the kernel does not have.
+
+    TT-SVD returns at most r_k = r_(k-1) n_k channels (C, kh, kw in turn). Tucker-2's channel ranks
+    bound each other: the core (R2, R1, kh, kw) has mode ranks r1 <= r2 kh kw and r2 <= r1 kh kw,
+    and a factor wider than that is completed from a null space that LAPACK fills differently from
+    run to run (a rank [2, 32] 3x3 conv fine-tuned to different accuracies in two identical runs).
+    Other methods: unchanged.
+    """
+    if method == "tucker2" and len(shape) == 4:
+        k = shape[2] * shape[3]
+        return (min(ranks[0], ranks[1] * k), min(ranks[1], ranks[0] * k))
     if method != "tt":
         return ranks
     T, C, kh, kw = shape
@@ -228,7 +238,7 @@ def ratio_ranks(method: str, shape: tuple[int, ...], ratio: float) -> tuple[int,
     a = (-lin + math.sqrt(lin * lin + 4 * quad * target)) / (2 * quad)
     base = [a * f for f in full]
     candidates = {
-        tt_feasible(method, shape, tuple(_clamp(math.floor(b) + d, f) for b, d, f in zip(base, delta, full,
+        attainable_ranks(method, shape, tuple(_clamp(math.floor(b) + d, f) for b, d, f in zip(base, delta, full,
                                                                                           strict=True)))
         for delta in product((0, 1), repeat=len(full))
     }
@@ -283,4 +293,4 @@ def resolve_rank(method: str, layer: nn.Module, rank: int | float | str | list[i
         if not 1 <= r <= f:
             raise AutorankError(f"{method} rank {list(ranks)} out of range for weight {list(shape)}: "
                                 f"each must be in [1, {list(full)}]")
-    return tt_feasible(method, shape, ranks)
+    return attainable_ranks(method, shape, ranks)

@@ -111,3 +111,21 @@ def test_tt_ranks_are_clamped_to_what_tt_svd_returns():
     from autorank.compression import decompose_layer
     chain = decompose_layer(conv, "tt", resolve_rank("tt", conv, [2, 16, 16]))
     assert [m.out_channels for m in chain] == [2, 6, 16, 16]
+
+
+def test_tucker2_ranks_are_clamped_to_what_the_core_can_hold():
+    conv = nn.Conv2d(32, 32, 3, bias=False)
+    torch.manual_seed(0)
+    nn.init.normal_(conv.weight)
+    # r1 <= r2 * kh * kw and r2 <= r1 * kh * kw: (2, 32) becomes (2, 18), (32, 1) becomes (9, 1)
+    assert resolve_rank("tucker2", conv, [2, 32]) == (2, 18)
+    assert resolve_rank("tucker2", conv, [32, 1]) == (9, 1)
+    assert resolve_rank("tucker2", nn.Conv2d(32, 32, 1), [4, 12]) == (4, 4)
+    from autorank.compression import decompose_layer
+    # the clamp loses nothing: the unclamped and clamped chains compute the same function
+    x = torch.randn(2, 32, 8, 8)
+    wide = decompose_layer(conv, "tucker2", (2, 32))
+    clamped = decompose_layer(conv, "tucker2", resolve_rank("tucker2", conv, [2, 32]))
+    assert [m.out_channels for m in clamped] == [2, 18, 32]
+    with torch.no_grad():
+        torch.testing.assert_close(clamped(x), wide(x), rtol=1e-4, atol=1e-4)
