@@ -25,6 +25,7 @@ from autorank.errors import AutorankError
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 INT_BITS = {"int8": 8, "int4": 4}
+QMAX = {precision: 2 ** (bits - 1) - 1 for precision, bits in INT_BITS.items()}  # symmetric grid [-qmax, qmax]
 OBSERVERS = ("minmax", "percentile")
 
 
@@ -39,7 +40,7 @@ def quantize_weight(weight: Tensor, precision: str) -> Tensor:
         return weight
     if precision == "fp16":
         return weight.to(torch.float16).to(weight.dtype)
-    qmax = 2 ** (INT_BITS[precision] - 1) - 1
+    qmax = QMAX[precision]
     absmax = weight.detach().abs().amax(dim=tuple(range(1, weight.ndim)), keepdim=True)
     scale = torch.where(absmax > 0, absmax / qmax, torch.ones_like(absmax))
     return torch.clamp(torch.round(weight / scale), -qmax, qmax) * scale

@@ -23,11 +23,11 @@ import torch
 from torch import nn
 
 from autorank.compression import ActivationFakeQuant, Plan, compress, layer_precisions, profile, strip_fake_quant
+from autorank.compression.quantize import QMAX
 from autorank.data import Dataset, load_data
 from autorank.errors import AutorankError
 from autorank.export.bench import Speed, benchmark
 from autorank.export.graph import to_onnx
-from autorank.compression.quantize import INT_BITS
 from autorank.export.precision import (CALIBRATION_METHODS, INT8_SCOPES, compact, payload_bytes, round_biases, to_fp16,
                                      to_int8)
 from autorank.export.verify import Verification, onnx_accuracy, verify
@@ -193,8 +193,8 @@ def write_onnx(model: nn.Module, data: Dataset, out: str | Path, precision: str 
             fp32 = onnx.load_model(fp32_path)
             ranges = _trained_ranges(model, mapping, fp32)
             if not weight_only:
-                bits = {node: INT_BITS[p] for name, p in precisions.items() if p in INT_BITS for node in mapping[name]}
-                reference = _shift_biases(model, mapping, round_biases(fp32, ranges, bits))
+                integer = {node: p for name, p in precisions.items() if p in QMAX for node in mapping[name]}
+                reference = _shift_biases(model, mapping, round_biases(fp32, ranges, integer))
                 onnx.save_model(fp32, fp32_path)
             with _quiet():
                 to_int8(fp32_path, out, _calibration(data, calibration_batches, calibration_batch_size, seed),

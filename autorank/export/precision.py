@@ -20,10 +20,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from autorank.compression.quantize import QMAX
 from autorank.export.graph import COMPUTE_OPS, INPUT_NAME
 
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
-INT8_MAX, INT4_MAX = 127, 7  # symmetric weight grids of the quantization-aware model ([-127, 127], [-7, 7])
 INT8_SCOPES = ("plan", "full")
 
 
@@ -84,7 +84,8 @@ def to_int8(
     weights = _weight_inputs(model)
     arrays = {init.name: init for init in model.graph.initializer}
     overrides = {
-        weights[name]: _int4_scales(numpy_helper.to_array(arrays[weights[name]]), QuantType.QInt4)
+        weights[name]: [{"axis": 0, "quant_type": QuantType.QInt4, "scale": scale, "zero_point": np.int8(0)}
+                        for scale in weight_scales(numpy_helper.to_array(arrays[weights[name]]), "int4")]
         for name in int4_nodes if name in weights
     }
     for tensor, (low, high) in (activation_ranges or {}).items():
@@ -122,16 +123,14 @@ def to_int8(
     onnx.save_model(quantized, dst)
 
 
-def _int4_scales(weight: np.ndarray, quant_type) -> list[dict]:
-    """Per-channel int4 overrides with the quantization-aware model's grid, scale = max|w| / 7.
+def weight_scales(weight: np.ndarray, precision: str) -> np.ndarray:
+    """Per-output-channel scales of the quantization-aware model's weight grid, max|w| / qmax.
 
-    ORT's own symmetric int4 scale is 2 max|w| / 15 (its range is [-8, 7]), which would put the
-    trained weights on a different grid than the one the search measured.
+    int4 layers are given these explicitly: ORT's own symmetric int4 scale is 2 max|w| / 15 (its
+    range is [-8, 7]), which would move the trained weights to a grid the search never measured.
     """
-    absmax = np.abs(weight.reshape(weight.shape[0], -1)).max(axis=1)
-    scales = np.where(absmax > 0, absmax / INT4_MAX, 1.0).astype(np.float32)
-    return [{"axis": 0, "quant_type": quant_type, "scale": np.float32(scale), "zero_point": np.int8(0)}
-            for scale in scales]
+    absmax = np.abs(weight.reshape(weight.shape[0], -1)).max(axis=1).astype(np.float32)
+    return np.where(absmax > 0, absmax / np.float32(QMAX[precision]), np.float32(1.0))
 
 
 def _float_for_unquantized_consumers(model: onnx.ModelProto, *, everywhere: bool = False) -> None:
@@ -172,35 +171,34 @@ def _float_for_unquantized_consumers(model: onnx.ModelProto, *, everywhere: bool
 
 
 def round_biases(model: onnx.ModelProto, input_ranges: dict[str, tuple[float, float]],
-                 weight_bits: dict[str, int]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+                 weight_precisions: dict[str, str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Put the float biases of integer layers on their int32 grid, in place; returns the shifts.
 
     Integer inference (QLinearConv, or ORT's own bias quantization at load time) adds the bias as
-    int32 at scale input_scale x weight_scale (the weight grids of `to_int8`). That moves a BatchNorm-folded bias by under half an
+    int32 at scale input_scale x weight_scale. That moves a BatchNorm-folded bias by under half an
     accumulator step, yet in a network of rounded activations such a nudge flips rounding decisions
     downstream: measured, 1.1% of ResNet-20's top-1 predictions. Rounding here, where the scales
     are known (`input_ranges`: the quantization-aware model's activation ranges, which the
     quantizer will use unchanged), lets the PyTorch reference apply the very same shifts.
 
-    `weight_bits` maps Conv/Gemm node names to 8 or 4. Returns node name → (shift per output
-    channel, folded weight), for `shift_biases` on the PyTorch side.
+    `weight_precisions` maps Conv/Gemm node names to int8 or int4. Returns node name → (shift per
+    output channel, folded weight), for the PyTorch side (`api._shift_biases`).
     """
     initializers = {init.name: init for init in model.graph.initializer}
     shifts = {}
     for node in model.graph.node:
-        bits = weight_bits.get(node.name)
-        if bits is None or len(node.input) < 3 or node.input[0] not in input_ranges or node.input[2] not in initializers:
+        precision = weight_precisions.get(node.name)
+        if (precision is None or len(node.input) < 3 or node.input[0] not in input_ranges
+                or node.input[2] not in initializers):
             continue
         low, high = input_ranges[node.input[0]]
         input_scale = np.float32((max(high, 0.0) - min(low, 0.0)) / 255.0)  # ORT: (rmax - rmin) / (qmax - qmin)
+        if not input_scale > 0:
+            continue
         weight = numpy_helper.to_array(initializers[node.input[1]])
         if node.op_type == "Gemm" and not any(a.name == "transB" and a.i for a in node.attribute):
             weight = weight.T  # Gemm without transB stores (in, out): channels on axis 1
-        absmax = np.abs(weight.reshape(weight.shape[0], -1)).max(axis=1).astype(np.float32)
-        weight_scale = np.where(absmax > 0, absmax / np.float32(INT8_MAX if bits == 8 else INT4_MAX), np.float32(1.0))
-        step = (input_scale * weight_scale).astype(np.float32)
-        if not input_scale > 0:
-            continue
+        step = (input_scale * weight_scales(weight, precision)).astype(np.float32)
         bias = numpy_helper.to_array(initializers[node.input[2]]).astype(np.float32)
         rounded = (np.round(bias.astype(np.float64) / step) * step).astype(np.float32)
         initializers[node.input[2]].CopyFrom(numpy_helper.from_array(rounded, node.input[2]))

@@ -142,7 +142,7 @@ def test_round_biases_puts_biases_on_the_int32_grid_onnx_runtime_uses(tmp_path):
     weight[:, 0, 0, 0] = [1.27, -0.5]
     bias = np.array([0.123456, -0.3], np.float32)
     model = _one_conv(weight, bias)
-    shifts = round_biases(model, {"input": (-1.0, 3.0)}, {"conv": 8})
+    shifts = round_biases(model, {"input": (-1.0, 3.0)}, {"conv": "int8"})
     # by hand: input scale (3 - -1) / 255, weight scales 1.27 / 127 and 0.5 / 127
     step = np.float32(4 / 255) * np.array([1.27 / 127, 0.5 / 127], np.float32)
     expected = np.round(bias / step) * step
