@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -20,12 +21,21 @@ from tests.reliability.searches import (assert_study_and_mlflow_agree, mlflow_tr
                                         trial_states, wait_for, write_space)
 
 
-def _start_search(tmp_path, url: str, trials: int):
+@contextlib.contextmanager
+def _search_with_server(tmp_path, trials: int):
+    """A tracking server and a CLI search logging to it; both are gone afterwards, whatever happened."""
+    cfg = ServerConfig(port=0, data_dir=tmp_path / "server")
+    url = start_server(cfg)["url"]
     out, log = tmp_path / "search", tmp_path / "search.log"
     space = write_space(tmp_path, trials=trials, steps=6)
     proc = start_cli(["search", "--config", str(space), "--model", "small_cnn", "--data", "digits", "--out", str(out),
                       "--mlflow-uri", url, "--no-progress"], log)
-    return proc, out, log
+    try:
+        yield cfg, url, proc, out, log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        stop_server(cfg)
 
 
 def _finished(out) -> int:
@@ -34,10 +44,7 @@ def _finished(out) -> int:
 
 @pytest.mark.slow
 def test_server_killed_while_a_trial_is_logged_then_back_loses_and_repeats_nothing(tmp_path):
-    cfg = ServerConfig(port=0, data_dir=tmp_path / "server")
-    url = start_server(cfg)["url"]
-    proc, out, log = _start_search(tmp_path, url, trials=5)
-    try:
+    with _search_with_server(tmp_path, trials=5) as (cfg, url, proc, out, log):
         def a_trial_being_logged():
             """a trial run created but not yet terminated"""
             if not (out / "search.json").exists():
@@ -63,18 +70,11 @@ def test_server_killed_while_a_trial_is_logged_then_back_loses_and_repeats_nothi
             replayed = run_cli(["search", "--resume", "--out", str(out), "--no-progress"])
             assert replayed.returncode == 0, replayed.stderr[-3000:]
         assert_study_and_mlflow_agree(out, 5)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        stop_server(cfg)
 
 
 @pytest.mark.slow
 def test_server_down_at_the_end_keeps_everything_in_the_study_and_resume_logs_it(tmp_path):
-    cfg = ServerConfig(port=0, data_dir=tmp_path / "server")
-    url = start_server(cfg)["url"]
-    proc, out, log = _start_search(tmp_path, url, trials=4)
-    try:
+    with _search_with_server(tmp_path, trials=4) as (cfg, _, proc, out, log):
         wait_for(lambda: _finished(out) >= 2, 300, proc, log)
         stop_server(cfg)  # graceful stop between two trials' logging, and it stays down
         assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
@@ -85,7 +85,3 @@ def test_server_down_at_the_end_keeps_everything_in_the_study_and_resume_logs_it
         replayed = run_cli(["search", "--resume", "--out", str(out), "--no-progress"])
         assert replayed.returncode == 0, replayed.stderr[-3000:]
         assert_study_and_mlflow_agree(out, 4)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        stop_server(cfg)
