@@ -76,6 +76,7 @@ class Settings:
     eff_trials: int                 # trials per efficiency search
     eff_steps: int
     eff_val_limit: int
+    eff_seeds: tuple[int, ...]      # sampler seeds; every sampler variant runs with each of them
     layer_ratio: float              # Tucker-2 retention of the one-layer-at-a-time finding
     layer_val_limit: int
     cp_ratio: float                 # CP retention of the stabilisation finding
@@ -99,18 +100,27 @@ def make_settings(model: str, quick: bool, steps: int | None, space_steps: int, 
     return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
+# ResNet-56 costs ~3x ResNet-20 per image: to stay within about three hours on 2 cores its full run
+# gives the final fine-tune to two models per front, measures one layer at a time on 18 evenly spread
+# convs of 54, and runs the sampler comparison (studied over seeds on ResNet-20) once, with shorter trials.
+FULL_OVERRIDES: dict[str, dict[str, Any]] = {
+    "resnet56": {"final_top": 2, "layer_limit": 18, "eff_seeds": (0,), "eff_val_limit": 1000},
+}
+
+
 def _settings(model: str, quick: bool, steps: int | None, space_steps: int) -> Settings:
     if quick:
         steps = steps or 10
         return Settings(model=model, quick=True, steps=steps, val_limit=500, test_limit=1000,
                         ratios=(0.2,), methods=("tucker2", "tt", "cp"), final_steps=2 * steps, final_top=1,
-                        eff_trials=4, eff_steps=5, eff_val_limit=300, layer_ratio=0.2, layer_val_limit=300,
-                        cp_ratio=0.2, layer_limit=3, cp_finetune=False, batch_size=64)
+                        eff_trials=4, eff_steps=5, eff_val_limit=300, eff_seeds=(0,), layer_ratio=0.2,
+                        layer_val_limit=300, cp_ratio=0.2, layer_limit=3, cp_finetune=False, batch_size=64)
     steps = steps or space_steps
-    return Settings(model=model, quick=False, steps=steps, val_limit=None, test_limit=None,
+    full = Settings(model=model, quick=False, steps=steps, val_limit=None, test_limit=None,
                     ratios=(0.1, 0.2, 0.5, 0.8), methods=("tucker2", "tt", "cp"), final_steps=3 * steps, final_top=3,
-                    eff_trials=20, eff_steps=max(10, steps // 3), eff_val_limit=2000, layer_ratio=0.2,
-                    layer_val_limit=2000, cp_ratio=0.2)
+                    eff_trials=20, eff_steps=max(10, steps // 3), eff_val_limit=2000, eff_seeds=(0, 1, 2),
+                    layer_ratio=0.2, layer_val_limit=2000, cp_ratio=0.2)
+    return dataclasses.replace(full, **FULL_OVERRIDES.get(model, {}))
 
 
 # ----------------------------------------------------------------------------- small pure helpers
@@ -231,12 +241,12 @@ class Bench:
         ft, search = raw.setdefault("finetune", {}), raw.setdefault("search", {})
         if self.s.batch_size is not None:
             ft["batch_size"] = self.s.batch_size
+        search["seed"] = self.s.seed
         for key, value in overrides.items():
             if key == "steps":
                 ft["steps"] = value
             else:
                 search[key] = value
-        search["seed"] = self.s.seed
         return parse_space(raw, source=str(self.space_path), default_name=self.space_path.stem)
 
     @property
@@ -574,17 +584,22 @@ class Bench:
 
     # ---- stage: efficiency ---------------------------------------------------------------
     def efficiency(self) -> dict[str, Any]:
+        """Every sampler variant once per seed in eff_seeds (the seed drives sampling and the trials'
+        fine-tunes; the data subset stays the same), so variants are compared on equal seeds."""
         variants = {"nsga2+evbmf": ("nsga2", True), "nsga2": ("nsga2", False), "random": ("random", False),
                     "tpe+evbmf": ("tpe", True), "tpe": ("tpe", False)}
         eff_data = subset(self.full_data, {"val": self.s.eff_val_limit, "test": self.s.test_limit}, self.s.seed)
         results = {}
-        for label, (sampler, seeded) in variants.items():
-            space = self.load_space(steps=self.s.eff_steps, trials=self.s.eff_trials, sampler=sampler,
-                                    evbmf_seeds=seeded)
-            path = self.run_path("efficiency", label)
-            config = self.s.config("eff_trials", "eff_steps", "eff_val_limit") | {"variant": label}
-            results[label] = cached(path, config, lambda space=space, label=label: self.searched(
-                self.out / "efficiency" / label, space, self.s.eff_trials, eff_data))
+        for seed in self.s.eff_seeds:
+            for label, (sampler, seeded) in variants.items():
+                space = self.load_space(steps=self.s.eff_steps, trials=self.s.eff_trials, sampler=sampler,
+                                        evbmf_seeds=seeded, seed=seed)
+                name = f"{label}-seed{seed}"
+                config = self.s.config("eff_trials", "eff_steps", "eff_val_limit") | {"variant": label,
+                                                                                      "search_seed": seed}
+                results[name] = cached(self.run_path("efficiency", name), config, lambda space=space, name=name:
+                                       self.searched(self.out / "efficiency" / name, space, self.s.eff_trials,
+                                                     eff_data))
         return results
 
 
@@ -763,23 +778,53 @@ def hv_curve(trials: Sequence[Mapping[str, Any]], reference: Mapping[str, Any],
     return curve
 
 
+def efficiency_runs(runs: Mapping[str, list[dict[str, Any]]]) -> dict[str, dict[int, dict[str, Any]]]:
+    """Efficiency searches by sampler variant, then by search seed (files are `<variant>-seed<k>`)."""
+    by_variant: dict[str, dict[int, dict[str, Any]]] = {}
+    for r in runs.get("efficiency", []):
+        variant, _, seed = r["_file"].rpartition("-seed")
+        by_variant.setdefault(variant or r["_file"], {})[int(seed) if variant else 0] = r
+    return by_variant
+
+
+def mean_sd(values: Sequence[float], digits: int) -> str:
+    """`mean` for one value, `mean ± sd` for several."""
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
 def efficiency_section(runs: Mapping[str, list[dict[str, Any]]], docs_png: Path | None, tag: str) -> list[str]:
-    effs = {r["_file"]: r for r in runs.get("efficiency", [])}
+    effs = efficiency_runs(runs)
     if not effs:
         return ["Not run yet."]
-    curves = {label: hv_curve(r["trials"], r["reference"]) for label, r in effs.items()}
-    n = max(len(c) for c in curves.values())
+    curves = {v: {seed: hv_curve(r["trials"], r["reference"]) for seed, r in by_seed.items()}
+              for v, by_seed in effs.items()}
+    n = max(len(c) for by_seed in curves.values() for c in by_seed.values())
     marks = sorted({max(1, n // 3), max(1, 2 * n // 3), n})
-    lines = ["| sampler | EVBMF seeds | trials | " + " | ".join(f"HV after {k}" for k in marks)
+    seeds = sorted({seed for by_seed in effs.values() for seed in by_seed})
+    lines = [f"Seeds {', '.join(map(str, seeds))}; cells are the mean ± standard deviation over seeds."
+             if len(seeds) > 1 else f"One seed ({seeds[0]}): indicative only.", "",
+             "| sampler | EVBMF seeds | seeds | trials | " + " | ".join(f"HV after {k}" for k in marks)
              + f" | HV floor {CHANCE:g}% | best val acc % | reference val % | wall (s) |",
-             "|---|---|---:|" + "---:|" * len(marks) + "---:|---:|---:|---:|"]
-    for label, r in effs.items():
-        c = curves[label]
-        ok = [t for t in r["trials"] if t["state"] == "complete"]
-        best = max((t["val_accuracy"] for t in ok), default=None)
-        lines.append(f"| {r['sampler']} | {'yes' if r['evbmf_seeds'] else 'no'} | {len(c)} | "
-                     + " | ".join(f"{c[k - 1]:.3f}" if k <= len(c) else "—" for k in marks)
-                     + f" | {hv_curve(r['trials'], r['reference'], CHANCE)[-1]:.2f} | {pct(best)} | {pct(r['reference']['accuracy'])} | {r.get('elapsed_s', 0):.0f} |")
+             "|---|---|---:|---:|" + "---:|" * len(marks) + "---:|---:|---:|---:|"]
+    for variant, by_seed in effs.items():
+        first = next(iter(by_seed.values()))
+        cs = list(curves[variant].values())
+        best = [max(t["val_accuracy"] for t in ok) * 100 for r in by_seed.values()
+                if (ok := [t for t in r["trials"] if t["state"] == "complete"])]
+        at = [mean_sd([c[k - 1] for c in cs if k <= len(c)], 3) if any(k <= len(c) for c in cs) else "—" for k in marks]
+        lines.append(f"| {first['sampler']} | {'yes' if first['evbmf_seeds'] else 'no'} | {len(by_seed)} | "
+                     f"{max(len(c) for c in cs)} | " + " | ".join(at)
+                     + f" | {mean_sd([hv_curve(r['trials'], r['reference'], CHANCE)[-1] for r in by_seed.values()], 2)}"
+                     f" | {mean_sd(best, 2) if best else '—'} | {pct(first['reference']['accuracy'])} | "
+                     f"{statistics.fmean(r.get('elapsed_s', 0) for r in by_seed.values()):.0f} |")
+    if len(seeds) > 1:
+        lines += ["", f"Final hypervolume per seed (after {n} trials):", "",
+                  "| sampler | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---:|" * len(seeds)]
+        for variant, by_seed in curves.items():
+            lines.append(f"| {variant} | " + " | ".join(f"{by_seed[s][-1]:.3f}" if s in by_seed else "—"
+                                                         for s in seeds) + " |")
     if docs_png is not None:
         import matplotlib
 
@@ -788,14 +833,20 @@ def efficiency_section(runs: Mapping[str, list[dict[str, Any]]], docs_png: Path 
 
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
         for ax, floor, name in ((axes[0], None, f"reference - {HV_FLOOR:g} pt"), (axes[1], CHANCE, f"{CHANCE:g}%")):
-            for label, r in effs.items():
-                c = hv_curve(r["trials"], r["reference"], floor)
-                ax.plot(range(1, len(c) + 1), c, marker=".", label=label)
+            for variant, by_seed in effs.items():
+                cs = [hv_curve(r["trials"], r["reference"], floor) for r in by_seed.values()]
+                k = min(len(c) for c in cs)
+                x = range(1, k + 1)
+                line, = ax.plot(x, [statistics.fmean(c[i] for c in cs) for i in range(k)], marker=".", label=variant)
+                if len(cs) > 1:
+                    ax.fill_between(x, [min(c[i] for c in cs) for i in range(k)],
+                                    [max(c[i] for c in cs) for i in range(k)], color=line.get_color(), alpha=0.15)
             ax.set_xlabel("trials")
             ax.set_ylabel(f"hypervolume (val; accuracy floor {name})")
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=8)
-        fig.suptitle(f"Search efficiency, {tag}")
+        spread_note = f"mean over seeds {', '.join(map(str, seeds))}, band min-max" if len(seeds) > 1 else f"seed {seeds[0]}"
+        fig.suptitle(f"Search efficiency, {tag} ({spread_note})")
         fig.tight_layout()
         fig.savefig(docs_png, dpi=110)
         plt.close(fig)

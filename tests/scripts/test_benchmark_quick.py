@@ -76,9 +76,13 @@ def _write_runs(bench, out: Path) -> None:
                                  (3, "complete", 0.92, 120_000)]]
     bench.write_json(runs / "search" / "summary.json", {"trials": trials, "trials_budget": 4,
                                                         "reference": {"accuracy": 0.93, "size_bytes": 1_000_000}})
-    bench.write_json(runs / "efficiency" / "nsga2+evbmf.json",
-                     {"trials": trials, "sampler": "nsga2", "evbmf_seeds": True, "elapsed_s": 40.0,
-                      "reference": {"accuracy": 0.93, "size_bytes": 1_000_000}})
+    other_seed = [{"trial": i, "state": s, "val_accuracy": a, "size_bytes": z, "wall_s": 10.0}
+                  for i, s, a, z in [(0, "complete", 0.88, 200_000), (1, "complete", 0.90, 400_000),
+                                     (2, "failed", None, None), (3, "failed", None, None)]]
+    for seed, seed_trials in ((0, trials), (1, other_seed)):
+        bench.write_json(runs / "efficiency" / f"nsga2+evbmf-seed{seed}.json",
+                         {"trials": seed_trials, "sampler": "nsga2", "evbmf_seeds": True, "elapsed_s": 40.0,
+                          "reference": {"accuracy": 0.93, "size_bytes": 1_000_000}})
     bench.write_json(runs / "findings" / "tucker2-int8-layers.json", {
         "ratio": 0.2, "base_val": 0.93, "config": {"layer_val_limit": 300},
         "layers": {"layer1.0.conv1": {"ranks": [4, 4], "tucker2_drop": 1.0, "w8_drop": 0.2, "tucker2_w8_drop": 1.5,
@@ -110,7 +114,10 @@ def test_report_from_cached_json(bench, tmp_path):
     # HV curve: trial 0 -> (1-0.3)*(90-83) = 4.9; trial 2 adds (1-0.1)*(85-83) -> 4.9+1.8 (0.9*2) = 6.7, then
     # trial 3 (0.12, 92) dominates trial 2: 0.88*9 + 0.7*0 (90<92 ... ) -> recomputed exactly below.
     expected = bench.hypervolume([(0.3, 90.0), (0.1, 85.0), (0.12, 92.0)], (1.0, 83.0))
-    assert f"{expected:.3f} |" in eff and "| nsga2 | yes | 4 |" in eff
+    assert expected == pytest.approx(0.9 * 2 + 0.88 * 7)  # (0.3, 90) is dominated by (0.12, 92)
+    # Seed 1: (0.2, 88) and (0.4, 90) -> 0.8 * 5 + 0.6 * 2 = 5.2; mean and sample sd over the two seeds.
+    assert "| nsga2 | yes | 2 | 4 |" in eff and "| 6.580 ± 1.952 |" in eff
+    assert f"| nsga2+evbmf | {expected:.3f} | 5.200 |" in eff
     assert (docs / "benchmark_resnet20_quick_efficiency.png").is_file()
 
     findings = sections["findings"]
