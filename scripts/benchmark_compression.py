@@ -803,7 +803,10 @@ def efficiency_section(runs: Mapping[str, list[dict[str, Any]]], docs_png: Path 
     n = max(len(c) for by_seed in curves.values() for c in by_seed.values())
     marks = sorted({max(1, n // 3), max(1, 2 * n // 3), n})
     seeds = sorted({seed for by_seed in effs.values() for seed in by_seed})
-    lines = [f"Seeds {', '.join(map(str, seeds))}; cells are the mean ± standard deviation over seeds."
+    model, mode = tag.rsplit("-", 1)
+    command = (f"python scripts/benchmark_compression.py run --model {model}{' --quick' if mode == 'quick' else ''} "
+               f"--stages efficiency --eff-seeds {','.join(map(str, seeds))}")
+    lines = [f"`{command}` — cells are the mean ± standard deviation over the seeds."
              if len(seeds) > 1 else f"One seed ({seeds[0]}): indicative only.", "",
              "| sampler | EVBMF seeds | seeds | trials | " + " | ".join(f"HV after {k}" for k in marks)
              + f" | HV floor {CHANCE:g}% | best val acc % | reference val % | wall (s) |",

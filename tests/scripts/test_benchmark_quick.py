@@ -117,6 +117,7 @@ def test_report_from_cached_json(bench, tmp_path):
     assert expected == pytest.approx(0.9 * 2 + 0.88 * 7)  # (0.3, 90) is dominated by (0.12, 92)
     # Seed 1: (0.2, 88) and (0.4, 90) -> 0.8 * 5 + 0.6 * 2 = 5.2; mean and sample sd over the two seeds.
     assert "| nsga2 | yes | 2 | 4 |" in eff and "| 6.580 ± 1.952 |" in eff
+    assert "run --model resnet20 --quick --stages efficiency --eff-seeds 0,1`" in eff
     assert f"| nsga2+evbmf | {expected:.3f} | 5.200 |" in eff
     assert (docs / "benchmark_resnet20_quick_efficiency.png").is_file()
 
