@@ -778,6 +778,12 @@ def hv_curve(trials: Sequence[Mapping[str, Any]], reference: Mapping[str, Any],
     return curve
 
 
+def run_command(model: str, quick: bool, *options: str) -> str:
+    """The `run` command line a report block names as its source."""
+    return " ".join(["python scripts/benchmark_compression.py run", f"--model {model}", *(["--quick"] if quick else []),
+                     *options])
+
+
 def efficiency_runs(runs: Mapping[str, list[dict[str, Any]]]) -> dict[str, dict[int, dict[str, Any]]]:
     """Efficiency searches by sampler variant, then by search seed (files are `<variant>-seed<k>`)."""
     by_variant: dict[str, dict[int, dict[str, Any]]] = {}
@@ -804,8 +810,7 @@ def efficiency_section(runs: Mapping[str, list[dict[str, Any]]], docs_png: Path 
     marks = sorted({max(1, n // 3), max(1, 2 * n // 3), n})
     seeds = sorted({seed for by_seed in effs.values() for seed in by_seed})
     model, mode = tag.rsplit("-", 1)
-    command = (f"python scripts/benchmark_compression.py run --model {model}{' --quick' if mode == 'quick' else ''} "
-               f"--stages efficiency --eff-seeds {','.join(map(str, seeds))}")
+    command = run_command(model, mode == "quick", "--stages efficiency", f"--eff-seeds {','.join(map(str, seeds))}")
     lines = [f"`{command}` — cells are the mean ± standard deviation over the seeds."
              if len(seeds) > 1 else f"One seed ({seeds[0]}): indicative only.", "",
              "| sampler | EVBMF seeds | seeds | trials | " + " | ".join(f"HV after {k}" for k in marks)
@@ -837,7 +842,8 @@ def efficiency_section(runs: Mapping[str, list[dict[str, Any]]], docs_png: Path 
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
         for ax, floor, name in ((axes[0], None, f"reference - {HV_FLOOR:g} pt"), (axes[1], CHANCE, f"{CHANCE:g}%")):
             for variant, by_seed in effs.items():
-                cs = [hv_curve(r["trials"], r["reference"], floor) for r in by_seed.values()]
+                cs = (list(curves[variant].values()) if floor is None
+                      else [hv_curve(r["trials"], r["reference"], floor) for r in by_seed.values()])
                 k = min(len(c) for c in cs)
                 x = range(1, k + 1)
                 line, = ax.plot(x, [statistics.fmean(c[i] for c in cs) for i in range(k)], marker=".", label=variant)
@@ -1023,8 +1029,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     tag = f"{args.model}-{'quick' if args.quick else 'full'}"
     out = args.out or REPO / "runs" / "benchmark" / tag
-    command = " ".join(["python scripts/benchmark_compression.py run", f"--model {args.model}"]
-                       + (["--quick"] if args.quick else []) + ([f"--steps {args.steps}"] if args.steps else []))
+    command = run_command(args.model, args.quick, *([f"--steps {args.steps}"] if args.steps else []))
     if args.command == "report":
         sections = build_report(out, tag, command, args.docs.parent if args.docs else None)
         (out / "report.md").parent.mkdir(parents=True, exist_ok=True)
