@@ -811,8 +811,9 @@ def efficiency_section(runs: Mapping[str, list[dict[str, Any]]], docs_png: Path 
     seeds = sorted({seed for by_seed in effs.values() for seed in by_seed})
     model, mode = tag.rsplit("-", 1)
     command = run_command(model, mode == "quick", "--stages efficiency", f"--eff-seeds {','.join(map(str, seeds))}")
-    lines = [f"`{command}` — cells are the mean ± standard deviation over the seeds."
-             if len(seeds) > 1 else f"One seed ({seeds[0]}): indicative only.", "",
+    spread = ("cells are the mean ± standard deviation over the seeds" if len(seeds) > 1
+              else "one seed: indicative only")
+    lines = [f"`{command}` — {spread}.", "",
              "| sampler | EVBMF seeds | seeds | trials | " + " | ".join(f"HV after {k}" for k in marks)
              + f" | HV floor {CHANCE:g}% | best val acc % | reference val % | wall (s) |",
              "|---|---|---:|---:|" + "---:|" * len(marks) + "---:|---:|---:|---:|"]
