@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy.exc
 from optuna.trial import FrozenTrial, TrialState
 
 from autorank.errors import AutorankError
@@ -117,13 +119,29 @@ def read_info(out_dir: str | Path) -> dict[str, Any]:
         raise AutorankError(f"{path} is corrupt: {exc}") from None
 
 
+def storage_for(url: str, attempts: int = 5) -> optuna.storages.BaseStorage:
+    """An RDB storage; sqlite waits for locks instead of failing under a concurrent reader.
+
+    Opening a storage creates its schema when the database is new, so a reader that opens a search's
+    study while the search is creating it races the search: the loser's CREATE/INSERT fails. It then
+    retries, and finds the schema the winner finished.
+    """
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    for attempt in range(1, attempts):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):
+            time.sleep(0.05 * attempt)
+    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+
+
 def open_study(info: dict[str, Any], out_dir: Path) -> optuna.Study:
     """The search's Optuna study, read from the storage recorded in search.json."""
     storage = info["storage"]
     if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_absolute():
         storage = f"sqlite:///{(out_dir / storage.removeprefix('sqlite:///')).resolve()}"
     try:
-        return optuna.load_study(study_name=info["study_name"], storage=storage)
+        return optuna.load_study(study_name=info["study_name"], storage=storage_for(storage))
     except KeyError:
         raise AutorankError(f"study {info['study_name']!r} not found in {info['storage']}") from None
 

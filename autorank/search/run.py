@@ -20,9 +20,10 @@ from autorank.data import Dataset, load_data
 from autorank.errors import AutorankError
 from autorank.models import create_model
 from autorank.search.executors import EXECUTORS, parse_resources, run_local, run_ray
-from autorank.search.results import SEARCH_FILE, WEIGHTS_FILE, TrialRecord, best_trial, load_search, read_info
+from autorank.search.results import (SEARCH_FILE, WEIGHTS_FILE, TrialRecord, best_trial, load_search, read_info,
+                                     storage_for)
 from autorank.search.space import SearchSpace, load_space, space_from_dict
-from autorank.search.study import TrialOutcome, create_or_load_study, records, recover_interrupted, storage_for
+from autorank.search.study import TrialOutcome, create_or_load_study, records, recover_interrupted
 from autorank.search.trial import TrialContext, layer_table, reference_metrics
 from autorank.tracking import SearchTracker, default_tracking_uri, pareto_front
 

@@ -45,12 +45,6 @@ def make_sampler(space: SearchSpace) -> optuna.samplers.BaseSampler:
     return optuna.samplers.RandomSampler(seed=space.seed)
 
 
-def storage_for(url: str) -> optuna.storages.BaseStorage:
-    """An RDB storage; sqlite waits for locks instead of failing under a concurrent reader."""
-    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
-
-
 def create_or_load_study(space: SearchSpace, storage: optuna.storages.BaseStorage, name: str,
                          groups: Sequence[Group], *, resume: bool, seed_limit: int | None) -> optuna.Study:
     """Open the study; a new one gets the EVBMF seed trials enqueued first."""
