@@ -7,6 +7,7 @@ search trial, `autorank train` and a benchmark all run the same loop.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import statistics
 import time
@@ -34,6 +35,9 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: str = "cosine"  # cosine | onecycle | constant
+    warmup: int = 0  # steps of linear LR warm-up (cosine/constant): a good start is not thrown away
+    distill: float = 0.0  # weight of the teacher's KL term (needs `teacher` in `train`); 0 = plain CE
+    temperature: float = 4.0  # distillation temperature T (the KL term is scaled by T^2)
     device: str = "auto"
     channels_last: bool = False
     bf16: bool = False  # bf16 autocast (CPU or GPU)
@@ -57,6 +61,12 @@ class TrainConfig:
             raise AutorankError(f"unknown optimizer {self.optimizer!r}: choose from {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
             raise AutorankError(f"unknown schedule {self.schedule!r}: choose from {', '.join(SCHEDULES)}")
+        if self.warmup < 0:
+            raise AutorankError(f"warm-up steps must be >= 0, got {self.warmup}")
+        if not 0.0 <= self.distill <= 1.0:
+            raise AutorankError(f"distillation weight must be in [0, 1], got {self.distill}")
+        if not self.temperature > 0:
+            raise AutorankError(f"distillation temperature must be > 0, got {self.temperature}")
 
 
 @dataclass
@@ -118,17 +128,37 @@ def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
 def _scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps: int):
     if config.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=steps)
-    if config.schedule == "cosine":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    warm = min(config.warmup, steps - 1)
+
+    def factor(s: int) -> float:
+        if s < warm:
+            return (s + 1) / (warm + 1)
+        if config.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * (s - warm) / (steps - warm)))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def train(model: nn.Module, data: Dataset, config: TrainConfig) -> TrainResult:
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) of the logits softened at `temperature`, times T^2 (Hinton et al. 2015),
+    so that its gradients keep their scale whatever T; exactly 0 when the logits agree."""
+    t = temperature
+    return nn.functional.kl_div(nn.functional.log_softmax(student.float() / t, dim=1),
+                                nn.functional.log_softmax(teacher.float() / t, dim=1),
+                                reduction="batchmean", log_target=True) * t * t
+
+
+def train(model: nn.Module, data: Dataset, config: TrainConfig, teacher: nn.Module | None = None) -> TrainResult:
     """Fit `model` in place on the train split (augmented when the data suits it).
 
+    With `config.distill > 0` the loss is (1 - distill) * CE + distill * `distillation_loss` against
+    `teacher` (e.g. the uncompressed model; a copy runs in eval mode, the original is left alone).
     Raises TrialDiverged as soon as the loss is NaN or infinite.
     """
     config.validate()
+    if config.distill > 0 and teacher is None:
+        raise AutorankError("distillation (distill > 0) needs a teacher model")
     device = resolve_device(config.device)
     n_train = len(data.split("train")[1])
     batch_size = min(config.batch_size, n_train)
@@ -145,6 +175,10 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig) -> TrainResult:
     scheduler = _scheduler(optimizer, config, steps)
     scaler = torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda")
     loss_fn = nn.CrossEntropyLoss()
+    if config.distill > 0:
+        teacher = copy.deepcopy(teacher).to(device).eval()
+        if config.channels_last:
+            teacher.to(memory_format=torch.channels_last)
     check_every = 1 if device.type == "cpu" else 20  # a finiteness check syncs the GPU
     progress = _progress_bar(steps, config.progress)
 
@@ -158,7 +192,13 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig) -> TrainResult:
             if len(y) < batch_size:
                 break
             with autocast(device, bf16=config.bf16, amp=config.amp):
-                loss = loss_fn(model(x), y)
+                logits = model(x)
+                loss = loss_fn(logits, y)
+                if config.distill > 0:
+                    with torch.no_grad():
+                        target = teacher(x)
+                    loss = (1 - config.distill) * loss + config.distill * distillation_loss(
+                        logits, target, config.temperature)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)

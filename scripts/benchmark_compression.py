@@ -298,7 +298,8 @@ class Bench:
 
         from autorank.compression import Plan, compress, resolve_plan
 
-        key = f"{method}-{rank}-{stabilize}-it{self.n_iter}"
+        ft = self.space.finetune  # data-aware fit as in the trials (finetune.fit, finetune.fit_images)
+        key = f"{method}-{rank}-{stabilize}-it{self.n_iter}" + (f"-fit{ft.fit_images}" if ft.fit else "")
         if key in self.decomposed:
             return self.decomposed[key]
         state_file, plan_file = self.out / "decomposed" / f"{key}.pt", self.out / "decomposed" / f"{key}.json"
@@ -311,7 +312,8 @@ class Bench:
         else:
             start = time.perf_counter()
             plan = resolve_plan(self.pretrained, self.plan(method, rank, "fp32", stabilize))
-            model = compress(self.pretrained, plan, n_iter_max=self.n_iter, seed=self.s.seed).eval()
+            fit = self.data.calibration_images(ft.fit_images, ft.batch_size, seed=self.s.seed) if ft.fit else None
+            model = compress(self.pretrained, plan, n_iter_max=self.n_iter, seed=self.s.seed, fit=fit).eval()
             seconds = time.perf_counter() - start
             state_file.parent.mkdir(parents=True, exist_ok=True)
             torch.save(model.state_dict(), state_file)

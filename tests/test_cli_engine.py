@@ -50,6 +50,10 @@ def test_train_then_eval_the_written_checkpoint(capsys, tmp_path):
     assert torch.load(checkpoint, weights_only=True)["model"] == "small_cnn"
     code, out, _ = run_cli(capsys, "eval", "--data", "digits", "--weights", str(checkpoint), "--json")
     assert code == 0 and json.loads(out)["accuracy"] == pytest.approx(trained["accuracy"])
+    # a brief fine-tune distilled from the checkpoint as loaded keeps what it knew
+    code, out, _ = run_cli(capsys, "train", "--data", "digits", "--weights", str(checkpoint), "--steps", "5",
+                           "--warmup", "2", "--distill", "0.9", "--out", str(tmp_path / "distilled.pt"), "--json")
+    assert code == 0 and json.loads(out)["accuracy"] >= trained["accuracy"] - 0.02
 
 
 @pytest.mark.parametrize(
@@ -60,6 +64,7 @@ def test_train_then_eval_the_written_checkpoint(capsys, tmp_path):
         (["eval", "--data", "imagenet"], "bad --data 'imagenet'"),
         (["eval", "--data", "imagefolder:/no/such/folder"], "image folder or archive not found"),
         (["train", "--steps", "0"], "steps must be >= 1"),
+        (["train", "--steps", "1", "--distill", "0.5"], "--distill needs --weights"),
         (["eval", "--device", "cuda:7"], "cuda"),
     ],
 )

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         result = args.handler(args)
     except AutorankError as exc:
         print(f"autorank: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except KeyboardInterrupt:
         print("autorank: interrupted", file=sys.stderr)
         return 130

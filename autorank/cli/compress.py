@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from autorank.cli.engine import add_model_data_args, load_model_and_data
+from autorank.cli.allocate import add_allocate_args, allocated_plan, check_allocate_args
+from autorank.cli.engine import add_model_data_args, add_recipe_args, load_model_and_data
 from autorank.compression import (
     Plan,
     compress,
@@ -19,6 +20,7 @@ from autorank.compression import (
     resolve_plan,
     vbmf_method_ranks,
 )
+from autorank.compression.fit import FIT_MODES
 from autorank.compression.plan import ACTIVATIONS, PRECISIONS
 from autorank.compression.ranks import parse_vbmf
 from autorank.engine import TrainConfig, measure, train
@@ -64,13 +66,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--activations", choices=ACTIVATIONS, default="fp32",
                         help="int8: calibrated activation fake-quant at the inputs of int8/int4 layers")
     parser.add_argument("--plan", type=Path, help="a plan JSON (overrides --method/--rank/--precision)")
+    add_allocate_args(parser)
     _add_layer_args(parser)
+    parser.add_argument("--no-fit", action="store_true",
+                        help="keep the weight-space factors (default: fit every decomposed chain to the original "
+                             "layer's outputs on --calibration-images training images)")
+    parser.add_argument("--fit-mode", choices=FIT_MODES, default="pair",
+                        help="pair: the last two factors (reduced-rank regression), then the last; last: the last only")
     parser.add_argument("--finetune-steps", type=int, default=0, help="SGD steps of (quantization-aware) fine-tuning")
+    add_recipe_args(parser)
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--split", choices=("val", "test"), default="val")
     parser.add_argument("--limit", type=int, help="evaluate on the first N images of the split")
-    parser.add_argument("--calibration-images", type=int, default=512)
+    parser.add_argument("--calibration-images", type=int, default=512,
+                        help="seeded training images for the fit and int8 activation ranges")
     parser.add_argument("--iters", type=int, default=100, help="CP-ALS / HOOI iterations per layer")
     parser.add_argument("--out", type=Path, help="folder for plan.json (resolved), model.pt, metrics.json")
     parser.set_defaults(handler=run_compress)
@@ -105,6 +115,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise AutorankError("--finetune-steps must be >= 0; --batch-size, --calibration-images, --iters >= 1")
     if args.limit is not None and args.limit < 1:
         raise AutorankError("--limit must be >= 1")
+    check_allocate_args(args)
+    TrainConfig(steps=1, warmup=args.warmup, distill=args.distill, temperature=args.temperature).validate()
 
 
 def _measure(model: nn.Module, data, args: argparse.Namespace) -> dict[str, float]:
@@ -114,24 +126,30 @@ def _measure(model: nn.Module, data, args: argparse.Namespace) -> dict[str, floa
 def run_compress(args: argparse.Namespace) -> int:
     _check_args(args)
     model, data = load_model_and_data(args)
-    plan = resolve_plan(model, _build_plan(args, model))
-    calibration = None
-    if plan.activations == "int8":
-        calibration = data.calibration_images(args.calibration_images,
-                                              min(args.batch_size, args.calibration_images), seed=args.seed)
-    compressed = compress(model, plan, calibration=calibration, n_iter_max=args.iters, seed=args.seed)
+    plan, allocation = allocated_plan(args, model, data) if args.target_ratio else (_build_plan(args, model), None)
+    plan = resolve_plan(model, plan)
+    images = data.calibration_images(args.calibration_images, min(args.batch_size, args.calibration_images),
+                                     seed=args.seed)  # int8 activation ranges and the data-aware fit
+    compressed = compress(model, plan, calibration=images if plan.activations == "int8" else None,
+                          n_iter_max=args.iters, seed=args.seed, fit=None if args.no_fit else images,
+                          fit_mode=args.fit_mode)
     before = _measure(model, data, args)
     after = _measure(compressed, data, args)
     result = {"model": args.model, "data": args.data, "split": args.split, "before": before, "compressed": after}
     if args.finetune_steps > 0:
         train(compressed, data, TrainConfig(steps=args.finetune_steps, batch_size=args.batch_size, lr=args.lr,
-                                            device=args.device, seed=args.seed, progress=not args.json))
+                                            warmup=args.warmup, distill=args.distill, temperature=args.temperature,
+                                            device=args.device, seed=args.seed, progress=not args.json),
+              teacher=model)
         result["finetuned"] = _measure(compressed, data, args)
     final = result.get("finetuned", after)
     result["compression"] = {"params": before["params"] / final["params"],
                              "size": before["size_bytes"] / final["size_bytes"],
                              "macs": before["macs"] / max(final["macs"], 1)}
     result["plan"] = json.loads(plan.to_json())
+    if allocation is not None:
+        result["allocation"] = allocation  # --target-ratio: budget and the sensitivity table's prediction
+    result["undecomposed"] = plan.notes  # layers the plan asked to decompose, left whole: not smaller
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "plan.json").write_text(plan.to_json())
@@ -143,6 +161,12 @@ def run_compress(args: argparse.Namespace) -> int:
         return 0
     for name, lp in plan.layers.items():
         print(f"{name:<28} {lp.method:<8} {str(lp.rank or ''):<14} {lp.precision}")
+    for name, why in plan.notes.items():
+        print(f"left undecomposed: {name} ({why})")
+    if allocation is not None:
+        print(f"allocated for x{args.target_ratio:g} ({allocation['budget_bytes']:,} bytes): predicted drop "
+              f"{allocation['predicted_drop_points']:.2f} points (sum of the per-layer drops on "
+              f"{allocation['sensitivity_images']:,} val images), {allocation['predicted_size_bytes']:,} bytes")
     print(f"{'':<12}{'accuracy':>10}{'params':>12}{'size_bytes':>13}{'MACs':>14}")
     for stage in ("before", "compressed", "finetuned"):
         if stage in result:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from pathlib import Path
 
@@ -33,6 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train_parser.add_argument("--momentum", type=float, default=defaults.momentum)
     train_parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     train_parser.add_argument("--schedule", choices=SCHEDULES, default=defaults.schedule)
+    add_recipe_args(train_parser)
     train_parser.add_argument("--amp", action="store_true", help="fp16 autocast with loss scaling on CUDA")
     train_parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     train_parser.add_argument("--out", type=Path, help="checkpoint path (default MODEL-DATA.pt)")
@@ -47,6 +49,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     eval_parser.add_argument("--batch-size", type=int, default=512)
     eval_parser.add_argument("--limit", type=int, help="evaluate only the first N images of the split")
     eval_parser.set_defaults(handler=run_eval)
+
+
+def add_recipe_args(parser: argparse.ArgumentParser) -> None:
+    """Warm-up and distillation from the model as loaded (its --weights), shared by train and compress."""
+    defaults = TrainConfig()
+    parser.add_argument("--warmup", type=int, default=defaults.warmup, help="linear LR warm-up steps")
+    parser.add_argument("--distill", type=float, default=defaults.distill, metavar="ALPHA",
+                        help="weight of the KL to the logits of the model as loaded (the teacher); 0 = plain CE")
+    parser.add_argument("--temperature", type=float, default=defaults.temperature, help="distillation temperature")
 
 
 def add_model_data_args(parser: argparse.ArgumentParser) -> None:
@@ -87,13 +98,16 @@ def run_train(args: argparse.Namespace) -> int:
         steps=args.steps,
         epochs=None if args.steps is not None else (10.0 if args.epochs is None else args.epochs),
         batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
-        weight_decay=args.weight_decay, schedule=args.schedule, device=args.device,
+        weight_decay=args.weight_decay, schedule=args.schedule, warmup=args.warmup, distill=args.distill,
+        temperature=args.temperature, device=args.device,
         channels_last=args.channels_last, bf16=args.bf16, amp=args.amp, seed=args.seed,
         progress=not args.no_progress and not args.json,
     )
     config.validate()
+    if config.distill > 0 and not args.weights:
+        raise AutorankError("--distill needs --weights: the teacher is the model as loaded")
     model, data = load_model_and_data(args)
-    fitted = train(model, data, config)
+    fitted = train(model, data, config, teacher=copy.deepcopy(model) if config.distill > 0 else None)
     metrics = measure(model, data, "val", device=args.device, channels_last=args.channels_last, bf16=args.bf16)
     out = args.out or Path(f"{args.model.replace(':', '_')}-{data.name}.pt")
     out.parent.mkdir(parents=True, exist_ok=True)

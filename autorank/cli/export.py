@@ -38,7 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--threads", type=int, help="ONNX Runtime threads for verification and timing")
     export.add_argument("--no-bench", action="store_true", help="skip the latency/throughput measurement")
     export.add_argument("--no-register", action="store_true", help="do not log to MLflow or register a version")
-    export.add_argument("--registered-name", help="MLflow registered model name (default autorank-<model>)")
+    export.add_argument("--registered-name",
+                        help="MLflow registered model name (default autorank-<model>, the factory of module: specs)")
+    export.add_argument("--mlflow-uri", help="register in this tracking server instead of the search's MLflow store")
     export.add_argument("--json", action="store_true", help="print one JSON object")
     export.set_defaults(handler=run_export_command)
 
@@ -51,6 +53,8 @@ def run_export_command(args: argparse.Namespace) -> int:
         raise AutorankError("give either --trial or limits (--max-size/--min-ratio/--max-drop), not both")
     if args.verify_limit is not None and args.verify_limit < 1:
         raise AutorankError(f"--verify-limit must be >= 1, got {args.verify_limit}")
+    if args.no_register and (args.registered_name is not None or args.mlflow_uri is not None):
+        raise AutorankError("--registered-name and --mlflow-uri are for registering: drop --no-register")
     result = export_onnx(
         args.search, args.out, args.precision, trial=args.trial,
         max_size=parse_size(args.max_size, "--max-size") if args.max_size else None,
@@ -58,6 +62,7 @@ def run_export_command(args: argparse.Namespace) -> int:
         calibration_method=args.calibration_method, int8_scope=args.int8_scope, verify_limit=args.verify_limit,
         threads=args.threads,
         bench=not args.no_bench, register=not args.no_register, registered_name=args.registered_name,
+        mlflow_uri=args.mlflow_uri,
     )
     if args.json:
         print(result_json(result))

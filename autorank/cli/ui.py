@@ -35,6 +35,7 @@ from autorank.errors import AutorankError
 LOOPBACK = "127.0.0.1"
 PID_FILE = "server.json"
 LOG_FILE = "server.log"
+UI_LOG_FILE = "ui.log"   # `autorank ui`'s server output, in the search folder (never a stack on the terminal)
 STARTUP_TIMEOUT_S = 90.0
 
 
@@ -262,6 +263,7 @@ def launch(cfg: ServerConfig, backend_uri: str, log_path: Path | None = None) ->
     cfg.port = _bind_port(cfg.host, cfg.port)
     (cfg.artifacts or cfg.data_dir / "mlartifacts").mkdir(parents=True, exist_ok=True)
     env = server_env(cfg)
+    log_start = log_path.stat().st_size if log_path and log_path.exists() else 0
     log = open(log_path, "ab") if log_path else None
     try:  # the server's own output goes to the log file, or to our stderr
         proc = subprocess.Popen(server_command(cfg, backend_uri), env=env, cwd=cfg.data_dir,
@@ -274,13 +276,24 @@ def launch(cfg: ServerConfig, backend_uri: str, log_path: Path | None = None) ->
     try:
         while not health(cfg.url):
             if proc.poll() is not None or time.monotonic() > deadline:
-                where = f"; see {log_path}" if log_path else ""
+                reason = _last_error(log_path, log_start) if log_path else None
+                where = f" ({reason})" if reason else ""
+                where += f"; see {log_path}" if log_path else ""
                 raise AutorankError(f"MLflow server on {cfg.url} did not come up{where}")
             time.sleep(0.3)
     except BaseException:  # a failed start or Ctrl-C while waiting leaves no server behind
         terminate(proc.pid)
         raise
     return proc
+
+
+def _last_error(log_path: Path, start: int) -> str | None:
+    """The last ERROR line the server logged since `start` (e.g. a store that is not a database)."""
+    with open(log_path, "rb") as log:
+        log.seek(start)
+        lines = log.read().decode(errors="replace").splitlines()
+    errors = [line.split(" ERROR ", 1)[1] for line in lines if " ERROR " in line]
+    return errors[-1][:300] if errors else None
 
 
 def terminate(pid: int, timeout: float = 15.0) -> None:
@@ -377,8 +390,9 @@ def search_store(search_dir: Path) -> tuple[ServerConfig, str]:
 def _ui(args: argparse.Namespace) -> int:
     cfg, uri = search_store(Path(args.search))
     cfg.host, cfg.port = args.host, args.port
-    proc = launch(cfg, uri)
-    print(f"MLflow UI for {args.search}: {cfg.url}  (Ctrl-C stops it)", flush=True)
+    proc = launch(cfg, uri, cfg.data_dir / UI_LOG_FILE)
+    print(f"MLflow UI for {args.search}: {cfg.url}  (Ctrl-C stops it; server log {cfg.data_dir / UI_LOG_FILE})",
+          flush=True)
     if args.open:
         webbrowser.open(cfg.url)
     try:

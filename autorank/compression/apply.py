@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from autorank.errors import AutorankError
 
 from .decompose import build_chain, decompose_layer
+from .fit import FIT_MODES, fit_chains
 from .layers import find_layers, is_candidate
 from .plan import CONV_METHODS, LINEAR_METHODS, LayerPlan, Plan, RankSpec
 from .quantize import INT_BITS, ActivationFakeQuant, calibrate, quantize_weights_
@@ -47,31 +48,31 @@ def _check(name: str, layer: nn.Module, lp: LayerPlan) -> None:
         raise AutorankError(f"layer {name!r}: {exc}") from None
 
 
-def _is_explicit(rank: RankSpec) -> bool:
-    return isinstance(rank, int | list | tuple) and not isinstance(rank, bool)
-
-
 def resolve_plan(model: nn.Module, plan: Plan) -> Plan:
     """The plan with integer ranks (lists), so that `compress` rebuilds the same model deterministically.
 
-    A layer whose EVBMF or ratio ranks would not save parameters (e.g. EVBMF finds a small linear layer
-    full-rank) is set to method "none"; explicitly given integer ranks are kept as they are.
+    A layer whose decomposition at the resolved ranks would not be smaller than the layer (EVBMF finds
+    1x1 convs and small linear layers full-rank; ratios near 1 or integers can ask for as much) stays
+    undecomposed at its precision, whatever the rank spec, and `notes` of the result says why.
     Raises AutorankError for unknown layers, inapplicable methods or invalid ranks before any compute.
     """
     layers = {name: _layer(model, name) for name in plan.layers}
     for name, lp in plan.layers.items():
         _check(name, layers[name], lp)
-    resolved = {}
+    resolved, notes = {}, dict(plan.notes)
     for name, lp in plan.layers.items():
         layer, method = layers[name], lp.method
         ranks: list[int] | None = None
         if method != "none":
             ranks = list(resolve_rank(method, layer, lp.rank))
             shape = tuple(layer.weight.shape)
-            if not _is_explicit(lp.rank) and method_params(method, shape, ranks) >= math.prod(shape):
+            decomposed, weights = method_params(method, shape, ranks), math.prod(shape)
+            if decomposed >= weights:
+                notes[name] = (f"{method} at ranks {'x'.join(map(str, ranks))} would hold {decomposed:,} weights, "
+                               f"the layer holds {weights:,}")
                 method, ranks = "none", None
         resolved[name] = LayerPlan(method, ranks, lp.precision, lp.stabilize)
-    return Plan(resolved, plan.activations)
+    return Plan(resolved, plan.activations, notes)
 
 
 def _with_input_quant(chain: nn.Module) -> nn.Sequential:
@@ -80,17 +81,36 @@ def _with_input_quant(chain: nn.Module) -> nn.Sequential:
     return nn.Sequential(*[m for layer in modules for m in (ActivationFakeQuant(), layer)])
 
 
+def _decomposed(name: str, layer: nn.Module, lp: LayerPlan, n_iter_max: int, seed: int,
+                cache: dict | None) -> nn.Module:
+    """The layer's weight-space chain; `cache` keeps a float copy per (layer, method, ranks, settings), so
+    that a later trial asking for the same skips the decomposition (CP-ALS + EPC is the costly one)."""
+    key = (name, lp.method, tuple(lp.rank), lp.stabilize, n_iter_max, seed)
+    if cache is not None and key in cache:
+        return copy.deepcopy(cache[key])
+    chain = decompose_layer(layer, lp.method, tuple(lp.rank), stabilize=lp.stabilize, n_iter_max=n_iter_max,
+                            seed=seed)
+    if cache is not None:
+        cache[key] = copy.deepcopy(chain)
+    return chain
+
+
 def compress(model: nn.Module, plan: Plan, *, calibration: Iterable[Tensor] | None = None,
              decompose: bool = True, observer: str = "minmax", n_iter_max: int = 100,
-             seed: int = 0) -> nn.Module:
+             seed: int = 0, fit: Iterable[Tensor] | None = None, fit_mode: str = "pair",
+             factors: dict | None = None) -> nn.Module:
     """A new model with `plan` applied; `model` is left untouched.
 
     Decomposed layers become nn.Sequential chains of plain Conv2d/Linear; layers at fp16/int8/int4 get
     weight fake-quant; with `plan.activations == "int8"` the inputs of int8/int4 layers get calibrated
     activation fake-quant (`calibration`: batches of inputs; without it, ranges come from the first
     batch seen). `decompose=False` builds the same structure without computing factors, for loading a
-    saved state_dict of a compressed model.
+    saved state_dict of a compressed model. `fit`: calibration images to which every decomposed chain
+    is then fitted (data-aware, see `fit.fit_chains`; `fit_mode` pair | last). `factors`: a cache of
+    weight-space chains shared by calls on the same `model` (a search's trials), see `_decomposed`.
     """
+    if fit_mode not in FIT_MODES:
+        raise AutorankError(f"fit mode {fit_mode!r}: choose from {', '.join(FIT_MODES)}")
     resolved = resolve_plan(model, plan)
     compressed = copy.deepcopy(model)
     for name, lp in resolved.layers.items():
@@ -98,8 +118,7 @@ def compress(model: nn.Module, plan: Plan, *, calibration: Iterable[Tensor] | No
         if lp.method == "none":
             chain: nn.Module = layer
         elif decompose:
-            chain = decompose_layer(layer, lp.method, tuple(lp.rank), stabilize=lp.stabilize,
-                                    n_iter_max=n_iter_max, seed=seed)
+            chain = _decomposed(name, layer, lp, n_iter_max, seed, factors)
         else:
             chain = build_chain(layer, lp.method, tuple(lp.rank))
         for module in chain.modules():
@@ -109,6 +128,9 @@ def compress(model: nn.Module, plan: Plan, *, calibration: Iterable[Tensor] | No
             chain = _with_input_quant(chain)
         if chain is not layer:
             compressed.set_submodule(name, chain)
+    if fit is not None and decompose:
+        fit_chains(compressed, model, [n for n, lp in resolved.layers.items() if lp.method != "none"], fit,
+                   mode=fit_mode)
     if calibration is not None:
         calibrate(compressed, calibration, observer)
     return compressed

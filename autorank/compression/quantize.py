@@ -1,8 +1,11 @@
 """Fake quantization with straight-through gradients, kept export-friendly.
 
 Weights: a parametrization on `weight` (the module stays a plain nn.Conv2d / nn.Linear) rounds to
-fp16, or to per-output-channel symmetric int8 ([-127, 127]) / int4 ([-7, 7]) with scale
-max|w| / qmax per channel. Activations: `ActivationFakeQuant`, per-tensor asymmetric int8 with a
+fp16, or to per-output-channel symmetric int8 ([-64, 64]) / int4 ([-7, 7]) with scale
+max|w| / qmax per channel. int8 weights use 7 of their 8 bits so that the file computes exactly this
+on every CPU: x86 without VNNI (AVX2, AVX-512 before Cascade Lake) multiplies uint8 activations by
+int8 weights with VPMADDUBSW, which adds pairs of products into int16 and saturates at 32,767; with
+|w| <= 64 a pair is at most 2 x 255 x 64 = 32,640 (docs/EXPORT.md, "int8 on every CPU"). Activations: `ActivationFakeQuant`, per-tensor asymmetric int8 with a
 range from calibration (min/max or percentile observers) or, if never calibrated, from the first
 batch, then an exponential moving average while training.
 
@@ -25,7 +28,8 @@ from autorank.errors import AutorankError
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 INT_BITS = {"int8": 8, "int4": 4}
-QMAX = {precision: 2 ** (bits - 1) - 1 for precision, bits in INT_BITS.items()}  # symmetric grid [-qmax, qmax]
+# symmetric grid [-qmax, qmax]; int8 stored in 8 bits but on 7-bit levels (saturation-free, see above)
+QMAX = {"int8": 64, "int4": 7}
 OBSERVERS = ("minmax", "percentile")
 
 

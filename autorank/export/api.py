@@ -25,9 +25,10 @@ from torch import nn
 from autorank.compression import ActivationFakeQuant, Plan, compress, layer_precisions, profile, strip_fake_quant
 from autorank.compression.quantize import QMAX
 from autorank.data import Dataset, load_data
-from autorank.errors import AutorankError
+from autorank.errors import AutorankError, TrackingFailed
 from autorank.export.bench import Speed, benchmark
 from autorank.export.graph import to_onnx
+from autorank.export.host import host_report
 from autorank.export.precision import (CALIBRATION_METHODS, INT8_SCOPES, compact, payload_bytes, round_biases, to_fp16,
                                      to_int8)
 from autorank.export.verify import Verification, onnx_accuracy, verify
@@ -53,6 +54,7 @@ class ExportResult:
     onnx_val_accuracy: float | None = None   # the ONNX model on the same split
     card: Path | None = None
     mlflow: dict[str, Any] = field(default_factory=dict)
+    host: dict[str, Any] = field(default_factory=host_report)   # the verifying CPU and its int8 kernel
 
     @property
     def size_ratio(self) -> float:
@@ -278,17 +280,21 @@ def export_onnx(search_dir: str | Path, out: str | Path, precision: str = "int8"
                 max_size: int | None = None, min_ratio: float | None = None, max_drop: float | None = None,
                 calibration_batches: int = 8, calibration_method: str = "minmax", activation_type: str = "uint8",
                 int8_scope: str = "plan", verify_limit: int | None = None, threads: int | None = None,
-                bench: bool = True, register: bool = True, registered_name: str | None = None, seed: int = 0) -> ExportResult:
+                bench: bool = True, register: bool = True, registered_name: str | None = None,
+                mlflow_uri: str | None = None, seed: int = 0) -> ExportResult:
     """Export a trial of the search at `search_dir` (by number, or the best one meeting the limits).
 
     The file is verified (ONNX Runtime vs PyTorch on the test split; ONNX accuracy on the split the
     search measured, next to the recorded figure), benchmarked next to the uncompressed model,
-    logged to the trial's MLflow run and registered (with `register`), and described by a model
-    card written beside it (`<out>.card.md`).
+    logged to the trial's MLflow run and registered (with `register`; in `mlflow_uri` instead of the
+    search's store if given), and described by a model card written beside it (`<out>.card.md`).
+    If MLflow fails, the verified file and its card stay and TrackingFailed says how to retry.
     """
-    from autorank.export.registry import register_model, write_card
+    from autorank.export.registry import check_registered_name, register_model, write_card
 
     _check_options(precision, calibration_batches, calibration_method, threads, int8_scope)
+    if registered_name is not None:
+        check_registered_name(registered_name)
     if trial is not None and any(v is not None for v in (max_size, min_ratio, max_drop)):
         raise AutorankError("give either a trial number or limits (max size / min ratio / max drop), not both")
     out = Path(out)
@@ -303,10 +309,26 @@ def export_onnx(search_dir: str | Path, out: str | Path, precision: str = "int8"
     result.trial, result.search_dir = record.number, Path(search_dir)
     result.recorded_accuracy = record.metrics.get("accuracy")
     result.onnx_val_accuracy = onnx_accuracy(out, data, "val", threads=threads or torch.get_num_threads())
+    failure = None
     if register:
-        result.mlflow = register_model(result, search, record, registered_name=registered_name)
+        try:
+            result.mlflow = register_model(result, search, record, registered_name=registered_name, uri=mlflow_uri)
+        except Exception as exc:  # noqa: BLE001 - whatever MLflow raises, the verified file is kept
+            failure = _innermost(exc)
     result.card = write_card(result, search, record, plan)
+    if failure:
+        raise TrackingFailed(
+            f"{out} is written and verified (card {result.card}), but logging it to MLflow at "
+            f"{mlflow_uri or search.info['mlflow_uri']} failed ({failure}); retry with --no-register, "
+            "or with --mlflow-uri of a reachable tracking server")
     return result
+
+
+def _innermost(exc: BaseException) -> str:
+    """The innermost cause of a failure on one line (MLflow wraps a refused connection four levels deep)."""
+    while exc.__cause__ or exc.__context__:
+        exc = exc.__cause__ or exc.__context__
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
 
 
 def figures(result: ExportResult) -> list[tuple[str, str]]:
@@ -319,6 +341,8 @@ def figures(result: ExportResult) -> list[tuple[str, str]]:
         (f"{v.split} accuracy", f"ONNX {v.onnx_accuracy:.4f}, PyTorch {v.torch_accuracy:.4f} on {v.images:,} images"),
         ("agreement", f"top-1 {v.top1_agreement:.4f}, max |logit diff| {v.max_abs_error:.3g}"),
     ]
+    if result.precision == "int8":
+        rows.append(("int8 kernel", f"{result.host['int8_kernel']}; weights on {result.host['int8_weight_grid']}"))
     if result.accuracy_gap is not None:
         rows.append(("val accuracy", f"ONNX {result.onnx_val_accuracy:.4f}, search recorded "
                                      f"{result.recorded_accuracy:.4f} (gap {result.accuracy_gap:+.2f} points)"))

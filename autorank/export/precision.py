@@ -6,8 +6,9 @@
   QuantizeLinear/DequantizeLinear runs it; ORT fuses the pairs into integer kernels), symmetric
   per-channel int8 weights, activations calibrated on batches of the training split. Layers the plan
   keeps in fp32/fp16 are excluded from quantization (their nodes via `nodes_to_exclude`); fp16 layers
-  store their weights as fp16 with a Cast, so the file's size follows the plan; int4 layers get
-  4-bit per-channel weights through ORT's `TensorQuantOverrides` (opset 21 DequantizeLinear).
+  store their weights as fp16 with a Cast, so the file's size follows the plan. Every integer weight
+  keeps the search's own grid through ORT's `TensorQuantOverrides`: int8 on [-64, 64] (exact on x86
+  CPUs without VNNI, see compression/quantize.py), int4 on [-7, 7] (opset 21 DequantizeLinear).
 """
 
 from __future__ import annotations
@@ -83,10 +84,12 @@ def to_int8(
     model = onnx.load_model(src)
     weights = _weight_inputs(model)
     arrays = {init.name: init for init in model.graph.initializer}
+    excluded = {*exclude_fp32, *exclude_fp16}
+    axes = {node.name: _channel_axis(node) for node in model.graph.node}
     overrides = {
-        weights[name]: [{"axis": 0, "quant_type": QuantType.QInt4, "scale": scale, "zero_point": np.int8(0)}
-                        for scale in weight_scales(numpy_helper.to_array(arrays[weights[name]]), "int4")]
-        for name in int4_nodes if name in weights
+        weight: _weight_grid(numpy_helper.to_array(arrays[weight]), "int4" if node in int4_nodes else "int8",
+                             axes[node])
+        for node, weight in weights.items() if node not in excluded
     }
     for tensor, (low, high) in (activation_ranges or {}).items():
         overrides[tensor] = [{"rmin": np.float32(min(low, 0.0)), "rmax": np.float32(max(high, 0.0))}]
@@ -124,13 +127,30 @@ def to_int8(
 
 
 def weight_scales(weight: np.ndarray, precision: str) -> np.ndarray:
-    """Per-output-channel scales of the quantization-aware model's weight grid, max|w| / qmax.
-
-    int4 layers are given these explicitly: ORT's own symmetric int4 scale is 2 max|w| / 15 (its
-    range is [-8, 7]), which would move the trained weights to a grid the search never measured.
-    """
+    """Per-output-channel scales of the quantization-aware model's weight grid, max|w| / qmax."""
     absmax = np.abs(weight.reshape(weight.shape[0], -1)).max(axis=1).astype(np.float32)
     return np.where(absmax > 0, absmax / np.float32(QMAX[precision]), np.float32(1.0))
+
+
+def _channel_axis(node: onnx.NodeProto) -> int:
+    """The output-channel axis of a compute node's weight: Conv and Gemm(transB) store (out, ...)."""
+    trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+    return 0 if node.op_type == "Conv" or (node.op_type == "Gemm" and trans_b) else 1
+
+
+def _weight_grid(weight: np.ndarray, precision: str, axis: int = 0) -> list[dict]:
+    """ORT tensor overrides that keep a weight on the search's grid instead of ORT's own.
+
+    ORT's symmetric scales are max|w| / 127 (int8) and 2 max|w| / 15 (int4, range [-8, 7]); the
+    search's are max|w| / 64 (int8 on 7-bit levels, saturation-free on any x86: quantize.py) and
+    max|w| / 7. Recomputing would move the trained weights to a grid the search never measured.
+    """
+    from onnxruntime.quantization import QuantType
+
+    quant_type = QuantType.QInt4 if precision == "int4" else QuantType.QInt8
+    channels_first = np.moveaxis(weight, axis, 0)
+    return [{"axis": axis, "quant_type": quant_type, "scale": scale, "zero_point": np.int8(0)}
+            for scale in weight_scales(channels_first, precision)]
 
 
 def _float_for_unquantized_consumers(model: onnx.ModelProto, *, everywhere: bool = False) -> None:
@@ -195,9 +215,7 @@ def round_biases(model: onnx.ModelProto, input_ranges: dict[str, tuple[float, fl
         input_scale = np.float32((max(high, 0.0) - min(low, 0.0)) / 255.0)  # ORT: (rmax - rmin) / (qmax - qmin)
         if not input_scale > 0:
             continue
-        weight = numpy_helper.to_array(initializers[node.input[1]])
-        if node.op_type == "Gemm" and not any(a.name == "transB" and a.i for a in node.attribute):
-            weight = weight.T  # Gemm without transB stores (in, out): channels on axis 1
+        weight = np.moveaxis(numpy_helper.to_array(initializers[node.input[1]]), _channel_axis(node), 0)
         step = (input_scale * weight_scales(weight, precision)).astype(np.float32)
         bias = numpy_helper.to_array(initializers[node.input[2]]).astype(np.float32)
         rounded = (np.round(bias.astype(np.float64) / step) * step).astype(np.float32)

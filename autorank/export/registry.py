@@ -4,17 +4,32 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from autorank.compression import Plan
+from autorank.errors import AutorankError
 
 if TYPE_CHECKING:
     from autorank.export.api import ExportResult
     from autorank.search.results import SearchRecord, TrialRecord
 
 log = logging.getLogger(__name__)
+
+
+def default_registered_name(model: str) -> str:
+    """`autorank-<zoo name or factory>`: a model spec such as module:pkg.mod:factory holds ':', which MLflow
+    forbids in registered names."""
+    return f"autorank-{model.rpartition(':')[2]}"
+
+
+def check_registered_name(name: str) -> None:
+    """MLflow's rule for registered model names, checked before an export starts rather than after it."""
+    if not name.strip() or "/" in name or ":" in name or name == "." or name.startswith(".."):
+        raise AutorankError(f"registered model name {name!r}: MLflow needs a non-empty name without '/' or ':' "
+                            "that does not start with '..'")
 
 
 def _sha256(path: Path) -> str:
@@ -63,15 +78,22 @@ def _trial_run(client, search: SearchRecord, record: TrialRecord) -> str:
 
 
 def register_model(result: ExportResult, search: SearchRecord, record: TrialRecord, *,
-                   registered_name: str | None = None) -> dict[str, Any]:
-    """Log the ONNX file to the trial's run (mlflow.onnx) and register it with the figures as tags."""
+                   registered_name: str | None = None, uri: str | None = None) -> dict[str, Any]:
+    """Log the ONNX file to the trial's run (mlflow.onnx) and register it with the figures as tags.
+
+    `uri`: a tracking server to use instead of the search's own store."""
     import mlflow
     import mlflow.onnx
     import onnx
     from mlflow import MlflowClient
 
-    uri = search.info["mlflow_uri"]
-    name = registered_name or f"autorank-{search.info['model']}"
+    from autorank.tracking.tracker import MLFLOW_HTTP_DEFAULTS
+
+    for key, value in MLFLOW_HTTP_DEFAULTS.items():  # an unreachable server fails in seconds, not minutes
+        os.environ.setdefault(key, value)
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)  # its retries are no news to a user
+    uri = uri or search.info["mlflow_uri"]
+    name = registered_name or default_registered_name(search.info["model"])
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     client = MlflowClient(uri, registry_uri=uri)
@@ -116,7 +138,14 @@ def write_card(result: ExportResult, search: SearchRecord | None, record: TrialR
     for name, speed in result.speed.items():
         lines.append(f"| {name}: latency batch 1 / throughput batch {speed.batch_size} ({speed.threads} threads) | "
                      f"{speed.latency_ms:.2f} ms / {speed.throughput:,.0f} img/s |")
-    lines += ["", "## Plan", "", "| layer | method | ranks | weights |", "|---|---|---|---|"]
+    host = result.host
+    found = ", ".join(name for name, present in host["cpu_features"].items() if present) or "none of interest"
+    lines += ["", "## Verifying host", "",
+              f"Verified on {host['machine']} (CPU features: {found}); ONNX Runtime's int8 kernel here: "
+              f"{host['int8_kernel']}. int8 weights lie on {host['int8_weight_grid']}, so that no pair of "
+              "uint8 x int8 products exceeds int16: the file computes the same on CPUs with and without VNNI "
+              "(docs/EXPORT.md).",
+              "", "## Plan", "", "| layer | method | ranks | weights |", "|---|---|---|---|"]
     for name, lp in plan.layers.items():
         ranks = "-" if lp.rank is None else "×".join(map(str, lp.rank)) if isinstance(lp.rank, list) else str(lp.rank)
         lines.append(f"| {name} | {lp.method} | {ranks} | {lp.precision} |")

@@ -126,6 +126,11 @@ class Finetune:
     calibration_batches: int = 4      # batches used to calibrate int8 activations
     decompose_iters: int = 30         # CP/Tucker ALS iterations: fine-tuning recovers the rest, faster trials
     channels_last: bool = False       # NHWC memory format for fine-tune and evaluation (faster convs on CPU)
+    fit: bool = True                  # data-aware fitting of the decomposed chains before fine-tuning
+    fit_images: int = 512             # calibration images for the fit
+    distill: float = 0.0              # weight of the KL to the uncompressed model's logits (0 = plain CE)
+    temperature: float = 4.0          # distillation temperature
+    warmup: int = 0                   # linear LR warm-up steps
 
 
 @dataclass(frozen=True)
@@ -443,6 +448,11 @@ def parse_space(raw: Any, source: str = "<dict>", default_name: str = "search") 
                                      "finetune.calibration_batches", int, 1),
         decompose_iters=r.number(ft.get("decompose_iters", d.decompose_iters), "finetune.decompose_iters", int, 1),
         channels_last=r.flag(ft.get("channels_last", d.channels_last), "finetune.channels_last"),
+        fit=r.flag(ft.get("fit", d.fit), "finetune.fit"),
+        fit_images=r.number(ft.get("fit_images", d.fit_images), "finetune.fit_images", int, 1),
+        distill=r.number(ft.get("distill", d.distill), "finetune.distill", float, 0.0, 1.0),
+        temperature=r.number(ft.get("temperature", d.temperature), "finetune.temperature", float, 0.01, 100.0),
+        warmup=r.number(ft.get("warmup", d.warmup), "finetune.warmup", int, 0),
     )
     if not finetune.qat and "int8" in activations:
         raise r.fail("finetune.qat", "false (quantize after fine-tuning) supports weight precisions only: "

@@ -71,8 +71,8 @@ def scaled_ranks(evbmf: Sequence[int], full: Sequence[int], multiplier: float) -
 
 
 def build_plan(space: SearchSpace, groups: Sequence[Group], layers: Mapping[str, LayerInfo],
-               params: Mapping[str, Any]) -> tuple[Plan, str]:
-    """The compression Plan for a trial's params, and a one-line summary of it."""
+               params: Mapping[str, Any]) -> Plan:
+    """The compression Plan for a trial's params (before `resolve_plan`)."""
     plan_layers: dict[str, LayerPlan] = {}
     for name, (method, rank, precision) in space.layer_choices(params, groups).items():
         if method == "none":
@@ -83,8 +83,7 @@ def build_plan(space: SearchSpace, groups: Sequence[Group], layers: Mapping[str,
                                           rank=scaled_ranks(info.evbmf[method], info.full[method], rank))
         else:
             plan_layers[name] = LayerPlan(method=method, rank=float(rank), precision=precision)
-    plan = Plan(layers=plan_layers, activations=params.get("activations", space.activations[0]))
-    return plan, summarize(plan)
+    return Plan(layers=plan_layers, activations=params.get("activations", space.activations[0]))
 
 
 def summarize(plan: Plan) -> str:
@@ -107,11 +106,13 @@ class TrialContext:
     reference: dict[str, float]       # the uncompressed model after the same fine-tune
     out_dir: Path
     device: str = "auto"
+    factors: dict = field(default_factory=dict, repr=False)  # weight-space chains reused across trials
 
     def train_config(self) -> engine.TrainConfig:
         ft = self.space.finetune
         return engine.TrainConfig(steps=ft.steps, batch_size=ft.batch_size, optimizer=ft.optimizer, lr=ft.lr,
-                                  weight_decay=ft.weight_decay, schedule=ft.schedule, device=self.device,
+                                  weight_decay=ft.weight_decay, schedule=ft.schedule, warmup=ft.warmup,
+                                  distill=ft.distill, temperature=ft.temperature, device=self.device,
                                   channels_last=ft.channels_last, seed=self.space.seed)
 
 
@@ -119,10 +120,11 @@ def finetune_and_measure(model: nn.Module, data: Dataset, ctx: TrialContext,
                          quantize: Plan | None = None) -> dict[str, float]:
     """The shared measurement of trials and the reference: fine-tune, evaluate on val, profile.
 
-    `quantize`: weight precisions applied after fine-tuning (the `qat: false` path)."""
+    `quantize`: weight precisions applied after fine-tuning (the `qat: false` path). The teacher of
+    distillation is the pretrained model, for the trials and the reference alike."""
     start = time.perf_counter()
     if ctx.space.finetune.steps > 0:
-        engine.train(model, data, ctx.train_config())
+        engine.train(model, data, ctx.train_config(), teacher=ctx.model)
     if quantize is not None:
         for name, lp in quantize.layers.items():
             for module in model.get_submodule(name).modules():
@@ -155,22 +157,24 @@ def run_trial(ctx: TrialContext, data: Dataset, params: Mapping[str, Any], numbe
     outcome = TrialOutcome(number=number, params=dict(params))
     folder = ctx.out_dir / TRIALS_DIR / str(number)
     try:
-        plan, outcome.summary = build_plan(ctx.space, ctx.groups, ctx.layers, params)
-        plan = resolve_plan(ctx.model, plan)  # integer ranks: export rebuilds exactly this model
+        # integer ranks, layers that would not shrink left whole: export rebuilds exactly this model
+        plan = resolve_plan(ctx.model, build_plan(ctx.space, ctx.groups, ctx.layers, params))
+        outcome.summary = summarize(plan)
         outcome.plan = json.loads(plan.to_json())
         ft = ctx.space.finetune
         calibration = None
         if plan.activations == "int8":
             calibration = data.calibration_images(ft.batch_size * ft.calibration_batches, ft.batch_size,
                                                   seed=ctx.space.seed)
+        fit = data.calibration_images(ft.fit_images, ft.batch_size, seed=ctx.space.seed) if ft.fit else None
         if ctx.space.finetune.qat:
             model = compress(ctx.model, plan, calibration=calibration, n_iter_max=ft.decompose_iters,
-                             seed=ctx.space.seed)
+                             seed=ctx.space.seed, fit=fit, factors=ctx.factors)
             compressed = time.perf_counter()
             metrics = finetune_and_measure(model, data, ctx)
         else:  # fine-tune the float decomposition, then quantize its weights (post-training)
             model = compress(ctx.model, Plan({n: replace(lp, precision="fp32") for n, lp in plan.layers.items()}),
-                             n_iter_max=ft.decompose_iters, seed=ctx.space.seed)
+                             n_iter_max=ft.decompose_iters, seed=ctx.space.seed, fit=fit, factors=ctx.factors)
             compressed = time.perf_counter()
             metrics = finetune_and_measure(model, data, ctx, quantize=plan)
         metrics["compress_s"] = compressed - start

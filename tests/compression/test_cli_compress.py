@@ -43,8 +43,10 @@ def test_compress_reports_and_saves_a_rebuildable_model(capsys, tmp_path, checkp
     assert before["accuracy"] > 0.5
     assert after["params"] < before["params"] and after["size_bytes"] < before["size_bytes"] / 4
     assert result["compression"]["size"] == pytest.approx(before["size_bytes"] / result["finetuned"]["size_bytes"])
-    assert {lp["method"] for lp in result["plan"]["layers"].values()} == {"tucker2", "svd"}
-    assert all(isinstance(lp["rank"], list) for lp in result["plan"]["layers"].values())
+    layers = result["plan"]["layers"]  # a ratio leaves the classifier whole (make_plan), at its precision
+    assert layers.pop("classifier") == {"method": "none", "rank": None, "precision": "int8", "stabilize": "epc"}
+    assert {lp["method"] for lp in layers.values()} == {"tucker2"}
+    assert all(isinstance(lp["rank"], list) for lp in layers.values())
 
     # the saved plan + state_dict rebuild the same model without recomputing factors
     data = load_data("digits")
@@ -69,6 +71,23 @@ def test_compress_with_a_plan_file_and_mixed(capsys, tmp_path, checkpoint):
     assert {lp["method"] for lp in mixed["plan"]["layers"].values()} <= {"cp", "tucker2", "tt"}
 
 
+@pytest.mark.parametrize("method,rank,ranks,weights", [("tucker2", "32,64", "32x64", "23,552"),
+                                                       ("cp", "1.0", "181", "18,462")])
+def test_a_layer_that_would_not_shrink_stays_whole_at_its_precision(capsys, checkpoint, method, rank, ranks, weights):
+    """Integers and ratios as EVBMF ranks: no chain larger than the 64x32x3x3 conv (18,432 weights) is built."""
+    argv = ["compress", "--model", "small_cnn", "--data", "digits", "--device", "cpu", "--weights", str(checkpoint),
+            "--method", method, "--rank", rank, "--precision", "int8", "--include", "features.7"]
+    result = run_json(capsys, [*argv, "--json"])
+    assert result["plan"]["layers"] == {"features.7": {"method": "none", "rank": None, "precision": "int8",
+                                                       "stabilize": "epc"}}
+    assert result["undecomposed"] == {
+        "features.7": f"{method} at ranks {ranks} would hold {weights} weights, the layer holds 18,432"}
+    assert result["compressed"]["params"] == result["before"]["params"]
+    assert result["compressed"]["size_bytes"] < result["before"]["size_bytes"]  # its int8 weights still apply
+    assert main(argv) == 0
+    assert f"left undecomposed: features.7 ({method} at ranks" in capsys.readouterr().out
+
+
 def test_ranks_table(capsys, checkpoint):
     result = run_json(capsys, ["ranks", *COMMON, "--weights", str(checkpoint)])
     rows = {row["layer"]: row for row in result["layers"]}
@@ -85,8 +104,29 @@ def test_ranks_table(capsys, checkpoint):
     (["--rank", "vbmf:3"], "vbmf"),
     (["--plan", "missing.json"], "plan file not found"),
     (["--rank", "500"], "out of range"),
+    (["--distill", "1.5"], "distillation weight"),
+    (["--target-ratio", "0"], "--target-ratio"),
 ])
 def test_user_mistakes_are_one_line_errors(capsys, argv, message):
     assert main(["compress", "--model", "small_cnn", "--data", "digits", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("autorank: error:") and message in err and "\n" not in err
+
+
+def test_target_ratio_allocates_from_a_sensitivity_table_and_reuses_it(capsys, tmp_path, checkpoint):
+    table = tmp_path / "sensitivity.json"
+    text = ["compress", "--model", "small_cnn", "--data", "digits", "--device", "cpu", "--weights", str(checkpoint),
+            "--target-ratio", "3", "--sensitivity", str(table), "--iters", "10", "--calibration-images", "64"]
+    argv = [*text, "--include", "features.1*", "--include", "features.7", "--sensitivity-images", "60", "--json"]
+    result = run_json(capsys, argv)
+    allocation, after = result["allocation"], result["compressed"]
+    assert after["size_bytes"] == allocation["predicted_size_bytes"] <= allocation["budget_bytes"]
+    assert result["compression"]["size"] >= 3 and allocation["sensitivity_images"] == 60
+    assert set(result["plan"]["layers"]) == {"features.7", "features.10"}
+    assert table.is_file() and allocation["predicted_drop_points"] >= 0
+    again = run_json(capsys, argv)  # the saved table: same plan, no new measurements
+    assert again["plan"] == result["plan"] and again["allocation"] == allocation
+    assert main(argv[:-1]) == 0
+    assert "allocated for x3" in capsys.readouterr().out
+    assert main(text) == 2  # the table was measured for two layers, not all four
+    assert "measured for other layers" in capsys.readouterr().err

@@ -26,7 +26,7 @@ from autorank.data.dataset import Dataset
 from autorank.engine import evaluate
 from autorank.errors import AutorankError
 from autorank.models import create_model
-from conftest import CIFAR_MODELS
+from tests.conftest import CIFAR_MODELS
 
 WEIGHTS = CIFAR_MODELS / "resnet20-12fca82f-jpeg-adapted.pt"
 EVAL_IMAGES = 2000

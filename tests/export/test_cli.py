@@ -86,6 +86,11 @@ def test_export_best_trial_is_verified_registered_and_described(search_dir, tmp_
     assert card == tmp_path / "best.card.md"
     text = card.read_text()
     assert f"Trial {result['trial']}" in text and "top-1 agreement" in text and "sha256" in text
+    # the verifying CPU and its int8 kernel, measured (issue 18): in --json and on the card
+    host = result["host"]
+    assert {"avx2", "avx512_vnni", "neon"} <= set(host["cpu_features"]) and host["int8_exact_on_every_cpu"]
+    assert isinstance(host["int8_kernel_saturates_8bit_weights"], bool)
+    assert "## Verifying host" in text and host["int8_kernel"] in text
 
 
 def _one_line_error(code: int, stderr: str) -> str:

@@ -143,8 +143,8 @@ def test_round_biases_puts_biases_on_the_int32_grid_onnx_runtime_uses(tmp_path):
     bias = np.array([0.123456, -0.3], np.float32)
     model = _one_conv(weight, bias)
     shifts = round_biases(model, {"input": (-1.0, 3.0)}, {"conv": "int8"})
-    # by hand: input scale (3 - -1) / 255, weight scales 1.27 / 127 and 0.5 / 127
-    step = np.float32(4 / 255) * np.array([1.27 / 127, 0.5 / 127], np.float32)
+    # by hand: input scale (3 - -1) / 255, weight scales 1.27 / 64 and 0.5 / 64 (int8 on [-64, 64])
+    step = np.float32(4 / 255) * np.array([1.27 / 64, 0.5 / 64], np.float32)
     expected = np.round(bias / step) * step
     rounded = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "b"))
     np.testing.assert_allclose(rounded, expected, rtol=1e-6)
@@ -157,3 +157,6 @@ def test_round_biases_puts_biases_on_the_int32_grid_onnx_runtime_uses(tmp_path):
     inits = {i.name: numpy_helper.to_array(i) for i in onnx.load_model(tmp_path / "int8.onnx").graph.initializer}
     stored = next(v for v in inits.values() if v.dtype == np.int32)
     np.testing.assert_array_equal(stored, np.round(bias / step).astype(np.int32))
+    # ... and keeps the weights on the search's grid: the largest of each channel is level 64
+    levels = next(v for v in inits.values() if v.dtype == np.int8 and v.ndim == 4)
+    np.testing.assert_array_equal(levels[:, 0, 0, 0], [64, -64])

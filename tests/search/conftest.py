@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 TINY_SPACE = {
@@ -20,17 +19,10 @@ TINY_SPACE = {
 
 
 @pytest.fixture(scope="session")
-def pretrained_digits(tmp_path_factory, digits) -> Path:
+def pretrained_digits(tmp_path_factory, digits, train_checkpoint) -> Path:
     """The small CNN trained on digits (>= 0.95 val): the model a user would bring."""
-    from autorank.engine import TrainConfig, evaluate, train
-    from autorank.models import create_model
-
-    torch.manual_seed(0)
-    model = create_model("small_cnn", digits)
-    train(model, digits, TrainConfig(steps=150, batch_size=64, lr=0.05, schedule="onecycle", seed=0))
-    assert evaluate(model, digits, "val") >= 0.95
-    path = tmp_path_factory.mktemp("pretrained") / "small_cnn.pt"
-    torch.save({"state_dict": model.state_dict()}, path)
+    path, accuracy = train_checkpoint("small_cnn", digits, tmp_path_factory.mktemp("pretrained"), steps=150)
+    assert accuracy >= 0.95
     return path
 
 

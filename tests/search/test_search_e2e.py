@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
+
 import optuna
 import pytest
 import torch
 
 from autorank import engine
 from autorank.cli import main
+from autorank.compression import method_params
 from autorank.errors import AutorankError, TrialDiverged
 from autorank.search import best_trial, load_search
 from autorank.export.api import rebuild_trial
@@ -65,7 +68,11 @@ def test_evbmf_seeds_are_the_first_trials(local_search, tiny_space):
     assert [t.number for t in seeds] == [0, 1, 2]  # trials // 2 seeds, first
     for trial in seeds:
         for name, lp in trial.user_attrs["plan"]["layers"].items():
-            assert lp["rank"] == layers[name]["evbmf"][lp["method"]]  # exactly the EVBMF ranks
+            sampled, shape = trial.params[f"{name}.method"], tuple(layers[name]["shape"])
+            if sampled != "none" and lp["method"] == "none":  # EVBMF ranks that would not shrink the layer
+                assert method_params(sampled, shape, layers[name]["evbmf"][sampled]) >= math.prod(shape)
+            else:
+                assert lp["rank"] == layers[name]["evbmf"][lp["method"]]  # exactly the EVBMF ranks
     methods = {t.params["features.10.method"] for t in seeds}
     precisions = {t.params["features.10.precision"] for t in seeds}
     assert methods == {"tucker2", "tt"} and precisions == {"fp32", "int8"}
@@ -112,13 +119,13 @@ def test_interrupted_search_resumes_to_exactly_the_requested_trials(tmp_path, pr
     calls = {"n": 0}
     real_train = engine.train
 
-    def flaky_train(model, data, config):
+    def flaky_train(model, data, config, **options):
         calls["n"] += 1  # call 1 is the reference fine-tune
         if calls["n"] == 4:
             raise TrialDiverged("training diverged: non-finite loss by step 3")
         if calls["n"] == 5:
             raise KeyboardInterrupt
-        return real_train(model, data, config)
+        return real_train(model, data, config, **options)
 
     monkeypatch.setattr(trial_module.engine, "train", flaky_train)
     out = tmp_path / "search"

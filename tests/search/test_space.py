@@ -32,6 +32,8 @@ BAD = [
     ({"constraints": {"min_ratio": "ten"}}, "constraints.min_ratio"),
     ({"finetune": {"steps": 2.5}}, "finetune.steps"),
     ({"finetune": {"qat": "yes"}}, "finetune.qat"),
+    ({"finetune": {"distill": 1.5}}, "finetune.distill"),
+    ({"finetune": {"fit": "yes"}}, "finetune.fit"),
     ({"search": {"sampler": "cmaes"}}, "search.sampler"),
     ({"search": {"time_budget": "soon"}}, "search.time_budget"),
     ({"search": {"trials": 0}}, "search.trials"),

@@ -231,6 +231,19 @@ def test_ui_on_a_folder_without_a_search_is_a_one_line_error(tmp_path, capsys):
     assert "holds no search" in capsys.readouterr().err
 
 
+def test_ui_on_a_broken_store_says_why_in_one_line(tmp_path, capfd):
+    """The server's stack goes to the search's ui.log; the terminal (file descriptors included) gets one line."""
+    out = tmp_path / "search"
+    out.mkdir()
+    (out / "mlflow.db").write_text("not a database")
+    (out / "search.json").write_text(json.dumps({"mlflow_uri": f"sqlite:///{out / 'mlflow.db'}"}))
+    assert main(["ui", "--search", str(out), "--port", "0"]) == 2
+    captured = capfd.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
+    assert "did not come up" in captured.err and "file is not a database" in captured.err
+    assert "Traceback" in (out / "ui.log").read_text()
+
+
 def _children(pid: int) -> list[int]:
     kids = []
     for stat in Path("/proc").glob("[0-9]*/stat"):

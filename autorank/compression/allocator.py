@@ -1,0 +1,121 @@
+"""`allocate(table, budget) -> Plan`: one global size budget turned into per-layer choices.
+
+Given a `SensitivityTable`, pick exactly one candidate per layer (keeping the layer fp32 is one of
+them) so that the predicted drop — the sum of the chosen candidates' drops, each measured with only
+that layer compressed — is smallest while the model's size (exact: the table's fixed bytes plus the
+chosen candidates' bytes) stays within the budget, and optionally its MACs within a MAC budget.
+
+This is a multiple-choice knapsack, solved exactly as a 0/1 integer program with scipy's `milp`
+(HiGHS, relative gap 0): one binary per (layer, candidate), one "exactly one" row per layer, one
+budget row per resource. Candidates that cannot be in an optimal plan (another in the same layer
+has a smaller drop and is no larger) are removed first.
+
+A negative measured drop (the subset's noise: compressing one layer without fine-tuning does not
+really help) counts as 0, as in `SensitivityTable.predict`; otherwise the allocator would chase noise
+into the most aggressive candidates. Many candidates then tie at 0 (fp16 and often int8), so the
+optimal plan is then grown: layer by layer, in table order and repeatedly, the largest candidate whose drop is no
+larger than the chosen one's replaces it if the budget still holds. The predicted drop stays optimal
+and no single layer could be made larger at no cost, so a loose budget does not become a model far
+smaller than asked for on the strength of drops the subset cannot resolve. (Exactly the largest
+plan at the optimal drop would be a second knapsack, a subset-sum that took HiGHS up to a second.)
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.sparse import csr_array
+
+from autorank.errors import AutorankError
+
+from .plan import Plan
+from .sensitivity import Candidate, SensitivityTable
+
+
+def _useful(cands: list[Candidate], use_macs: bool) -> list[Candidate]:
+    """The layer's candidates that can be in an optimal plan: none with a strictly larger drop than
+    another that is no larger (and needs no more MACs), and one of each exact repeat."""
+    def key(c: Candidate) -> tuple[float, int, int]:
+        return (max(c.drop, 0.0), c.size_bytes, c.macs if use_macs else 0)
+
+    kept: list[Candidate] = []
+    for c in sorted(cands, key=key):
+        d, size, macs = key(c)
+        if not any(k == (d, size, macs) or (k[0] < d and k[1] <= size and k[2] <= macs) for k in map(key, kept)):
+            kept.append(c)
+    return kept
+
+
+def _minimum(table: SensitivityTable, attr: str) -> int:
+    fixed = table.fixed_bytes if attr == "size_bytes" else table.fixed_macs
+    return fixed + sum(min(getattr(c, attr) for c in cands) for cands in table.layers.values())
+
+
+def allocate(table: SensitivityTable, budget: int | None = None, *, ratio: float | None = None,
+             max_macs: int | None = None) -> Plan:
+    """The plan with the smallest predicted drop whose size is at most `budget` bytes (or the table's
+    uncompressed size / `ratio`) and, with `max_macs`, whose MACs are at most that. Every table layer
+    gets a layer plan with integer ranks; the plan's activations are the table's.
+
+    Raises AutorankError (one line, naming the smallest reachable size or MACs) when no combination
+    of the table's candidates fits.
+    """
+    if (budget is None) == (ratio is None):
+        raise AutorankError("allocate: give exactly one of a size budget in bytes or a ratio")
+    if ratio is not None:
+        if not ratio > 0:
+            raise AutorankError(f"target ratio {ratio} must be > 0")
+        budget = math.floor(table.model_bytes / ratio)
+    target = f"{budget:,} bytes" + (f" (x{ratio:g} smaller)" if ratio is not None else "")
+    smallest = _minimum(table, "size_bytes")
+    if budget < smallest:
+        raise AutorankError(f"size budget {target} is below the smallest size the sensitivity table reaches: "
+                            f"{smallest:,} bytes (x{table.model_bytes / smallest:.2f} smaller)")
+    if max_macs is not None and max_macs < (fewest := _minimum(table, "macs")):
+        raise AutorankError(f"MAC budget {max_macs:,} is below the fewest MACs the sensitivity table reaches: "
+                            f"{fewest:,}")
+
+    names = list(table.layers)
+    options = [_useful(table.layers[n], max_macs is not None) for n in names]
+    flat = [c for cands in options for c in cands]
+    n = len(flat)
+    owner = np.repeat(np.arange(len(names)), [len(c) for c in options])
+    one_each = csr_array((np.ones(n), (owner, np.arange(n))), shape=(len(names), n))
+    sizes = np.array([c.size_bytes for c in flat], dtype=float)
+    rows = [LinearConstraint(one_each, 1, 1), LinearConstraint(sizes[None, :], -np.inf, budget - table.fixed_bytes)]
+    if max_macs is not None:
+        macs = np.array([c.macs for c in flat], dtype=float)
+        rows.append(LinearConstraint(macs[None, :], -np.inf, max_macs - table.fixed_macs))
+    drops = np.array([max(c.drop, 0.0) for c in flat])
+    result = milp(drops, constraints=rows, integrality=np.ones(n), bounds=Bounds(0, 1),
+                  options={"mip_rel_gap": 0.0})
+    if result.x is None:
+        raise AutorankError(f"no plan of the sensitivity table meets both the size budget {target} and "
+                            f"{max_macs:,} MACs")
+    chosen = {names[i]: flat[j] for j, i in enumerate(owner) if result.x[j] > 0.5}
+    _grow(chosen, [table.layers[n] for n in names], names, budget - table.fixed_bytes,
+          None if max_macs is None else max_macs - table.fixed_macs)
+    return Plan({name: chosen[name].layer_plan() for name in names}, table.activations)
+
+
+def _grow(chosen: dict[str, Candidate], options: list[list[Candidate]], names: list[str], room: int,
+          mac_room: int | None) -> None:
+    """Replace, layer by layer, each choice by the largest candidate of no larger drop that still fits;
+    again until none changes (a larger candidate can need fewer MACs and make room for another)."""
+    size = sum(c.size_bytes for c in chosen.values())
+    macs = sum(c.macs for c in chosen.values())
+    changed = True
+    while changed:  # the size grows with every change: this ends
+        changed = False
+        for name, cands in zip(names, options, strict=True):
+            now = chosen[name]
+            fits = [c for c in cands if max(c.drop, 0.0) <= max(now.drop, 0.0)
+                    and size - now.size_bytes + c.size_bytes <= room
+                    and (mac_room is None or macs - now.macs + c.macs <= mac_room)]
+            best = max(fits, key=lambda c: c.size_bytes)
+            if best.size_bytes > now.size_bytes:
+                size += best.size_bytes - now.size_bytes
+                macs += best.macs - now.macs
+                chosen[name], changed = best, True

@@ -1,0 +1,112 @@
+"""The allocator: within budget, exactly optimal (checked by brute force), fast, clear when infeasible."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+
+import pytest
+
+from autorank.compression import Candidate, SensitivityTable, allocate, compress, profile
+from autorank.errors import AutorankError
+
+
+def brute_force(table: SensitivityTable, budget: int, max_macs: int | None = None) -> float | None:
+    """The smallest predicted drop over every combination that fits, or None."""
+    best = None
+    for combo in itertools.product(*table.layers.values()):
+        size = table.fixed_bytes + sum(c.size_bytes for c in combo)
+        macs = table.fixed_macs + sum(c.macs for c in combo)
+        if size <= budget and (max_macs is None or macs <= max_macs):
+            drop = sum(max(c.drop, 0.0) for c in combo)
+            best = drop if best is None else min(best, drop)
+    return best
+
+
+def assert_optimal(table: SensitivityTable, plan, budget: int, max_macs: int | None = None) -> None:
+    """Within budget, the brute-force optimum, and no layer could take a larger candidate of no larger
+    drop within the budget (the allocator spends a loose budget instead of shrinking for nothing)."""
+    predicted = table.predict(plan)
+    assert predicted.size_bytes <= budget and (max_macs is None or predicted.macs <= max_macs)
+    assert predicted.drop == pytest.approx(brute_force(table, budget, max_macs), abs=1e-9)
+    for name, lp in plan.layers.items():
+        now = table.candidate(name, lp)
+        for other in table.layers[name]:
+            if max(other.drop, 0) <= max(now.drop, 0) and other.size_bytes > now.size_bytes:
+                assert predicted.size_bytes - now.size_bytes + other.size_bytes > budget or (
+                    max_macs is not None and predicted.macs - now.macs + other.macs > max_macs)
+
+
+def synthetic_table(layers: int, per_layer: int, seed: int) -> SensitivityTable:
+    """Seeded random candidates: sizes below each layer's fp32 size, drops with ties and noise below 0."""
+    rng = random.Random(seed)
+    table = {}
+    for i in range(layers):
+        full = rng.randrange(2_000, 40_000)
+        cands = [Candidate("none", None, "fp32", None, full, 10 * full, full // 4, 0.9, 0.0)]
+        for j in range(per_layer - 1):
+            drop = rng.choice([0.0, -0.1, round(rng.uniform(0, 6), 1), round(rng.uniform(0, 6), 1)])
+            size = rng.randrange(full // 16, full)
+            cands.append(Candidate("tucker2", [j + 1, j + 1], "int8", 0.5, size, rng.randrange(full, 10 * full),
+                                   size, 0.9 - drop / 100, drop))
+        table[f"layer{i}.conv"] = cands
+    model_bytes = 1_000 + sum(c[0].size_bytes for c in table.values())
+    model_macs = 5_000 + sum(c[0].macs for c in table.values())
+    return SensitivityTable(table, 0.9, model_bytes, model_macs, 1_000, 5_000)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_allocation_is_optimal_against_brute_force_on_random_tables(seed):
+    table = synthetic_table(5, 5, seed)
+    low = table.fixed_bytes + sum(min(c.size_bytes for c in cands) for cands in table.layers.values())
+    for budget in (low, *random.Random(seed).sample(range(low, table.model_bytes), 12), table.model_bytes):
+        for max_macs in (None, (table.model_macs + table.fixed_macs) // 2):
+            if brute_force(table, budget, max_macs) is None:
+                with pytest.raises(AutorankError, match="no plan"):
+                    allocate(table, budget, max_macs=max_macs)
+                continue
+            assert_optimal(table, allocate(table, budget, max_macs=max_macs), budget, max_macs)
+
+
+def test_allocation_on_the_digits_table_is_optimal_and_its_size_is_exact(digits_table, digits_cnn, digits):
+    table = digits_table
+    for ratio in (1.0, 1.5, 2, 3, 4, 6, 8, 10):
+        budget = int(table.model_bytes / ratio)
+        if brute_force(table, budget) is None:
+            with pytest.raises(AutorankError, match="smallest size"):
+                allocate(table, ratio=ratio)
+            continue
+        plan = allocate(table, ratio=ratio)
+        assert list(plan.layers) == list(table.layers) and plan.activations == table.activations
+        assert_optimal(table, plan, budget)
+    plan = allocate(table, ratio=4)
+    assert profile(compress(digits_cnn, plan, n_iter_max=20), digits.input_shape).size_bytes == \
+        table.predict(plan).size_bytes
+    assert allocate(table, ratio=1.0).layers["features.7"].precision == "fp32"  # no budget pressure: nothing lost
+
+
+def test_infeasible_budget_names_the_smallest_reachable_size():
+    table = synthetic_table(4, 3, 0)
+    smallest = table.fixed_bytes + sum(min(c.size_bytes for c in cands) for cands in table.layers.values())
+    assert allocate(table, smallest).layers  # exactly the smallest size is feasible
+    with pytest.raises(AutorankError, match=f"smallest size the sensitivity table reaches: {smallest:,} bytes") as err:
+        allocate(table, smallest - 1)
+    assert "\n" not in str(err.value)
+    with pytest.raises(AutorankError, match=r"x1000 smaller"):
+        allocate(table, ratio=1000)
+    with pytest.raises(AutorankError, match="fewest MACs"):
+        allocate(table, table.model_bytes, max_macs=1)
+    with pytest.raises(AutorankError, match="exactly one"):
+        allocate(table, 10_000, ratio=2.0)
+    with pytest.raises(AutorankError, match="exactly one"):
+        allocate(table)
+
+
+def test_allocation_takes_milliseconds_on_a_resnet56_sized_table():
+    table = synthetic_table(55, 13, 1)  # ResNet-56: 54 searchable convs + the classifier
+    allocate(table, ratio=4)  # warm-up (imports)
+    start = time.perf_counter()
+    for ratio in (2, 4, 6):
+        allocate(table, ratio=ratio)
+    assert (time.perf_counter() - start) / 3 < 0.25  # measured ~0.05 s on a busy 2-core machine

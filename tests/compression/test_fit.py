@@ -1,0 +1,114 @@
+"""Data-aware fitting on the real adapted ResNet-20 and a sample of ../shared CIFAR-10, and distillation
+on sklearn digits."""
+
+from __future__ import annotations
+
+import copy
+from unittest.mock import patch
+
+import pytest
+import torch
+from torch import nn
+
+from autorank.compression import LayerPlan, Plan, compress, resolve_plan
+from autorank.compression.fit import fit_chains
+from autorank.engine import TrainConfig, distillation_loss, train
+from autorank.errors import AutorankError
+from autorank.models import create_model
+
+# one layer per method and stage (the first is fed by undecomposed layers only), plus the classifier
+PLAN = Plan({"layer1.1.conv1": LayerPlan("tucker2", 0.3, "int8"), "layer2.1.conv2": LayerPlan("cp", 0.3, "int8"),
+             "layer3.0.conv1": LayerPlan("tt", 0.3, "fp32"), "linear": LayerPlan("svd", 0.5, "int8")})
+
+
+@pytest.fixture(scope="module")
+def resnet20(cifar, shared) -> nn.Module:
+    return create_model("resnet20", cifar, shared / "models" / "cifar10" / "resnet20-12fca82f-jpeg-adapted.pt").eval()
+
+
+@pytest.fixture(scope="module")
+def setup(cifar, resnet20):
+    """(resolved plan, weight-space compressed model, 128 seeded calibration images)."""
+    plan = resolve_plan(resnet20, PLAN)
+    return plan, compress(resnet20, plan, n_iter_max=10), cifar.calibration_images(128, 64, seed=0)
+
+
+def _outputs(model: nn.Module, name: str, images: list[torch.Tensor]) -> torch.Tensor:
+    seen = []
+    handle = model.get_submodule(name).register_forward_hook(lambda _m, _i, out: seen.append(out))
+    with torch.no_grad():
+        for x in images:
+            model(x)
+    handle.remove()
+    return torch.cat(seen)
+
+
+@pytest.mark.parametrize("mode", ["pair", "last"])
+def test_fit_never_increases_a_layers_output_error(resnet20, setup, mode):
+    plan, weight_space, images = setup
+    fitted = copy.deepcopy(weight_space)
+    stats = fit_chains(fitted, resnet20, list(plan.layers), images, mode=mode)
+    assert set(stats) == set(plan.layers)
+    assert all(s.after <= s.before for s in stats.values())
+    assert sum(s.after for s in stats.values()) < 0.8 * sum(s.before for s in stats.values())
+    # measured independently where the chain's input is the same before and after (first chain)
+    target = _outputs(resnet20, "layer1.1.conv1", images)
+    err = {k: float((_outputs(m, "layer1.1.conv1", images) - target).norm() / target.norm())
+           for k, m in (("before", weight_space), ("after", fitted))}
+    assert err["after"] < 0.8 * err["before"]
+    assert err["after"] == pytest.approx(stats["layer1.1.conv1"].after, rel=1e-4)
+
+
+def test_fit_is_deterministic_and_rebuilds_from_its_state_dict(resnet20, setup):
+    plan, _, images = setup
+    first = compress(resnet20, plan, n_iter_max=10, fit=images)
+    second = compress(resnet20, plan, n_iter_max=10, fit=images)
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values(),
+                                                 strict=True))
+    rebuilt = compress(resnet20, plan, decompose=False)
+    rebuilt.load_state_dict(first.state_dict())  # export rebuilds fitted trials like any other
+
+
+def test_bad_fit_mode_is_an_error_before_any_compute(resnet20):
+    with pytest.raises(AutorankError, match="fit mode"):
+        compress(resnet20, PLAN, fit=[], fit_mode="everything")
+
+
+def _mlp() -> nn.Module:
+    """No BatchNorm/dropout, so a teacher copy computes exactly the student's logits."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+
+
+def test_distillation_from_an_identical_teacher_contributes_zero_loss(digits):
+    torch.manual_seed(0)
+    student = _mlp()
+    start = copy.deepcopy(student.state_dict())
+    result = train(student, digits, TrainConfig(steps=5, batch_size=32, lr=0.1, weight_decay=0.0, distill=1.0,
+                                                device="cpu"), teacher=copy.deepcopy(student))
+    assert result.losses[0] == 0.0  # and no gradient beyond rounding, so it stays so
+    assert max(abs(v) for v in result.losses) < 1e-6
+    assert all(torch.allclose(start[k], v, atol=1e-6) for k, v in student.state_dict().items())
+    logits = torch.randn(8, 10, generator=torch.Generator().manual_seed(0))
+    assert float(distillation_loss(logits, logits.flip(0), 4.0)) > 0
+
+
+def test_distillation_needs_a_teacher_and_a_valid_weight(digits):
+    with pytest.raises(AutorankError, match="teacher"):
+        train(_mlp(), digits, TrainConfig(steps=1, distill=0.5, device="cpu"))
+    with pytest.raises(AutorankError, match="distillation weight"):
+        train(_mlp(), digits, TrainConfig(steps=1, distill=1.5, device="cpu"), teacher=_mlp())
+
+
+def test_a_cp_trial_reusing_cached_factors_builds_the_same_model(digits_cnn, digits):
+    plan = resolve_plan(digits_cnn, Plan({"features.7": LayerPlan("cp", 0.3, "int8"),
+                                          "features.10": LayerPlan("cp", 0.3, "fp32")}))
+    images = digits.calibration_images(128, 64, seed=0)
+    cache: dict = {}
+    fresh = compress(digits_cnn, plan, n_iter_max=20, fit=images)
+    first = compress(digits_cnn, plan, n_iter_max=20, fit=images, factors=cache)
+    assert len(cache) == 2
+    with patch("autorank.compression.apply.decompose_layer", side_effect=AssertionError("decomposed again")):
+        reused = compress(digits_cnn, plan, n_iter_max=20, fit=images, factors=cache)
+    for model in (first, reused):
+        assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values(),
+                                                     strict=True))

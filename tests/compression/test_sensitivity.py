@@ -1,0 +1,92 @@
+"""The per-layer sensitivity table on the small CNN and sklearn digits (real, seeded, small)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from autorank.compression import LayerPlan, Plan, SensitivityTable, compress, profile, sensitivity_table
+from autorank.compression.sensitivity import stratified_indices
+from autorank.errors import AutorankError
+from tests.compression.conftest import TABLE_OPTIONS
+
+
+def test_table_is_deterministic_for_a_seed_and_keep_fp32_costs_nothing(digits_table, digits_cnn, digits):
+    again = sensitivity_table(digits_cnn, digits, **TABLE_OPTIONS)
+    assert dataclasses.replace(again, seconds=0.0) == dataclasses.replace(digits_table, seconds=0.0)
+
+    assert list(digits_table.layers) == ["features.7", "features.10", "classifier"]
+    assert digits_table.images == 120 and digits_table.split == "val"
+    for name, cands in digits_table.layers.items():
+        keep = cands[0]
+        assert (keep.method, keep.rank, keep.precision, keep.drop) == ("none", None, "fp32", 0.0)
+        assert keep.accuracy == digits_table.reference_accuracy
+        weight = digits_cnn.get_submodule(name).weight
+        bias = digits_cnn.get_submodule(name).bias
+        assert keep.size_bytes == 4 * (weight.numel() + (bias.numel() if bias is not None else 0))
+        kinds = [c.kind for c in cands]
+        if name == "classifier":
+            assert kinds == ["none/fp32", "none/int8", "none/int4", "svd@0.5/int8", "svd@0.5/int4"]
+        else:
+            assert kinds == ["none/fp32", "none/int8", "none/int4", "tucker2@0.5/int8", "tucker2@0.5/int4"]
+        for cand in cands[1:]:
+            assert cand.size_bytes < keep.size_bytes
+            assert cand.drop == pytest.approx(100 * (digits_table.reference_accuracy - cand.accuracy))
+    # decomposing the 32->64 conv to half its weights at int4 costs more than int8 kept whole
+    mid = {c.kind: c for c in digits_table.layers["features.7"]}
+    assert mid["tucker2@0.5/int4"].drop > mid["none/int8"].drop
+    assert digits_table.fixed_bytes + sum(c[0].size_bytes for c in digits_table.layers.values()) == \
+        profile(digits_cnn, digits.input_shape).size_bytes == digits_table.model_bytes
+
+
+def test_candidate_sizes_add_up_to_the_compressed_models_size(digits_table, digits_cnn, digits):
+    """Each candidate was measured alone; combined, the profile of the compressed model is the sum."""
+    chosen = {name: cands[-1] for name, cands in digits_table.layers.items()}
+    plan = Plan({name: c.layer_plan() for name, c in chosen.items()})
+    small = profile(compress(digits_cnn, plan, n_iter_max=20), digits.input_shape)
+    predicted = digits_table.predict(plan)
+    assert predicted.size_bytes == small.size_bytes and predicted.macs == small.macs
+    assert predicted.drop == pytest.approx(sum(max(c.drop, 0) for c in chosen.values()))
+    with pytest.raises(AutorankError, match="not a candidate"):
+        digits_table.predict(Plan({"features.7": LayerPlan("tucker2", [3, 3], "int8")}))
+
+
+def test_json_round_trip(digits_table, tmp_path):
+    path = tmp_path / "sensitivity.json"
+    path.write_text(digits_table.to_json())
+    assert SensitivityTable.from_json(path.read_text()) == digits_table
+    with pytest.raises(AutorankError, match="sensitivity table"):
+        SensitivityTable.from_json('{"layers": {}}')
+    assert "features.7" in digits_table.format()
+
+
+def test_int8_activations_count_their_quantizers(digits_cnn, digits):
+    table = sensitivity_table(digits_cnn, digits, include=["features.10"], methods=(), precisions=("int8",),
+                              activations="int8", limit=60, device="cpu")
+    keep, int8 = table.layers["features.10"]
+    assert int8.size_bytes == 64 * 64 * 9 + 4 * 64 + 5  # int8 weights + per-channel scales + one quantizer
+    assert table.activations == "int8" and keep.size_bytes == 4 * 64 * 64 * 9
+
+
+def test_bad_options_fail_before_any_measurement(digits_cnn, digits):
+    with pytest.raises(AutorankError, match="methods"):
+        sensitivity_table(digits_cnn, digits, methods=("tucker3",))
+    with pytest.raises(AutorankError, match="precisions"):
+        sensitivity_table(digits_cnn, digits, precisions=("int2",))
+    with pytest.raises(AutorankError, match="retention ratio"):
+        sensitivity_table(digits_cnn, digits, levels=(1.5,))
+    with pytest.raises(AutorankError, match="no layers"):
+        sensitivity_table(digits_cnn, digits, include=["nothing*"])
+
+
+def test_stratified_indices_keep_class_shares_and_follow_the_seed():
+    labels = torch.arange(10).repeat_interleave(torch.tensor([50, 50, 50, 50, 50, 100, 100, 100, 100, 350]))
+    index = stratified_indices(labels, 100, seed=3)
+    assert len(index) == 100 and torch.equal(index, torch.sort(torch.unique(index)).values)
+    counts = torch.bincount(labels[index], minlength=10)
+    assert counts.tolist() == [5, 5, 5, 5, 5, 10, 10, 10, 10, 35]
+    assert torch.equal(index, stratified_indices(labels, 100, seed=3))
+    assert not torch.equal(index, stratified_indices(labels, 100, seed=4))
+    assert torch.equal(stratified_indices(labels, 5000), torch.arange(1000))
