@@ -128,9 +128,9 @@ def compress(model: nn.Module, plan: Plan, *, calibration: Iterable[Tensor] | No
             chain = _with_input_quant(chain)
         if chain is not layer:
             compressed.set_submodule(name, chain)
-    if fit is not None and decompose:
-        fit_chains(compressed, model, [n for n, lp in resolved.layers.items() if lp.method != "none"], fit,
-                   mode=fit_mode)
+    decomposed = [n for n, lp in resolved.layers.items() if lp.method != "none"]
+    if fit is not None and decompose and decomposed:  # nothing to fit: no network passes either
+        fit_chains(compressed, model, decomposed, fit, mode=fit_mode)
     if calibration is not None:
         calibrate(compressed, calibration, observer)
     return compressed

@@ -255,7 +255,6 @@ def sensitivity_table(
     _check_options(methods, precisions, decomposed_precisions, activations, limit)
     start = time.perf_counter()
     options = dict(compress_options or {})
-    plain = {k: v for k, v in options.items() if not k.startswith("fit")}  # nothing to fit in a whole layer
     layers = find_layers(model, include, exclude, skip_first)
     if not layers:
         raise AutorankError("sensitivity table: no layers to compress (check include/exclude)")
@@ -274,7 +273,7 @@ def sensitivity_table(
         table[name] = [Candidate("none", None, "fp32", None, size, macs, params, reference, 0.0)]
         for lp, level in plans:
             compressed = compress(model, Plan({name: lp}, activations), calibration=calibration,
-                                  n_iter_max=n_iter_max, seed=seed, **(options if lp.method != "none" else plain))
+                                  n_iter_max=n_iter_max, seed=seed, **options)
             accuracy = evaluate(compressed, subset, split, batch_size=batch_size, device=device)
             size, macs, params = _layer_cost(profile(compressed, data.input_shape), name)
             cand = Candidate(lp.method, lp.rank, lp.precision, level, size, macs, params, accuracy,
