@@ -503,7 +503,7 @@ class Bench:
                     model = compress(self.pretrained, Plan.from_json(json.dumps(source["plan"])), decompose=False)
                     model.load_state_dict(torch.load(self.weights_path(name), weights_only=True))
                     family = source["family"]
-                result = engine.train(model, self.data, config)
+                result = engine.train(model, self.data, config, teacher=self.ctx.model)
                 val, test = self.evaluate(model, "val"), self.evaluate(model, "test")
                 stats = profile(model, self.data.input_shape)
                 metrics = {"accuracy": val, "size_bytes": stats.size_bytes, "params": stats.params, "macs": stats.macs,
