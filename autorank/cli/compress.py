@@ -71,8 +71,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-fit", action="store_true",
                         help="keep the weight-space factors (default: fit every decomposed chain to the original "
                              "layer's outputs on --calibration-images training images)")
-    parser.add_argument("--fit-mode", choices=FIT_MODES, default="pair",
-                        help="pair: the last two factors (reduced-rank regression), then the last; last: the last only")
+    parser.add_argument("--fit-mode", choices=FIT_MODES, default="als",
+                        help="als: alternating least squares over every factor of the chain (default); pair: the last two "
+                             "factors (reduced-rank regression), then the last; last: the last only")
     parser.add_argument("--finetune-steps", type=int, default=0, help="SGD steps of (quantization-aware) fine-tuning")
     add_recipe_args(parser)
     parser.add_argument("--lr", type=float, default=0.01)

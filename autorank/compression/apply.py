@@ -97,7 +97,7 @@ def _decomposed(name: str, layer: nn.Module, lp: LayerPlan, n_iter_max: int, see
 
 def compress(model: nn.Module, plan: Plan, *, calibration: Iterable[Tensor] | None = None,
              decompose: bool = True, observer: str = "minmax", n_iter_max: int = 100,
-             seed: int = 0, fit: Iterable[Tensor] | None = None, fit_mode: str = "pair",
+             seed: int = 0, fit: Iterable[Tensor] | None = None, fit_mode: str = "als",
              factors: dict | None = None) -> nn.Module:
     """A new model with `plan` applied; `model` is left untouched.
 
@@ -106,7 +106,7 @@ def compress(model: nn.Module, plan: Plan, *, calibration: Iterable[Tensor] | No
     activation fake-quant (`calibration`: batches of inputs; without it, ranges come from the first
     batch seen). `decompose=False` builds the same structure without computing factors, for loading a
     saved state_dict of a compressed model. `fit`: calibration images to which every decomposed chain
-    is then fitted (data-aware, see `fit.fit_chains`; `fit_mode` pair | last). `factors`: a cache of
+    is then fitted (data-aware, see `fit.fit_chains`; `fit_mode` als | pair | last). `factors`: a cache of
     weight-space chains shared by calls on the same `model` (a search's trials), see `_decomposed`.
     """
     if fit_mode not in FIT_MODES:

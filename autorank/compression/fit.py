@@ -7,13 +7,24 @@ calibration images: a forward pre-hook on each chain sees the compressed network
 upstream errors are compensated), fits the chain to the original layer's output on the same images,
 and the chain then runs with its fitted weights for the layers downstream.
 
-Per chain (closed form, from Gram matrices accumulated over image chunks, never storing patches):
-- "last": least squares for the last factor (bias included where the layer has one);
-- "pair" (default): reduced-rank regression of the last two factors together where the second to
-  last is an ordinary conv/linear (Tucker-2 core + output 1x1, TT's 1xk + output 1x1, both SVD
-  halves), i.e. the best rank-R map from that factor's input patches to the target; CP's factor
-  before the last is depthwise, so CP gets the last-factor fit. With int8/int4 weights the last
-  factor is then refitted to the quantized output of the one before it.
+Per chain (closed form, from second moments accumulated over the images, never storing patches
+beyond one chain's input):
+- "als" (default): alternating least squares over the chain. The chain's first factor is a 1x1 conv
+  (or Linear) A and the factors after it compose to one kernel E with the layer's window, so the
+  chain computes y = sum_o E_o A x_o + b over the window offsets o of the layer's input patches x;
+  each step is a least-squares problem on the moments of x and y, computed once: A given the rest
+  (conjugate gradients on its normal equations), then Tucker-2's core and output 1x1 together
+  (reduced-rank regression, as "pair"), CP's two depthwise factors one after the other, and finally
+  the last factor (bias included) given the quantized factors before it. Six sweeps; the one with
+  the lowest error is kept. On ResNet-20 (convs at 30%, int8) it took data-aware zero-shot accuracy
+  from 72.5% to 75.6% (Tucker-2) and from 84.2% to 85.1% (CP) over "pair" (docs/COMPRESSION.md).
+- "pair": reduced-rank regression of the last two factors together where the second to last is an
+  ordinary conv/linear (Tucker-2 core + output 1x1, TT's 1xk + output 1x1, both SVD halves), i.e.
+  the best rank-R map from that factor's input patches to the target; CP's factor before the last
+  is depthwise, so CP gets the last-factor fit. With int8/int4 weights the last factor is then
+  refitted to the quantized output of the one before it.
+- "last": least squares for the last factor (bias included where the layer has one).
+Chains "als" cannot express (a first factor that is not 1x1) get "pair".
 A fit that would increase the chain's output error on the calibration images is rolled back.
 """
 
@@ -32,7 +43,10 @@ from autorank.errors import AutorankError
 from .decompose import _explicit_padding, _work_dtype
 from .quantize import ActivationFakeQuant
 
-FIT_MODES = ("pair", "last")
+FIT_MODES = ("als", "pair", "last")
+ALS_SWEEPS = 6
+CG_ITERATIONS = 60
+MAX_ROWS = 1 << 17  # patch rows per chain for the moments: ample for <= 600 features, bounds the cost
 RIDGE = 1e-6  # relative to the mean Gram diagonal: keeps dead (all-zero) channels solvable
 
 
@@ -45,7 +59,7 @@ class FitStats:
 
 
 def fit_chains(compressed: nn.Module, original: nn.Module, names: Iterable[str], images: Iterable[Tensor],
-               *, mode: str = "pair", chunk: int = 64) -> dict[str, FitStats]:
+               *, mode: str = "als", chunk: int = 64) -> dict[str, FitStats]:
     """Refit the decomposed chains `names` of `compressed`, in place, to the outputs of the same-named
     layers of `original` on `images` (batches of inputs); returns the per-chain errors."""
     if mode not in FIT_MODES:
@@ -62,7 +76,8 @@ def fit_chains(compressed: nn.Module, original: nn.Module, names: Iterable[str],
 
     def fit(name: str):
         return lambda chain, inputs: stats.__setitem__(
-            name, _fit_chain(chain, inputs[0].detach(), targets.pop(name), mode, chunk))
+            name, _fit_chain(chain, original.get_submodule(name), inputs[0].detach(), targets.pop(name), mode,
+                             chunk))
 
     quantizers = [m for m in compressed.modules() if isinstance(m, ActivationFakeQuant)]
     states = (original.training, compressed.training)
@@ -89,16 +104,19 @@ def fit_chains(compressed: nn.Module, original: nn.Module, names: Iterable[str],
     return stats
 
 
-def _fit_chain(chain: nn.Sequential, x: Tensor, y: Tensor, mode: str, chunk: int) -> FitStats:
+def _fit_chain(chain: nn.Sequential, layer: nn.Module, x: Tensor, y: Tensor, mode: str, chunk: int) -> FitStats:
     modules = list(chain)
     weighted = [i for i, m in enumerate(modules) if isinstance(m, nn.Conv2d | nn.Linear)]
     last = weighted[-1]
     saved = {k: v.clone() for k, v in chain.state_dict().items()}
     before = _rel_error(modules, x, y, chunk)
     second = modules[weighted[-2]] if len(weighted) > 1 else None
-    if mode != "last" and second is not None and _pairable(second, modules[last]):
-        _fit_pair(modules, weighted[-2], last, x, y, chunk)
-    _fit_last(modules, last, x, y, chunk)
+    if mode == "als" and _composable([modules[i] for i in weighted], layer):
+        _fit_als([modules[i] for i in weighted], layer, x, y)
+    else:
+        if mode != "last" and second is not None and _pairable(second, modules[last]):
+            _fit_pair(modules, weighted[-2], last, x, y, chunk)
+        _fit_last(modules, last, x, y, chunk)
     after = _rel_error(modules, x, y, chunk)
     if after > before:  # never worse on the images it was fitted to
         chain.load_state_dict(saved)
@@ -203,3 +221,199 @@ def _fit_pair(modules: list[nn.Module], first: int, last: int, x: Tensor, y: Ten
     v = vectors[:, -rank:]
     _set(module, (w @ v).T, None)
     _set(modules[last], v, None)  # its bias (and its fit to the quantized first factor): `_fit_last`
+
+
+# ---------------------------------------------------------------- alternating least squares on moments
+#
+# A chain with a 1x1 (or Linear) first factor A, followed by modules that compose to one kernel with the
+# original layer's window, computes y = sum_o E_o A x_o + b over the window offsets o of the original
+# layer's input patches x. Every step below is then a least-squares problem on the second moments of
+# those patches and of the target, computed once per chain: no further passes over the images.
+
+
+@dataclass
+class _Moments:
+    """Centred (or raw, without an intercept) moments of input patches x (C*kh*kw) and targets y (T)."""
+
+    xx: Tensor
+    xy: Tensor
+    yy: Tensor
+    mean_x: Tensor
+    mean_y: Tensor
+    window: tuple[int, int]
+
+
+def _dense(module: nn.Module) -> Tensor:
+    """The module's (effective, i.e. quantized) weight as a dense (out, in, kh, kw) float64 kernel."""
+    w = module.weight.detach().double()
+    if w.ndim == 2:
+        return w[:, :, None, None]
+    groups = module.groups
+    if groups == 1:
+        return w
+    out, per, kh, kw = w.shape
+    dense = w.new_zeros(out, per * groups, kh, kw)
+    step = out // groups
+    for g in range(groups):
+        dense[g * step:(g + 1) * step, g * per:(g + 1) * per] = w[g * step:(g + 1) * step]
+    return dense
+
+
+def _composite(modules: list[nn.Module]) -> Tensor:
+    """One kernel for a stack of convs (cross-correlations compose by adding offsets); no biases."""
+    kernel = _dense(modules[0])
+    for module in modules[1:]:
+        w = _dense(module)
+        t, _, a, b = w.shape
+        out = kernel.new_zeros(t, kernel.shape[1], kernel.shape[2] + a - 1, kernel.shape[3] + b - 1)
+        for i in range(a):
+            for j in range(b):
+                out[:, :, i:i + kernel.shape[2], j:j + kernel.shape[3]] += torch.einsum(
+                    "ts,srij->trij", w[:, :, i, j], kernel)
+        kernel = out
+    return kernel
+
+
+def _composable(modules: list[nn.Module], layer: nn.Module) -> bool:
+    """First factor 1x1/Linear (groups 1), and the rest compose to the layer's window with at most one
+    factor spanning each spatial axis (so strides and paddings compose exactly)."""
+    if len(modules) < 2 or getattr(modules[0], "groups", 1) != 1:
+        return False
+    if isinstance(layer, nn.Linear):
+        return all(isinstance(m, nn.Linear) for m in modules)
+    sizes = [tuple(m.kernel_size) for m in modules if isinstance(m, nn.Conv2d)]
+    if len(sizes) != len(modules) or sizes[0] != (1, 1):
+        return False
+    spans = [sum(s[axis] > 1 for s in sizes) for axis in (0, 1)]
+    return max(spans) <= 1 and tuple(layer.kernel_size) == tuple(
+        max((s[axis] for s in sizes), default=1) for axis in (0, 1))
+
+
+def _chain_moments(layer: nn.Module, x: Tensor, y: Tensor, intercept: bool) -> _Moments:
+    dtype = _work_dtype(x.device)
+    f = _patches(layer, x)
+    t = _rows(y)
+    if len(f) > MAX_ROWS:  # a seeded subset of positions: the moments of a few hundred features converge
+        rows = torch.randperm(len(f), generator=torch.Generator().manual_seed(0))[:MAX_ROWS].to(f.device)
+        f, t = f[rows], t[rows]
+    mean_x, mean_y = f.to(dtype).mean(0), t.to(dtype).mean(0)
+    if not intercept:
+        mean_x, mean_y = torch.zeros_like(mean_x), torch.zeros_like(mean_y)
+    # Centred in the work dtype, multiplied in the data's (float32 on CPU: the Gram products of ~600
+    # features dominated the fit's time in float64; the solves stay in float64).
+    f, t = (f - mean_x).to(f.dtype), (t - mean_y).to(t.dtype)
+    n = len(f)
+    window = tuple(layer.kernel_size) if isinstance(layer, nn.Conv2d) else (1, 1)
+    return _Moments(*((a.T @ b).to(dtype) / n for a, b in ((f, f), (f, t), (t, t))), mean_x, mean_y, window)
+
+
+def _ridged(matrix: Tensor) -> Tensor:
+    eye = torch.eye(len(matrix), dtype=matrix.dtype, device=matrix.device)
+    return matrix + RIDGE * matrix.diagonal().mean().clamp_min(1e-30) * eye
+
+
+def _step_first(modules: list[nn.Module], m: _Moments, iterations: int = CG_ITERATIONS) -> None:
+    """Least squares for the first factor A given the (quantized) factors after it, by conjugate gradients
+    on the normal equations sum_{o,p} E_o^T E_p A X_po = sum_o E_o^T Y_o, warm-started from the current A
+    (a direct solve of the (R*C)^2 system took seconds per CP layer; each CG step costs a few matmuls)."""
+    e = _composite(modules[1:]).flatten(2).permute(2, 0, 1).contiguous()  # window x T x R
+    o, t, r = e.shape
+    c = len(m.xx) // o
+    xx = m.xx.reshape(c, o, c, o).permute(1, 0, 3, 2).reshape(o * c, o * c)  # (offset, channel) order
+    e_t = e.transpose(1, 2)  # window x R x T
+    rhs = (e_t @ m.xy.reshape(c, o, t).permute(1, 2, 0)).sum(0)  # sum_o E_o^T Y_o, R x C
+    ridge = RIDGE * m.xx.diagonal().mean().clamp_min(1e-30) * float((e ** 2).sum()) / max(r, 1)
+
+    def apply(a: Tensor) -> Tensor:
+        u = (e @ a).transpose(0, 1).reshape(t, o * c) @ xx  # sum_p E_p A X_po, T x (window, C)
+        return (e_t @ u.reshape(t, o, c).transpose(0, 1)).sum(0) + ridge * a
+
+    a = _composite(modules[:1])[:, :, 0, 0]
+    residual = rhs - apply(a)
+    direction = residual.clone()
+    norm = float((residual ** 2).sum())
+    floor = 1e-20 * max(float((rhs ** 2).sum()), 1e-300)
+    for _ in range(iterations):
+        if norm <= floor:
+            break
+        step = apply(direction)
+        alpha = norm / float((direction * step).sum())
+        a = a + alpha * direction
+        residual = residual - alpha * step
+        norm, previous = float((residual ** 2).sum()), norm
+        direction = residual + (norm / previous) * direction
+    _set(modules[0], a, None)
+
+
+def _step_depthwise(modules: list[nn.Module], m: _Moments, k: int) -> None:
+    """CP's spatial factors: least squares for depthwise module k (1: kh x 1, 2: 1 x kw) given the rest,
+    on the moments of z = A x over the window (features sum_j w_r[j] z_r(i, j) for the kh x 1 factor)."""
+    a = _composite(modules[:1])[:, :, 0, 0]  # R x C
+    r = a.shape[0]
+    kh, kw = m.window
+    lift = torch.kron(a, torch.eye(kh * kw, dtype=a.dtype, device=a.device))
+    zz, zy = lift @ m.xx @ lift.T, lift @ m.xy
+    eye = torch.eye(r, dtype=a.dtype, device=a.device)
+    other = modules[3 - k].weight.detach().to(a.dtype).reshape(r, -1)
+    if k == 1:  # unknown h (R, kh): B[(r, i), (r, i, j)] = w_r[j]
+        n = kh
+        b = torch.einsum("rs,il,sj->rislj", eye, torch.eye(kh, dtype=a.dtype, device=a.device), other)
+    else:  # unknown w (R, kw): B[(r, j), (r, i, j)] = h_r[i]
+        n = kw
+        b = torch.einsum("rs,jl,si->rjsil", eye, torch.eye(kw, dtype=a.dtype, device=a.device), other)
+    b = b.reshape(r * n, r * kh * kw)
+    last = modules[-1].weight.detach().to(a.dtype).reshape(modules[-1].weight.shape[0], r)  # T x R
+    ff = (b @ zz @ b.T).reshape(r, n, r, n) * (last.T @ last)[:, None, :, None]
+    rhs = torch.einsum("tr,rit->ri", last, (b @ zy).reshape(r, n, -1)).reshape(-1)
+    solution = torch.linalg.solve(_ridged(ff.reshape(r * n, r * n)), rhs)
+    _set(modules[k], solution, None)
+
+
+def _step_pair(modules: list[nn.Module], m: _Moments) -> None:
+    """Reduced-rank regression of the last two factors given a 1x1 first factor (Tucker-2, TT's pair
+    when it has three factors, SVD's second half): features = kron(A, I_window) x."""
+    first = _composite(modules[:1])[:, :, 0, 0]  # R x C
+    lift = torch.kron(first, torch.eye(m.window[0] * m.window[1], dtype=first.dtype, device=first.device))
+    cov, cross = lift @ m.xx @ lift.T, lift @ m.xy
+    w = torch.linalg.solve(_ridged(cov), cross)  # R*window x T
+    rank = modules[1].weight.shape[0]
+    _, vectors = torch.linalg.eigh(w.T @ cov @ w)
+    v = vectors[:, -rank:]
+    _set(modules[1], (w @ v).T, None)
+    _set(modules[2], v, None)
+
+
+def _step_last(modules: list[nn.Module], m: _Moments) -> None:
+    """Least squares for the last factor (and the bias) given the (quantized) factors before it."""
+    lift = _composite(modules[:-1]).flatten(1)  # R x C*window
+    w = torch.linalg.solve(_ridged(lift @ m.xx @ lift.T), lift @ m.xy)  # R x T
+    _set(modules[-1], w.T, m.mean_y - (lift @ m.mean_x) @ w)
+
+
+def _moment_error(modules: list[nn.Module], m: _Moments) -> float:
+    w = _composite(modules).flatten(1)  # T x C*window
+    return float(m.yy.trace() - 2 * (w @ m.xy).trace() + (w @ m.xx @ w.T).trace())
+
+
+def _fit_als(modules: list[nn.Module], layer: nn.Module, x: Tensor, y: Tensor) -> None:
+    """Alternate: first factor, then the rest (the pair where the chain is first-core-last, else the
+    last factor), ending on the last factor fitted to the quantized factors before it; the sweep with
+    the lowest moment error is kept."""
+    m = _chain_moments(layer, x, y, modules[-1].bias is not None)
+    pair = len(modules) == 3 and _pairable(modules[1], modules[2])
+    depthwise = len(modules) == 4 and all(getattr(mod, "groups", 1) == mod.weight.shape[0] > 1
+                                          for mod in modules[1:3])
+    best, saved = float("inf"), None
+    for _ in range(ALS_SWEEPS):
+        _step_first(modules, m)
+        if pair:
+            _step_pair(modules, m)
+        if depthwise:
+            _step_depthwise(modules, m, 1)
+            _step_depthwise(modules, m, 2)
+        _step_last(modules, m)
+        error = _moment_error(modules, m)
+        if error < best:
+            best, saved = error, [{k: v.clone() for k, v in mod.state_dict().items()} for mod in modules]
+    for module, state in zip(modules, saved, strict=True):
+        module.load_state_dict(state)

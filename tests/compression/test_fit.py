@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 from autorank.compression import LayerPlan, Plan, compress, resolve_plan
+from autorank.compression import fit as fit_module
+from autorank.compression.decompose import decompose_layer
 from autorank.compression.fit import fit_chains
 from autorank.engine import TrainConfig, distillation_loss, train
 from autorank.errors import AutorankError
@@ -43,7 +45,7 @@ def _outputs(model: nn.Module, name: str, images: list[torch.Tensor]) -> torch.T
     return torch.cat(seen)
 
 
-@pytest.mark.parametrize("mode", ["pair", "last"])
+@pytest.mark.parametrize("mode", ["als", "pair", "last"])
 def test_fit_never_increases_a_layers_output_error(resnet20, setup, mode):
     plan, weight_space, images = setup
     fitted = copy.deepcopy(weight_space)
@@ -57,6 +59,50 @@ def test_fit_never_increases_a_layers_output_error(resnet20, setup, mode):
            for k, m in (("before", weight_space), ("after", fitted))}
     assert err["after"] < 0.8 * err["before"]
     assert err["after"] == pytest.approx(stats["layer1.1.conv1"].after, rel=1e-4)
+
+
+def test_alternating_least_squares_fits_chains_better_than_the_last_two_factors(resnet20, setup):
+    plan, weight_space, images = setup
+    errors = {mode: fit_chains(copy.deepcopy(weight_space), resnet20, list(plan.layers), images, mode=mode)
+              for mode in ("als", "pair")}
+    conv_chains = [n for n in plan.layers if n != "linear"]
+    assert all(errors["als"][n].after <= errors["pair"][n].after for n in conv_chains)
+    assert sum(errors["als"][n].after for n in conv_chains) < 0.97 * sum(errors["pair"][n].after for n in conv_chains)
+
+
+@pytest.mark.parametrize("method,ranks", [("cp", (5,)), ("tucker2", (3, 4)), ("tt", (3, 5, 4))])
+def test_a_chain_composes_to_one_kernel_with_the_layers_window(method, ranks):
+    """The moments-based fit rests on this: strides and paddings split over the chain compose exactly."""
+    layer = nn.Conv2d(6, 7, 3, stride=2, padding=1, bias=True).double()
+    chain = decompose_layer(layer, method, ranks, n_iter_max=5)
+    modules = [m for m in chain if isinstance(m, nn.Conv2d)]
+    assert fit_module._composable(modules, layer)
+    x = torch.randn(2, 6, 9, 11, dtype=torch.float64)
+    with torch.no_grad():
+        expected = chain(x) - chain[-1].bias[:, None, None]
+        composed = torch.nn.functional.conv2d(x, fit_module._composite(modules), stride=2, padding=1)
+    torch.testing.assert_close(composed, expected)
+
+
+def test_the_first_factor_step_reaches_the_least_squares_solution():
+    """Ground truth from a dense least-squares problem: one column per entry of A, computed by running
+    the chain itself, independent of the moments and the conjugate gradients."""
+    torch.manual_seed(1)
+    layer = nn.Conv2d(4, 5, 3, padding=1, bias=False).double()
+    chain = decompose_layer(layer, "tucker2", (3, 3), n_iter_max=5)
+    modules = list(chain)
+    x = torch.randn(16, 4, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        y = layer(x) + 0.1 * torch.randn(16, 5, 6, 6, dtype=torch.float64)
+        columns = []
+        for index in range(3 * 4):
+            basis = torch.zeros(3 * 4, dtype=torch.float64)
+            basis[index] = 1.0
+            modules[0].weight.copy_(basis.reshape(3, 4, 1, 1))
+            columns.append(chain(x).flatten())
+        exact = torch.linalg.lstsq(torch.stack(columns, 1), y.flatten()[:, None]).solution.reshape(3, 4)
+        fit_module._step_first(modules, fit_module._chain_moments(layer, x, y, intercept=False))
+    torch.testing.assert_close(modules[0].weight[:, :, 0, 0], exact, rtol=1e-5, atol=1e-7)
 
 
 def test_fit_is_deterministic_and_rebuilds_from_its_state_dict(resnet20, setup):
