@@ -14,7 +14,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo = subparsers.add_parser(
         "demo", help="the whole pipeline on built-in data in a few minutes (small CNN on digits)",
         description="Train a small CNN on sklearn digits, then search its compression "
-                    "(search_spaces/default.yaml, ~20 trials) and print the Pareto front.",
+                    "(the shipped space `default`, ~20 trials) and print the Pareto front.",
     )
     demo.add_argument("--out", type=Path, help=f"output folder (default: {DEFAULT_OUT}, or -2, -3, ... if taken)")
     demo.add_argument("--trials", type=int, help="override the number of trials")

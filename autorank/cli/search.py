@@ -7,7 +7,9 @@ import json
 from pathlib import Path
 
 from autorank.errors import AutorankError
-from autorank.search import best_trial, load_search, parse_duration, parse_size
+from autorank._shipped import search_spaces
+from autorank.search import best_trial, load_search
+from autorank.search.space import parse_duration, parse_size, shipped_space
 from autorank.tracking import format_front
 
 
@@ -18,7 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "ranks; each trial compresses the pretrained model, fine-tunes it briefly "
                     "(quantization-aware) and is recorded in the Optuna study and MLflow.",
     )
-    search.add_argument("--config", type=Path, help="search space YAML (e.g. search_spaces/default.yaml)")
+    search.add_argument("--config", metavar="NAME|YAML",
+                        help="search space: a shipped one by name (autorank spaces: default, resnet_cifar) "
+                             "or a YAML file")
     search.add_argument("--model", help="zoo name or module:pkg.mod:factory")
     search.add_argument("--weights", help="pretrained checkpoint (path or URL)")
     search.add_argument("--data", help="digits | cifar10[:ROOT] | imagefolder:PATH")
@@ -51,6 +55,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     best.add_argument("--max-drop", type=float, help="largest accuracy drop in points vs the reference")
     best.add_argument("--json", action="store_true", help="print one JSON object")
     best.set_defaults(handler=run_best_command)
+
+    spaces = subparsers.add_parser(
+        "spaces", help="the shipped search spaces (names for search --config)",
+        description="List the search spaces shipped with autorank, or print one (to copy and edit).",
+    )
+    spaces.add_argument("name", nargs="?", help="print this space's YAML")
+    spaces.set_defaults(handler=run_spaces_command)
 
 
 def run_search_command(args: argparse.Namespace) -> int:
@@ -108,3 +119,22 @@ def run_best_command(args: argparse.Namespace) -> int:
     print(f"plan: {record.summary}")
     print(f"weights: {record.directory / 'model.pt' if record.has_weights else '(not kept)'}")
     return 0
+
+
+def run_spaces_command(args: argparse.Namespace) -> int:
+    shipped = search_spaces()
+    if args.name is not None:
+        print(shipped_space(args.name).read_text(), end="")
+        return 0
+    width = max(map(len, shipped))
+    for name, path in shipped.items():
+        print(f"{name:<{width}}  {_first_comment(path)}")
+    print(f"(in {next(iter(shipped.values())).parent}; `autorank search --config NAME`, "
+          "`autorank spaces NAME > my.yaml` to start your own)")
+    return 0
+
+
+def _first_comment(path: Path) -> str:
+    """A space's description: the first line of its leading comment."""
+    lines = path.read_text().splitlines()
+    return lines[0].lstrip("#").strip() if lines and lines[0].startswith("#") else ""

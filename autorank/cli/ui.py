@@ -30,6 +30,7 @@ from pathlib import Path
 
 import yaml
 
+from autorank._shipped import server_config
 from autorank.errors import AutorankError
 
 LOOPBACK = "127.0.0.1"
@@ -60,20 +61,19 @@ class ServerConfig:
 
 
 def load_server_config(path: str | Path | None, **overrides) -> ServerConfig:
-    """Read a server YAML (relative paths are relative to the file) and apply CLI overrides."""
-    values: dict = {}
-    base = Path.cwd()
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise AutorankError(f"server config not found: {path}")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise AutorankError(f"server config {path}: invalid YAML ({str(exc).splitlines()[0]})")
-        if not isinstance(values, dict):
-            raise AutorankError(f"server config {path}: expected a mapping of keys")
-        base = path.resolve().parent
+    """Read a server YAML and apply CLI overrides. Relative paths are relative to the file, except in the
+    shipped config (`path` None: mlflow_server/server.yaml, inside the installed package), where they
+    are relative to the current folder."""
+    config = Path(path) if path is not None else server_config()
+    if not config.is_file():
+        raise AutorankError(f"server config not found: {config}")
+    try:
+        values = yaml.safe_load(config.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise AutorankError(f"server config {config}: invalid YAML ({str(exc).splitlines()[0]})")
+    if not isinstance(values, dict):
+        raise AutorankError(f"server config {config}: expected a mapping of keys")
+    base = config.resolve().parent if path is not None else Path.cwd()
     values.update({k: v for k, v in overrides.items() if v is not None})
     known = {f.name: f for f in dataclasses.fields(ServerConfig)}
     for key in values:
@@ -428,7 +428,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     server = subparsers.add_parser("server", help="start/stop/check a shared MLflow server")
     server.add_argument("action", choices=("start", "stop", "health"))
-    server.add_argument("--config", metavar="YAML", help="e.g. mlflow_server/server.yaml")
+    server.add_argument("--config", metavar="YAML", help="settings (default: the shipped mlflow_server/server.yaml: "
+                                                         "loopback, sqlite, data in ./data)")
     server.add_argument("--host", help="interface to bind (default: loopback)")
     server.add_argument("--port", type=int, help="0 picks a free port")
     server.add_argument("--backend", help="sqlite | postgres | a database URL")

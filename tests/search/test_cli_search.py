@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
 from autorank.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run(argv, capsys):
@@ -14,12 +18,14 @@ def run(argv, capsys):
     return code, err
 
 
-@pytest.mark.parametrize("problem", ["yaml", "model", "data", "weights", "trials", "budget", "resources"])
+@pytest.mark.parametrize("problem", ["yaml", "name", "model", "data", "weights", "trials", "budget", "resources"])
 def test_bad_input_is_one_line_and_leaves_no_folder(tmp_path, capsys, problem, tiny_space):
     space = tiny_space
     if problem == "yaml":
         space = tmp_path / "bad.yaml"
         space.write_text(yaml.safe_dump({"finetune": {"steps": -3}}))
+    if problem == "name":
+        space = "resnet_cifar10"
     argv = ["search", "--config", str(space), "--model", "small_cnn", "--data", "digits",
             "--out", str(tmp_path / "out"), "--no-progress"]
     bad = {"model": ["--model", "resnet7"], "data": ["--data", "mnist"], "weights": ["--weights", str(tmp_path / "x.pt")],
@@ -30,6 +36,8 @@ def test_bad_input_is_one_line_and_leaves_no_folder(tmp_path, capsys, problem, t
     assert err.startswith("autorank: error: ") and err.count("\n") == 1, err
     if problem == "yaml":
         assert "'finetune.steps'" in err
+    if problem == "name":
+        assert "shipped spaces are default, resnet_cifar" in err
     assert not (tmp_path / "out").exists()
 
 
@@ -40,3 +48,14 @@ def test_search_needs_its_inputs_or_resume(tmp_path, capsys):
     assert code == 2 and "holds no search" in err
     code, err = run(["best", "--search", str(tmp_path)], capsys)
     assert code == 2 and "holds no search" in err
+
+
+def test_spaces_lists_the_shipped_spaces_and_prints_one(capsys):
+    assert main(["spaces"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[:2]] == ["default", "resnet_cifar"]
+    assert "small CNN on sklearn digits" in lines[0] and "CIFAR ResNets" in lines[1]
+    assert main(["spaces", "resnet_cifar"]) == 0
+    assert capsys.readouterr().out == (REPO / "search_spaces" / "resnet_cifar.yaml").read_text()
+    code, err = run(["spaces", "resnet"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "shipped spaces are default, resnet_cifar" in err
