@@ -78,7 +78,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--split", choices=("val", "test"), default="val")
-    parser.add_argument("--limit", type=int, help="evaluate on the first N images of the split")
+    parser.add_argument("--limit", type=int,
+                        help="evaluate on N images of the split: a stratified sample (every class in proportion, --seed)")
     parser.add_argument("--calibration-images", type=int, default=512,
                         help="seeded training images for the fit and int8 activation ranges")
     parser.add_argument("--iters", type=int, default=100, help="CP-ALS / HOOI iterations per layer")
@@ -120,7 +121,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _measure(model: nn.Module, data, args: argparse.Namespace) -> dict[str, float]:
-    return measure(model, data, args.split, device=args.device, limit=args.limit, latency=False)
+    return measure(model, data, args.split, device=args.device, limit=args.limit, seed=args.seed, latency=False)
 
 
 def run_compress(args: argparse.Namespace) -> int:
