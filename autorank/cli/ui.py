@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import webbrowser
 from dataclasses import dataclass
@@ -387,14 +388,32 @@ def search_store(search_dir: Path) -> tuple[ServerConfig, str]:
     return ServerConfig(data_dir=search_dir, artifacts=search_dir / "mlartifacts"), uri
 
 
+def classic_runs_page(url: str, experiment_name: str) -> str:
+    """The experiment's runs table in MLflow's classic (machine-learning) view on the server at `url`.
+
+    MLflow 3 UIs open experiments in their GenAI view unless told otherwise; recent ones choose the view
+    from the page's `workflowType` rather than the experiment's kind tag. The server's root when the
+    experiment cannot be looked up."""
+    query = urllib.parse.urlencode({"experiment_name": experiment_name})
+    try:
+        with urllib.request.urlopen(f"{url}/api/2.0/mlflow/experiments/get-by-name?{query}", timeout=10) as answer:
+            experiment_id = json.load(answer)["experiment"]["experiment_id"]
+    except (urllib.error.URLError, OSError, ValueError, KeyError):
+        return url
+    return f"{url}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
 def _ui(args: argparse.Namespace) -> int:
+    from autorank.search.results import read_info
+
     cfg, uri = search_store(Path(args.search))
     cfg.host, cfg.port = args.host, args.port
     proc = launch(cfg, uri, cfg.data_dir / UI_LOG_FILE)
-    print(f"MLflow UI for {args.search}: {cfg.url}  (Ctrl-C stops it; server log {cfg.data_dir / UI_LOG_FILE})",
+    page = classic_runs_page(cfg.url, read_info(args.search).get("experiment", "autorank"))
+    print(f"MLflow UI for {args.search}: {page}  (Ctrl-C stops it; server log {cfg.data_dir / UI_LOG_FILE})",
           flush=True)
     if args.open:
-        webbrowser.open(cfg.url)
+        webbrowser.open(page)
     try:
         return proc.wait()
     finally:

@@ -212,11 +212,12 @@ def test_ui_serves_a_search_store_on_loopback_until_interrupted(tmp_path):
                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     try:
         line = ui.stdout.readline()
-        assert f"http://127.0.0.1:{port}" in line
         assert listening_hosts(port) == {"127.0.0.1"}
         url = f"http://127.0.0.1:{port}"
-        runs = api(url, "runs/search", {"experiment_ids": [api(url, "experiments/get-by-name?experiment_name="
-                                                               "autorank")["experiment"]["experiment_id"]]})
+        experiment = api(url, "experiments/get-by-name?experiment_name=autorank")["experiment"]["experiment_id"]
+        # the page it prints opens the search's runs in MLflow's classic view, not the GenAI one
+        assert f"{url}/#/experiments/{experiment}/runs?workflowType=machine_learning " in line
+        runs = api(url, "runs/search", {"experiment_ids": [experiment]})
         assert [r["info"]["run_id"] for r in runs["runs"]] == [run_id]
         with urllib.request.urlopen(f"{url}/get-artifact?path=pareto.json&run_uuid={run_id}", timeout=30) as r:
             assert r.read() == b"[]"
