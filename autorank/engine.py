@@ -19,6 +19,8 @@ from torch import nn
 from autorank.data import Dataset
 from autorank.errors import AutorankError, TrialDiverged
 
+__all__ = ["TrainConfig", "TrainResult", "evaluate", "measure", "train"]
+
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "onecycle", "constant")
 

@@ -11,15 +11,8 @@ from torch import nn
 
 from autorank.cli.allocate import add_allocate_args, allocated_plan, check_allocate_args
 from autorank.cli.engine import add_model_data_args, add_recipe_args, load_model_and_data
-from autorank.compression import (
-    Plan,
-    compress,
-    find_layers,
-    make_plan,
-    mixed_plan,
-    resolve_plan,
-    vbmf_method_ranks,
-)
+from autorank.compression import Plan, compress, find_layers, make_plan, mixed_plan, resolve_plan
+from autorank.compression.ranks import vbmf_method_ranks
 from autorank.compression.fit import FIT_MODES
 from autorank.compression.plan import ACTIVATIONS, PRECISIONS
 from autorank.compression.ranks import parse_vbmf

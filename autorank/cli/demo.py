@@ -38,7 +38,8 @@ def run_demo_command(args: argparse.Namespace) -> int:
     result = run_demo(out, trials=args.trials, progress=not args.no_progress)
     print(summary_text(result))
     if result.best is not None:  # issue 5: the deployable artefact of the best feasible trial
-        from autorank.export import export_onnx, figures
+        from autorank.export import export_onnx
+        from autorank.export.api import figures
 
         exported = export_onnx(out, out / "best-int8.onnx", "int8", trial=result.best.number)
         print(f"int8 ONNX export of trial {exported.trial}, verified in ONNX Runtime:")

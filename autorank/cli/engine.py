@@ -12,7 +12,8 @@ import torch
 from autorank.data import load_data
 from autorank.engine import OPTIMIZERS, SCHEDULES, TrainConfig, measure, train
 from autorank.errors import AutorankError
-from autorank.models import check_model_name, check_weights_source, create_model
+from autorank.models import check_model_name, create_model
+from autorank.models.checkpoints import check_weights_source
 
 DEFAULT_DATA = "digits"
 DEFAULT_MODEL = "small_cnn"

@@ -47,8 +47,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_export_command(args: argparse.Namespace) -> int:
-    from autorank.export import export_onnx, figures, result_json
-    from autorank.search import parse_size
+    from autorank.export import export_onnx
+    from autorank.export.api import figures, result_json
+    from autorank.search.space import parse_size
 
     if args.trial is not None and args.max_drop is not None:
         raise AutorankError("give either --trial or limits (--max-size/--min-ratio/--max-drop), not both")

@@ -12,7 +12,7 @@ from torch import nn
 
 from autorank.data import Dataset
 from autorank.errors import AutorankError
-from autorank.models.checkpoints import check_weights_source, load_weights
+from autorank.models.checkpoints import load_weights
 from autorank.models.cifar_resnet import DEPTHS, cifar_resnet
 from autorank.models.small_cnn import SmallCNN
 from autorank.models.torchvision_zoo import TORCHVISION_NAMES, torchvision_model
@@ -20,7 +20,7 @@ from autorank.models.torchvision_zoo import TORCHVISION_NAMES, torchvision_model
 CIFAR_RESNET_NAMES = tuple(DEPTHS)
 MODEL_NAMES: tuple[str, ...] = ("small_cnn", *CIFAR_RESNET_NAMES, *TORCHVISION_NAMES)
 
-__all__ = ["MODEL_NAMES", "check_model_name", "check_weights_source", "create_model", "load_weights"]
+__all__ = ["MODEL_NAMES", "create_model", "load_weights"]
 
 
 def check_model_name(name: str) -> None:
