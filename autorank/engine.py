@@ -19,6 +19,8 @@ from torch import nn
 from autorank.data import Dataset
 from autorank.errors import AutorankError, TrialDiverged
 
+__all__ = ["TrainConfig", "TrainResult", "evaluate", "measure", "train"]
+
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "onecycle", "constant")
 
@@ -248,12 +250,14 @@ def evaluate(
     batch_size: int = 512,
     device: str = "auto",
     limit: int | None = None,
+    seed: int = 0,
     channels_last: bool = False,
     bf16: bool = False,
 ) -> float:
-    """Top-1 accuracy on `split` (the first `limit` images when given); BatchNorm in eval mode."""
+    """Top-1 accuracy on `split`, or on a seeded sample of `limit` of its images with every class in
+    proportion (`Dataset.sample`); BatchNorm in eval mode."""
     target = resolve_device(device)
-    data.split(split)  # a clear error for an unknown split before moving the model
+    data = data.sample(split, limit, seed=seed)  # also a clear error for an unknown split before moving the model
     was_training = model.training
     model.to(target).eval()
     if channels_last:
@@ -261,7 +265,7 @@ def evaluate(
     correct = torch.zeros((), dtype=torch.int64, device=target)
     seen = 0
     try:
-        for x, y in data.batches(split, batch_size, device=target, limit=limit, channels_last=channels_last):
+        for x, y in data.batches(split, batch_size, device=target, channels_last=channels_last):
             with autocast(target, bf16=bf16):
                 logits = model(x)
             correct += (logits.argmax(1) == y).sum()
@@ -302,16 +306,18 @@ def measure(
     batch_size: int = 512,
     device: str = "auto",
     limit: int | None = None,
+    seed: int = 0,
     channels_last: bool = False,
     bf16: bool = False,
     latency: bool = True,
 ) -> dict[str, float | int]:
-    """Accuracy plus the deployment figures: params, size_bytes, MACs at the data's input size, latency
-    (skipped with `latency=False` where only the accounting matters)."""
+    """Accuracy (on a stratified sample of `limit` images when given) plus the deployment figures: params,
+    size_bytes, MACs at the data's input size, latency (skipped with `latency=False` where only the
+    accounting matters)."""
     from autorank.compression import profile
 
     accuracy = evaluate(
-        model, data, split, batch_size=batch_size, device=device, limit=limit,
+        model, data, split, batch_size=batch_size, device=device, limit=limit, seed=seed,
         channels_last=channels_last, bf16=bf16,
     )
     stats = profile(model, data.input_shape)

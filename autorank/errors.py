@@ -4,6 +4,8 @@ Anything a user can get wrong (a YAML key, a path, a rank) raises `AutorankError
 starts; the CLI prints its message as one line and exits non-zero, without a traceback.
 """
 
+__all__ = ["AutorankError", "TrackingFailed", "TrialDiverged"]
+
 
 class AutorankError(Exception):
     """A problem with the user's input, reported as a single line."""

@@ -64,7 +64,7 @@ def _interleaved_speed(paths: dict[str, Path], input_shape: tuple[int, ...], thr
     busy machine slows every file alike."""
     import statistics
 
-    from autorank.export import benchmark
+    from autorank.export.bench import benchmark
 
     runs: dict[str, list] = {name: [] for name in paths}
     for _ in range(rounds):
@@ -86,7 +86,8 @@ def main() -> None:
     from autorank.compression import compress, make_plan
     from autorank.compression.quantize import QMAX
     from autorank.data import load_data
-    from autorank.export import to_onnx, write_onnx
+    from autorank.export.api import write_onnx
+    from autorank.export.graph import to_onnx
     from autorank.export.host import host_report
     from autorank.export.verify import sample_batches
     from autorank.models import create_model

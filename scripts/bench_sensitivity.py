@@ -22,7 +22,6 @@ import torch
 
 from autorank.cli.compress import parse_rank
 from autorank.compression import SensitivityTable, allocate, compress, profile, sensitivity_table
-from autorank.compression.sensitivity import stratified_subset
 from autorank.data import load_data
 from autorank.engine import evaluate
 from autorank.models import create_model
@@ -74,7 +73,7 @@ def main() -> None:
             args.table.write_text(table.to_json())
     print(table.format())
 
-    held_out = stratified_subset(data, args.eval_split, args.eval_images, args.seed)
+    held_out = data.sample(args.eval_split, args.eval_images, seed=args.seed)
     reference = evaluate(model, held_out, args.eval_split, device="cpu")
     print(f"\nuncompressed: {table.model_bytes:,} bytes, {args.eval_split} ({args.eval_images} stratified) "
           f"{100 * reference:.2f}%")

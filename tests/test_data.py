@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from autorank.data import augment_batch, load_data
+from autorank.data import load_data
 from autorank.data import sources
+from autorank.data.dataset import augment_batch, stratified_indices
 from autorank.errors import AutorankError
 
 
@@ -63,6 +64,35 @@ def test_shuffled_batches_follow_the_generator(digits):
 
     assert torch.equal(first_labels(3), first_labels(3))
     assert not torch.equal(first_labels(3), first_labels(4))
+
+
+def test_stratified_indices_keep_class_shares_and_follow_the_seed():
+    labels = torch.arange(10).repeat_interleave(torch.tensor([50, 50, 50, 50, 50, 100, 100, 100, 100, 350]))
+    index = stratified_indices(labels, 100, seed=3)
+    assert len(index) == 100 and torch.equal(index, torch.sort(torch.unique(index)).values)
+    counts = torch.bincount(labels[index], minlength=10)
+    assert counts.tolist() == [5, 5, 5, 5, 5, 10, 10, 10, 10, 35]
+    assert torch.equal(index, stratified_indices(labels, 100, seed=3))
+    assert not torch.equal(index, stratified_indices(labels, 100, seed=4))
+    assert torch.equal(stratified_indices(labels, 5000), torch.arange(1000))
+
+
+@pytest.mark.parametrize("name, split, limit", [("digits", "test", 100), ("cifar", "test", 2000)])
+def test_sample_has_every_class_in_proportion_and_follows_the_seed(request, name, split, limit):
+    data = request.getfixturevalue(name)
+    images, labels = data.split(split)
+    sample = data.sample(split, limit, seed=1)
+    assert list(sample.splits) == [split] and sample.classes == data.classes
+    picked_images, picked = sample.split(split)
+    expected = torch.bincount(labels, minlength=data.num_classes) * limit / len(labels)
+    counts = torch.bincount(picked, minlength=data.num_classes)
+    assert counts.sum() == limit and counts.min() > 0
+    assert (counts - expected).abs().max() < 1  # each class rounded from its exact share
+    index = stratified_indices(labels, limit, seed=1)
+    assert torch.equal(picked_images, images[index]) and torch.equal(picked, labels[index])  # real images, labels kept
+    assert torch.equal(data.sample(split, limit, seed=1).split(split)[0], picked_images)
+    assert not torch.equal(data.sample(split, limit, seed=2).split(split)[0], picked_images)
+    assert data.sample(split, None).split(split)[1] is labels  # no limit: the whole split
 
 
 def test_augment_is_a_padded_crop_and_optional_flip():

@@ -104,6 +104,9 @@ def test_evaluate_restores_the_training_mode_and_respects_limit(cifar, shared):
     accuracy = evaluate(model, cifar, "val", limit=1000)
     assert model.training
     assert 0.88 <= accuracy <= 0.97  # 0.928 on the full val split (ADAPTED.md)
+    # limit = the seeded stratified sample (the class-ordered first 1000 would be two classes)
+    assert accuracy == evaluate(model, cifar.sample("val", 1000, seed=0), "val")
+    assert evaluate(model, cifar, "val", limit=1000, seed=1) == evaluate(model, cifar.sample("val", 1000, seed=1), "val")
     assert evaluate(model, cifar, "val", limit=1000, channels_last=True) == pytest.approx(accuracy, abs=1e-3)
     with pytest.raises(AutorankError, match="unknown split"):
         evaluate(model, cifar, "holdout")

@@ -113,16 +113,28 @@ def test_user_factory_module(tmp_path, monkeypatch):
         "    c, h, w = input_shape\n"
         "    return nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, num_classes))\n"
         "NOT_A_FACTORY = 3\n"
-        "def wrong(): return nn.Linear(1, 1)\n"
+        "def wrong(num_classes): return nn.Linear(num_classes)\n"
+        "def classes_only(num_classes): return nn.Sequential(nn.Flatten(), nn.LazyLinear(num_classes))\n"
+        "def anything(**options): return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, options['num_classes']))\n"
+        "class Net(nn.Linear):\n"
+        "    def __init__(self, num_classes, *, bias=True): super().__init__(3 * 32 * 32, num_classes, bias)\n"
+        "def needs_depth(num_classes, depth): return nn.Linear(1, num_classes)\n"
+        "def positional(num_classes, /): return nn.Linear(1, num_classes)\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     model = create_model("module:my_nets:tiny", CIFAR_LIKE)
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    # each factory gets only the keyword arguments its signature takes (the common one: num_classes alone)
+    for name in ("classes_only", "anything"):
+        assert create_model(f"module:my_nets:{name}", CIFAR_LIKE)(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    assert create_model("module:my_nets:Net", CIFAR_LIKE).out_features == 10
     for spec, message in [
         ("module:my_nets:missing", "cannot import"),
         ("module:no_such_pkg:tiny", "cannot import"),
         ("module:my_nets:NOT_A_FACTORY", "not callable"),
-        ("module:my_nets:wrong", "failed"),
+        ("module:my_nets:wrong", r"my_nets:wrong\(num_classes=...\) failed"),
+        ("module:my_nets:needs_depth", "requires depth: autorank passes only num_classes, input_shape"),
+        ("module:my_nets:positional", "requires num_classes: autorank passes only"),
         ("module:my_nets", "expected module:pkg.mod:factory"),
     ]:
         with pytest.raises(AutorankError, match=message):

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from autorank.cli import main
-from autorank.compression import method_params
+from autorank.compression.ranks import method_params
 
 MODEL = "module:tests.user_models:mixed_cnn"
 # Tucker-2/SVD on every layer where that shrinks it, at int8 weights and activations (what the export

@@ -11,15 +11,8 @@ from torch import nn
 
 from autorank.cli.allocate import add_allocate_args, allocated_plan, check_allocate_args
 from autorank.cli.engine import add_model_data_args, add_recipe_args, load_model_and_data
-from autorank.compression import (
-    Plan,
-    compress,
-    find_layers,
-    make_plan,
-    mixed_plan,
-    resolve_plan,
-    vbmf_method_ranks,
-)
+from autorank.compression import Plan, compress, find_layers, make_plan, mixed_plan, resolve_plan
+from autorank.compression.ranks import vbmf_method_ranks
 from autorank.compression.fit import FIT_MODES
 from autorank.compression.plan import ACTIVATIONS, PRECISIONS
 from autorank.compression.ranks import parse_vbmf
@@ -79,7 +72,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--split", choices=("val", "test"), default="val")
-    parser.add_argument("--limit", type=int, help="evaluate on the first N images of the split")
+    parser.add_argument("--limit", type=int,
+                        help="evaluate on N images of the split: a stratified sample (every class in proportion, --seed)")
     parser.add_argument("--calibration-images", type=int, default=512,
                         help="seeded training images for the fit and int8 activation ranges")
     parser.add_argument("--iters", type=int, default=100, help="CP-ALS / HOOI iterations per layer")
@@ -121,7 +115,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _measure(model: nn.Module, data, args: argparse.Namespace) -> dict[str, float]:
-    return measure(model, data, args.split, device=args.device, limit=args.limit, latency=False)
+    return measure(model, data, args.split, device=args.device, limit=args.limit, seed=args.seed, latency=False)
 
 
 def run_compress(args: argparse.Namespace) -> int:

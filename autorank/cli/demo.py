@@ -14,7 +14,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo = subparsers.add_parser(
         "demo", help="the whole pipeline on built-in data in a few minutes (small CNN on digits)",
         description="Train a small CNN on sklearn digits, then search its compression "
-                    "(search_spaces/default.yaml, ~20 trials) and print the Pareto front.",
+                    "(the shipped space `default`, ~20 trials) and print the Pareto front.",
     )
     demo.add_argument("--out", type=Path, help=f"output folder (default: {DEFAULT_OUT}, or -2, -3, ... if taken)")
     demo.add_argument("--trials", type=int, help="override the number of trials")
@@ -38,7 +38,8 @@ def run_demo_command(args: argparse.Namespace) -> int:
     result = run_demo(out, trials=args.trials, progress=not args.no_progress)
     print(summary_text(result))
     if result.best is not None:  # issue 5: the deployable artefact of the best feasible trial
-        from autorank.export import export_onnx, figures
+        from autorank.export import export_onnx
+        from autorank.export.api import figures
 
         exported = export_onnx(out, out / "best-int8.onnx", "int8", trial=result.best.number)
         print(f"int8 ONNX export of trial {exported.trial}, verified in ONNX Runtime:")

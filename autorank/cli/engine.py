@@ -12,7 +12,8 @@ import torch
 from autorank.data import load_data
 from autorank.engine import OPTIMIZERS, SCHEDULES, TrainConfig, measure, train
 from autorank.errors import AutorankError
-from autorank.models import check_model_name, check_weights_source, create_model
+from autorank.models import check_model_name, create_model
+from autorank.models.checkpoints import check_weights_source
 
 DEFAULT_DATA = "digits"
 DEFAULT_MODEL = "small_cnn"
@@ -47,7 +48,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_data_args(eval_parser)
     eval_parser.add_argument("--split", choices=("train", "val", "test"), default="val")
     eval_parser.add_argument("--batch-size", type=int, default=512)
-    eval_parser.add_argument("--limit", type=int, help="evaluate only the first N images of the split")
+    eval_parser.add_argument("--limit", type=int,
+                             help="evaluate on N images of the split: a stratified sample (every class in proportion, "
+                                  "--seed)")
     eval_parser.set_defaults(handler=run_eval)
 
 
@@ -130,7 +133,7 @@ def run_eval(args: argparse.Namespace) -> int:
         raise AutorankError("--batch-size and --limit must be >= 1")
     model, data = load_model_and_data(args)
     metrics = measure(
-        model, data, args.split, batch_size=args.batch_size, device=args.device, limit=args.limit,
+        model, data, args.split, batch_size=args.batch_size, device=args.device, limit=args.limit, seed=args.seed,
         channels_last=args.channels_last, bf16=args.bf16,
     )
     _print({"model": args.model, "data": args.data, "split": args.split, **metrics}, args.json)

@@ -34,7 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="int8: quantize exactly what the search simulated (plan, default) or ONNX Runtime's "
                              "full static QDQ with integer kernels (full: faster, drifts from the search)")
     export.add_argument("--verify-limit", type=int,
-                        help="verify on a seeded sample of this many test images (default: all)")
+                        help="verify on a seeded stratified sample of this many test images (every class in "
+                             "proportion; default: all)")
     export.add_argument("--threads", type=int, help="ONNX Runtime threads for verification and timing")
     export.add_argument("--no-bench", action="store_true", help="skip the latency/throughput measurement")
     export.add_argument("--no-register", action="store_true", help="do not log to MLflow or register a version")
@@ -46,8 +47,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_export_command(args: argparse.Namespace) -> int:
-    from autorank.export import export_onnx, figures, result_json
-    from autorank.search import parse_size
+    from autorank.export import export_onnx
+    from autorank.export.api import figures, result_json
+    from autorank.search.space import parse_size
 
     if args.trial is not None and args.max_drop is not None:
         raise AutorankError("give either --trial or limits (--max-size/--min-ratio/--max-drop), not both")

@@ -7,8 +7,11 @@ import json
 from pathlib import Path
 
 from autorank.errors import AutorankError
-from autorank.search import best_trial, load_search, parse_duration, parse_size
-from autorank.tracking import format_front
+from autorank._shipped import search_spaces
+from autorank.search import TrialRecord, best_trial, load_search
+from autorank.search.space import Constraints, parse_duration, parse_size, shipped_space
+from autorank.tracking import format_front, pareto_front
+from autorank.tracking.pareto import format_size
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -18,7 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "ranks; each trial compresses the pretrained model, fine-tunes it briefly "
                     "(quantization-aware) and is recorded in the Optuna study and MLflow.",
     )
-    search.add_argument("--config", type=Path, help="search space YAML (e.g. search_spaces/default.yaml)")
+    search.add_argument("--config", metavar="NAME|YAML",
+                        help="search space: a shipped one by name (autorank spaces: default, resnet_cifar) "
+                             "or a YAML file")
     search.add_argument("--model", help="zoo name or module:pkg.mod:factory")
     search.add_argument("--weights", help="pretrained checkpoint (path or URL)")
     search.add_argument("--data", help="digits | cifar10[:ROOT] | imagefolder:PATH")
@@ -52,6 +57,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     best.add_argument("--json", action="store_true", help="print one JSON object")
     best.set_defaults(handler=run_best_command)
 
+    spaces = subparsers.add_parser(
+        "spaces", help="the shipped search spaces (names for search --config)",
+        description="List the search spaces shipped with autorank, or print one (to copy and edit).",
+    )
+    spaces.add_argument("name", nargs="?", help="print this space's YAML")
+    spaces.set_defaults(handler=run_spaces_command)
+
 
 def run_search_command(args: argparse.Namespace) -> int:
     from autorank.search.executors import parse_resources
@@ -73,13 +85,23 @@ def run_search_command(args: argparse.Namespace) -> int:
 
 
 def summary_text(result) -> str:
-    """The end-of-search report: counts, the front table, the best feasible trial, where to browse."""
+    """The end-of-search report: counts, the front table, the best feasible trial, where to browse.
+
+    With no feasible trial it shows the unconstrained front instead, and the trial closest to the limits."""
     done = [t for t in result.trials if t.counted]
     failed = [t for t in done if t.state == "failed"]
-    lines = [f"{len(done)} trials ({len(failed)} failed) in {result.elapsed_s / 60:.1f} min; "
-             f"Pareto front ({len(result.front)} feasible trials, accuracy on val):",
-             format_front(result.front, result.reference)]
+    head = f"{len(done)} trials ({len(failed)} failed) in {result.elapsed_s / 60:.1f} min; "
     best = result.best
+    search = load_search(result.out_dir)
+    limits = search.space.constraints
+    unconstrained = pareto_front(result.trials, search.space.objectives, feasible_only=False)
+    if result.front or not unconstrained:
+        lines = [head + f"Pareto front ({len(result.front)} feasible trials, accuracy on val):",
+                 format_front(result.front, result.reference)]
+    else:
+        lines = [head + f"no trial meets {limits.describe()}; unconstrained Pareto front "
+                        f"({len(unconstrained)} trials, accuracy on val):",
+                 format_front(unconstrained, result.reference), closest_text(result.trials, limits, result.reference)]
     lines.append(f"best feasible: trial {best.number} ({best.metrics['accuracy'] * 100:.2f}%, "
                  f"{best.metrics['size_bytes'] / 1e3:.1f} KB)" if best else "no feasible trial yet")
     lines.append(f"front: {result.out_dir / 'pareto.html'} (interactive), {result.out_dir / 'pareto.csv'}")
@@ -89,6 +111,27 @@ def summary_text(result) -> str:
     else:
         lines.append(f"browse: {result.mlflow_uri} (run {result.parent_run_id})")
     return "\n".join(lines)
+
+
+def closest_text(trials: list[TrialRecord], limits: Constraints, reference: dict[str, float]) -> str:
+    """'closest: trial 1, 7.3 pt drop, limit 3.0': the completed trial that misses the limits by the least
+    (summed shortfall, each relative to its limit), with the figures it missed them by."""
+    def shortfalls(t: TrialRecord) -> dict[str, float]:
+        return {k: v for k, v in limits.violations(t.metrics, reference).items() if v > 0}
+
+    scale = {"max_size": limits.max_size, "min_ratio": limits.min_ratio, "max_drop": max(limits.max_drop or 0, 1.0)}
+    done = [t for t in trials if t.finished_ok]
+    closest = min(done, key=lambda t: (sum(v / scale[k] for k, v in shortfalls(t).items()), t.number))
+    m = closest.metrics
+    missed = []
+    for key in shortfalls(closest):
+        if key == "max_size":
+            missed.append(f"{format_size(m['size_bytes'])}, limit {format_size(limits.max_size)}")
+        elif key == "min_ratio":
+            missed.append(f"{reference['size_bytes'] / m['size_bytes']:.1f}x smaller, limit {limits.min_ratio:g}x")
+        else:
+            missed.append(f"{(reference['accuracy'] - m['accuracy']) * 100:.1f} pt drop, limit {limits.max_drop:.1f}")
+    return f"closest: trial {closest.number}, " + "; ".join(missed)
 
 
 def run_best_command(args: argparse.Namespace) -> int:
@@ -108,3 +151,22 @@ def run_best_command(args: argparse.Namespace) -> int:
     print(f"plan: {record.summary}")
     print(f"weights: {record.directory / 'model.pt' if record.has_weights else '(not kept)'}")
     return 0
+
+
+def run_spaces_command(args: argparse.Namespace) -> int:
+    shipped = search_spaces()
+    if args.name is not None:
+        print(shipped_space(args.name).read_text(), end="")
+        return 0
+    width = max(map(len, shipped))
+    for name, path in shipped.items():
+        print(f"{name:<{width}}  {_first_comment(path)}")
+    print(f"(in {next(iter(shipped.values())).parent}; `autorank search --config NAME`, "
+          "`autorank spaces NAME > my.yaml` to start your own)")
+    return 0
+
+
+def _first_comment(path: Path) -> str:
+    """A space's description: the first line of its leading comment."""
+    lines = path.read_text().splitlines()
+    return lines[0].lstrip("#").strip() if lines and lines[0].startswith("#") else ""

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import webbrowser
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import yaml
 
+from autorank._shipped import server_config
 from autorank.errors import AutorankError
 
 LOOPBACK = "127.0.0.1"
@@ -60,20 +62,19 @@ class ServerConfig:
 
 
 def load_server_config(path: str | Path | None, **overrides) -> ServerConfig:
-    """Read a server YAML (relative paths are relative to the file) and apply CLI overrides."""
-    values: dict = {}
-    base = Path.cwd()
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise AutorankError(f"server config not found: {path}")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise AutorankError(f"server config {path}: invalid YAML ({str(exc).splitlines()[0]})")
-        if not isinstance(values, dict):
-            raise AutorankError(f"server config {path}: expected a mapping of keys")
-        base = path.resolve().parent
+    """Read a server YAML and apply CLI overrides. Relative paths are relative to the file, except in the
+    shipped config (`path` None: mlflow_server/server.yaml, inside the installed package), where they
+    are relative to the current folder."""
+    config = Path(path) if path is not None else server_config()
+    if not config.is_file():
+        raise AutorankError(f"server config not found: {config}")
+    try:
+        values = yaml.safe_load(config.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise AutorankError(f"server config {config}: invalid YAML ({str(exc).splitlines()[0]})")
+    if not isinstance(values, dict):
+        raise AutorankError(f"server config {config}: expected a mapping of keys")
+    base = config.resolve().parent if path is not None else Path.cwd()
     values.update({k: v for k, v in overrides.items() if v is not None})
     known = {f.name: f for f in dataclasses.fields(ServerConfig)}
     for key in values:
@@ -387,14 +388,32 @@ def search_store(search_dir: Path) -> tuple[ServerConfig, str]:
     return ServerConfig(data_dir=search_dir, artifacts=search_dir / "mlartifacts"), uri
 
 
+def classic_runs_page(url: str, experiment_name: str) -> str:
+    """The experiment's runs table in MLflow's classic (machine-learning) view on the server at `url`.
+
+    MLflow 3 UIs open experiments in their GenAI view unless told otherwise; recent ones choose the view
+    from the page's `workflowType` rather than the experiment's kind tag. The server's root when the
+    experiment cannot be looked up."""
+    query = urllib.parse.urlencode({"experiment_name": experiment_name})
+    try:
+        with urllib.request.urlopen(f"{url}/api/2.0/mlflow/experiments/get-by-name?{query}", timeout=10) as answer:
+            experiment_id = json.load(answer)["experiment"]["experiment_id"]
+    except (urllib.error.URLError, OSError, ValueError, KeyError):
+        return url
+    return f"{url}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
 def _ui(args: argparse.Namespace) -> int:
+    from autorank.search.results import read_info
+
     cfg, uri = search_store(Path(args.search))
     cfg.host, cfg.port = args.host, args.port
     proc = launch(cfg, uri, cfg.data_dir / UI_LOG_FILE)
-    print(f"MLflow UI for {args.search}: {cfg.url}  (Ctrl-C stops it; server log {cfg.data_dir / UI_LOG_FILE})",
+    page = classic_runs_page(cfg.url, read_info(args.search).get("experiment", "autorank"))
+    print(f"MLflow UI for {args.search}: {page}  (Ctrl-C stops it; server log {cfg.data_dir / UI_LOG_FILE})",
           flush=True)
     if args.open:
-        webbrowser.open(cfg.url)
+        webbrowser.open(page)
     try:
         return proc.wait()
     finally:
@@ -428,7 +447,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     server = subparsers.add_parser("server", help="start/stop/check a shared MLflow server")
     server.add_argument("action", choices=("start", "stop", "health"))
-    server.add_argument("--config", metavar="YAML", help="e.g. mlflow_server/server.yaml")
+    server.add_argument("--config", metavar="YAML", help="settings (default: the shipped mlflow_server/server.yaml: "
+                                                         "loopback, sqlite, data in ./data)")
     server.add_argument("--host", help="interface to bind (default: loopback)")
     server.add_argument("--port", type=int, help="0 picks a free port")
     server.add_argument("--backend", help="sqlite | postgres | a database URL")

@@ -20,10 +20,9 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from autorank.data import Dataset
@@ -154,32 +153,6 @@ class SensitivityTable:
         return "\n".join(lines)
 
 
-def stratified_indices(labels: Tensor, count: int, seed: int = 0) -> Tensor:
-    """Sorted indices of a seeded random subset of `count` labels with every class in proportion to
-    its share (largest remainders round). Image folders are ordered by class: never take the first N."""
-    n = len(labels)
-    if count >= n:
-        return torch.arange(n)
-    generator = torch.Generator().manual_seed(seed)
-    classes, counts = torch.unique(labels, return_counts=True)
-    exact = counts.double() * count / n
-    quota = exact.floor().long()
-    extra = count - int(quota.sum())
-    quota[torch.argsort(exact - quota, descending=True, stable=True)[:extra]] += 1
-    picked = []
-    for cls, k in zip(classes.tolist(), quota.tolist(), strict=True):
-        members = torch.nonzero(labels == cls).flatten()
-        picked.append(members[torch.randperm(len(members), generator=generator)[:k]])
-    return torch.sort(torch.cat(picked)).values
-
-
-def stratified_subset(data: Dataset, split: str, limit: int | None, seed: int = 0) -> Dataset:
-    """`data` with only `split`, cut to `limit` stratified seeded images (`stratified_indices`)."""
-    images, labels = data.split(split)
-    index = stratified_indices(labels, len(labels) if limit is None else limit, seed)
-    return replace(data, splits={split: (images[index], labels[index])})
-
-
 def _layer_cost(stats: Profile, name: str) -> tuple[int, int, int]:
     """(bytes, MACs, params) of the modules at or under `name`."""
     own = [lp for n, lp in stats.layers.items() if n == name or n.startswith(name + ".")]
@@ -264,7 +237,7 @@ def sensitivity_table(
     if activations == "int8" and quantized and calibration is None:
         calibration = data.calibration_images(512, min(batch_size, 512), seed=seed)
     calibration = list(calibration) if calibration is not None else None
-    subset = stratified_subset(data, split, limit, seed)
+    subset = data.sample(split, limit, seed=seed)
     reference = evaluate(model, subset, split, batch_size=batch_size, device=device)
     base = profile(model, data.input_shape)
     table: dict[str, list[Candidate]] = {}

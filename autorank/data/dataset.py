@@ -8,7 +8,7 @@ per-sample Python.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -58,7 +58,8 @@ class Dataset:
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """Yield normalised float32 image batches and int64 labels on `device`.
 
-        `limit` caps the number of images (the first `limit`, or a random `limit` when shuffling);
+        `limit` caps the number of images (the first `limit`, or a random `limit` when shuffling; for a
+        class-balanced subset, iterate over `sample(split, limit)` instead);
         `augment` applies random crop with zero padding and horizontal flip to each whole batch.
         """
         images, labels = self.split(split)
@@ -83,6 +84,18 @@ class Dataset:
             yield x, y
 
 
+    def sample(self, split: str, limit: int | None, *, seed: int = 0) -> Dataset:
+        """This data with only `split`, cut to a seeded sample of `limit` images with every class in
+        proportion (`stratified_indices`); all of the split when `limit` is None or not smaller.
+
+        What every `limit` means (evaluate, compress --limit, the sensitivity table, export
+        verification): the first N images of a class-ordered image folder would be one or two classes."""
+        images, labels = self.split(split)
+        if limit is not None and limit < len(labels):
+            index = stratified_indices(labels, limit, seed)
+            images, labels = images[index], labels[index]
+        return replace(self, splits={split: (images, labels)})
+
     def calibration_images(self, count: int, batch_size: int, *, seed: int = 0,
                            device: str | torch.device = "cpu") -> list[Tensor]:
         """A seeded random sample of normalised training images, in batches, for quantization ranges.
@@ -92,6 +105,25 @@ class Dataset:
         generator = torch.Generator().manual_seed(seed)
         return [x for x, _ in self.batches("train", batch_size, shuffle=True, generator=generator,
                                            limit=count, device=device)]
+
+
+def stratified_indices(labels: Tensor, count: int, seed: int = 0) -> Tensor:
+    """Sorted indices of a seeded random subset of `count` labels with every class in proportion to
+    its share (largest remainders round). Image folders are ordered by class: never take the first N."""
+    n = len(labels)
+    if count >= n:
+        return torch.arange(n)
+    generator = torch.Generator().manual_seed(seed)
+    classes, counts = torch.unique(labels, return_counts=True)
+    exact = counts.double() * count / n
+    quota = exact.floor().long()
+    extra = count - int(quota.sum())
+    quota[torch.argsort(exact - quota, descending=True, stable=True)[:extra]] += 1
+    picked = []
+    for cls, k in zip(classes.tolist(), quota.tolist(), strict=True):
+        members = torch.nonzero(labels == cls).flatten()
+        picked.append(members[torch.randperm(len(members), generator=generator)[:k]])
+    return torch.sort(torch.cat(picked)).values
 
 
 def augment_batch(images: Tensor, generator: torch.Generator, padding: int | None = None) -> Tensor:

@@ -5,21 +5,7 @@ Public verb: `export_onnx(search_dir, out, precision, trial=... | max_size=..., 
 `export_model(model, data, out, precision)` does the same for a model in memory.
 """
 
-from autorank.export.api import (
-    EXPORT_PRECISIONS,
-    ExportResult,
-    export_model,
-    export_onnx,
-    figures,
-    rebuild_trial,
-    result_json,
-    write_onnx,
-)
-from autorank.export.bench import Speed, benchmark
-from autorank.export.graph import onnx_session, to_onnx
-from autorank.export.verify import Verification, onnx_accuracy, verify
+from autorank.export.api import EXPORT_PRECISIONS, ExportResult, export_model, export_onnx
+from autorank.export.verify import Verification
 
-__all__ = [
-    "EXPORT_PRECISIONS", "ExportResult", "Speed", "Verification", "benchmark", "export_model", "export_onnx",
-    "figures", "onnx_accuracy", "onnx_session", "rebuild_trial", "result_json", "to_onnx", "verify", "write_onnx",
-]
+__all__ = ["EXPORT_PRECISIONS", "ExportResult", "Verification", "export_model", "export_onnx"]

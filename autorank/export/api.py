@@ -22,7 +22,8 @@ import onnx
 import torch
 from torch import nn
 
-from autorank.compression import ActivationFakeQuant, Plan, compress, layer_precisions, profile, strip_fake_quant
+from autorank.compression import Plan, compress, layer_precisions, profile, strip_fake_quant
+from autorank.compression.quantize import ActivationFakeQuant
 from autorank.compression.quantize import QMAX
 from autorank.data import Dataset, load_data
 from autorank.errors import AutorankError, TrackingFailed

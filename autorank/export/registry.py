@@ -60,10 +60,9 @@ def export_tags(result: ExportResult) -> dict[str, str]:
 
 def _trial_run(client, search: SearchRecord, record: TrialRecord) -> str:
     """The trial's nested run (found by the tracker's tags); created if the search never logged it."""
-    from autorank.tracking.tracker import KIND_TAG, SEARCH_TAG, TRIAL_TAG
+    from autorank.tracking.tracker import KIND_TAG, SEARCH_TAG, TRIAL_TAG, experiment_id_for
 
-    experiment = client.get_experiment_by_name(search.info.get("experiment") or "autorank")
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(search.info["experiment"])
+    experiment_id = experiment_id_for(client, search.info.get("experiment") or "autorank")
     runs = client.search_runs(
         [experiment_id],
         filter_string=f"tags.`{SEARCH_TAG}` = '{search.info['search_id']}' and tags.`{TRIAL_TAG}` = '{record.number}'",

@@ -29,9 +29,8 @@ class Verification:
 
 
 def sample_batches(data: Dataset, split: str, *, limit: int | None, seed: int, batch_size: int = 256):
-    """A seeded random sample of `limit` images (all when None): splits are ordered by class."""
-    generator = torch.Generator().manual_seed(seed)
-    return data.batches(split, batch_size, shuffle=True, generator=generator, limit=limit)
+    """Batches of a seeded stratified sample of `limit` images (all when None; `Dataset.sample`)."""
+    return data.sample(split, limit, seed=seed).batches(split, batch_size)
 
 
 def onnx_accuracy(path: str | Path, data: Dataset, split: str, *, limit: int | None = None, seed: int = 0,

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import importlib
+import inspect
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
 from autorank.data import Dataset
 from autorank.errors import AutorankError
-from autorank.models.checkpoints import check_weights_source, load_weights
+from autorank.models.checkpoints import load_weights
 from autorank.models.cifar_resnet import DEPTHS, cifar_resnet
 from autorank.models.small_cnn import SmallCNN
 from autorank.models.torchvision_zoo import TORCHVISION_NAMES, torchvision_model
@@ -17,7 +20,7 @@ from autorank.models.torchvision_zoo import TORCHVISION_NAMES, torchvision_model
 CIFAR_RESNET_NAMES = tuple(DEPTHS)
 MODEL_NAMES: tuple[str, ...] = ("small_cnn", *CIFAR_RESNET_NAMES, *TORCHVISION_NAMES)
 
-__all__ = ["MODEL_NAMES", "check_model_name", "check_weights_source", "create_model", "load_weights"]
+__all__ = ["MODEL_NAMES", "create_model", "load_weights"]
 
 
 def check_model_name(name: str) -> None:
@@ -31,7 +34,8 @@ def create_model(name: str, data: Dataset, weights: str | Path | None = None) ->
 
     Names: `small_cnn`, CIFAR `resnet20/32/44/56/110`, torchvision `resnet18/34/50`, `vgg11/16/19[_bn]`,
     `googlenet`, `alexnet`,
-    or `module:pkg.mod:factory` where factory(num_classes=..., input_shape=...) returns an nn.Module.
+    or `module:pkg.mod:factory` where factory(num_classes=..., input_shape=...) returns an nn.Module (each
+    argument passed only when the factory's signature takes it).
     """
     check_model_name(name)
     channels = data.input_shape[0]
@@ -59,10 +63,31 @@ def _user_model(name: str, data: Dataset) -> nn.Module:
         raise AutorankError(f"cannot import {target}: {exc}") from None
     if not callable(factory):
         raise AutorankError(f"{target} is not callable: expected a factory returning an nn.Module")
+    kwargs = _factory_kwargs(factory, target, {"num_classes": data.num_classes, "input_shape": data.input_shape})
     try:
-        model = factory(num_classes=data.num_classes, input_shape=data.input_shape)
+        model = factory(**kwargs)
     except TypeError as exc:
-        raise AutorankError(f"{target}(num_classes=..., input_shape=...) failed: {exc}") from None
+        raise AutorankError(f"{target}({', '.join(f'{k}=...' for k in kwargs)}) failed: {exc}") from None
     if not isinstance(model, nn.Module):
         raise AutorankError(f"{target} returned {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def _factory_kwargs(factory: Callable[..., Any], target: str, offered: dict[str, Any]) -> dict[str, Any]:
+    """The offered keyword arguments that `factory` accepts: most factories take only num_classes.
+
+    A factory with **kwargs (or no inspectable signature) gets them all; one that requires another
+    argument is refused before it is called."""
+    try:
+        params = list(inspect.signature(factory).parameters.values())
+    except (TypeError, ValueError):
+        return offered
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return offered
+    keyword = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    missing = [p.name for p in params if p.default is p.empty and p.kind is not p.VAR_POSITIONAL
+               and p.name not in offered.keys() & keyword]
+    if missing:
+        raise AutorankError(f"{target} requires {', '.join(missing)}: autorank passes only "
+                            f"{', '.join(offered)} (by keyword, those the factory accepts)")
+    return {k: v for k, v in offered.items() if k in keyword}

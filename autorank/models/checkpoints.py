@@ -31,7 +31,7 @@ def read_state_dict(source: str | Path) -> dict[str, Tensor]:
     source = resolve_source(source)
     text = str(source)
     if text.startswith(("http://", "https://")):
-        from autorank.data import default_cache_dir
+        from autorank.data.sources import default_cache_dir
 
         try:
             loaded = torch.hub.load_state_dict_from_url(

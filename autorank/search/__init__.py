@@ -5,10 +5,10 @@ Public verbs: `load_space(path)`, `run_search(...)`, `load_search(out_dir)`, `be
 """
 
 from autorank.search.results import SearchRecord, TrialRecord, best_trial, load_search
-from autorank.search.space import SearchSpace, load_space, parse_duration, parse_size
+from autorank.search.space import SearchSpace, load_space
 
 __all__ = ["SearchRecord", "SearchResult", "SearchSpace", "TrialRecord", "best_trial", "load_search", "load_space",
-           "parse_duration", "parse_size", "run_demo", "run_search"]
+           "run_demo", "run_search"]
 
 
 def __getattr__(name: str):

@@ -1,7 +1,7 @@
 """`run_demo(out_dir)`: the whole pipeline on the built-in default, small enough for 2 CPU cores.
 
 Trains the small CNN on sklearn's digits (the "pretrained model" a user would bring), then runs the
-search in search_spaces/default.yaml (about 20 trials). Later stages extend the demo by calling
+search in the shipped `default` space (search_spaces/default.yaml, about 20 trials). Later stages extend the demo by calling
 `run_demo` and continuing from its `SearchResult` (e.g. exporting `result.best`).
 """
 
@@ -18,7 +18,7 @@ from autorank.models import create_model
 from autorank.search.run import SearchResult, run_search
 from autorank.search.space import load_space
 
-DEFAULT_SPACE = Path(__file__).resolve().parents[2] / "search_spaces" / "default.yaml"
+DEFAULT_SPACE = "default"  # a shipped space's name: the demo runs wherever autorank is installed
 PRETRAIN = TrainConfig(steps=150, batch_size=64, lr=0.05, schedule="onecycle", seed=0)
 
 

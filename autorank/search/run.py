@@ -25,7 +25,8 @@ from autorank.search.results import (SEARCH_FILE, WEIGHTS_FILE, TrialRecord, bes
 from autorank.search.space import SearchSpace, load_space, space_from_dict
 from autorank.search.study import TrialOutcome, create_or_load_study, records, recover_interrupted
 from autorank.search.trial import TrialContext, layer_table, reference_metrics
-from autorank.tracking import SearchTracker, default_tracking_uri, pareto_front
+from autorank.tracking import SearchTracker, pareto_front
+from autorank.tracking.tracker import default_tracking_uri
 
 
 @dataclass

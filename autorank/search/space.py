@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from autorank._shipped import search_spaces
 from autorank.compression.plan import ACTIVATIONS, CONV_METHODS, LINEAR_METHODS, METHODS
 from autorank.compression.quantize import PRECISIONS
 from autorank.errors import AutorankError
@@ -147,7 +148,7 @@ class Group:
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """A validated search space (see search_spaces/default.yaml for every key, commented)."""
+    """A validated search space (see search_spaces/default.yaml, `autorank spaces default`: every key, commented)."""
 
     name: str = "search"
     include: tuple[str, ...] = ("*",)
@@ -352,10 +353,9 @@ TOP_KEYS = ("name", "layers", "grouping", "stages", "methods", "precisions", "ac
 
 
 def load_space(path: str | Path) -> SearchSpace:
-    """Read and validate a YAML search space; raise AutorankError naming the first bad key."""
-    path = Path(path)
-    if not path.is_file():
-        raise AutorankError(f"search space {path}: file not found")
+    """Read and validate a YAML search space, a path or a shipped space's name (`autorank spaces`);
+    raise AutorankError naming the first bad key."""
+    path = space_path(path)
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
@@ -364,6 +364,25 @@ def load_space(path: str | Path) -> SearchSpace:
         problem = getattr(exc, "problem", None) or "not valid YAML"
         raise AutorankError(f"search space {path}: invalid YAML{where}: {problem}") from None
     return parse_space(raw, source=str(path), default_name=path.stem)
+
+
+def space_path(spec: str | Path) -> Path:
+    """The YAML file of `spec`: an existing path, else the shipped space of that name."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    if path.name == str(spec) and not path.suffix:  # a bare name, not a path
+        return shipped_space(path.name)
+    raise AutorankError(f"search space {path}: file not found (shipped spaces by name: {', '.join(search_spaces())})")
+
+
+def shipped_space(name: str) -> Path:
+    """The YAML file of a shipped space; AutorankError listing the names for an unknown one."""
+    shipped = search_spaces()
+    if name not in shipped:
+        raise AutorankError(f"unknown search space {name!r}: shipped spaces are {', '.join(shipped)} "
+                            "(autorank spaces), or give a YAML file")
+    return shipped[name]
 
 
 def parse_space(raw: Any, source: str = "<dict>", default_name: str = "search") -> SearchSpace:

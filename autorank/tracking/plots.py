@@ -59,10 +59,45 @@ def plot_png(path: Path, trials: Sequence[TrialRecord], front: Sequence[TrialRec
     fig.savefig(path)
 
 
+def plotly_js_name() -> str:
+    """The file name of the plotly.js bundle that pareto.html loads, versioned so that a search resumed
+    under a newer plotly writes and logs its own. The .mjs extension makes MLflow serve it as
+    JavaScript (it serves .js as text/plain, which browsers refuse to run); it is a classic script."""
+    from plotly.offline import get_plotlyjs_version
+
+    return f"plotly-{get_plotlyjs_version()}.min.mjs"
+
+
+# Loads the bundle beside the page (a pareto.html opened from the search folder, or any copy of the
+# folder); inside MLflow's artifact view the page is a sandboxed blob: URL where relative paths do not
+# resolve, so it then loads the same file from the run's artifacts on the server that made the blob.
+_PAGE = """<!DOCTYPE html>
+<html>
+<head><meta charset="utf-8"><title>{title}</title><style>html, body {{height: 100%;}}</style></head>
+<body>
+<script src="{js}"></script>
+<script>
+if (!window.Plotly) {{
+  var server = /^blob:(https?:\\/\\/[^\\/]+)/.exec(location.href);
+  if (server) document.write('<script src="' + server[1] + '/get-artifact?path={js}&run_uuid={run_id}"><\\/script>');
+}}
+</script>
+{figure}
+</body>
+</html>
+"""
+
+
 def plot_html(path: Path, trials: Sequence[TrialRecord], front: Sequence[TrialRecord],
-              reference: Mapping[str, Any], title: str) -> None:
-    """Interactive plot with plotly.js embedded (browsable offline and inside MLflow's artifact view)."""
+              reference: Mapping[str, Any], title: str, run_id: str = "") -> Path:
+    """Interactive plot (browsable offline and inside MLflow's artifact view of run `run_id`).
+
+    plotly.js (4.8 MB) is not embedded: the page loads `plotly_js_name()` from its own folder, written
+    there once and returned, so a search logs it once however often the page is refreshed."""
+    import html
+
     import plotly.graph_objects as go
+    from plotly.offline import get_plotlyjs
 
     feasible, infeasible = _split(trials, front)
 
@@ -83,4 +118,11 @@ def plot_html(path: Path, trials: Sequence[TrialRecord], front: Sequence[TrialRe
     ])
     fig.update_layout(title=title, xaxis={"title": "size (KB)", "type": "log"},
                       yaxis={"title": "validation accuracy (%)"}, template="plotly_white")
-    fig.write_html(str(path), include_plotlyjs=True, full_html=True)
+    js = path.parent / plotly_js_name()
+    if not js.is_file():
+        partial = js.with_name(f".{js.name}.tmp")
+        partial.write_text(get_plotlyjs())
+        partial.replace(js)
+    figure = fig.to_html(include_plotlyjs=False, full_html=False)
+    path.write_text(_PAGE.format(title=html.escape(title), js=js.name, run_id=run_id, figure=figure))
+    return js

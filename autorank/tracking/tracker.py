@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from autorank.tracking.pareto import front_csv, front_json, pareto_front
-from autorank.tracking.plots import plot_html, plot_png
+from autorank.tracking.plots import plot_html, plot_png, plotly_js_name
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -34,6 +34,23 @@ TRIAL_TAG = "autorank.trial"
 SEARCH_TAG = "autorank.search_id"
 KIND_TAG = "autorank.kind"
 _BATCH = 100  # MLflow's limit of params per log_batch call
+
+
+# MLflow 3 opens an experiment without this tag in its GenAI view (traces, sessions); autorank's hold runs.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+CLASSIC_KIND = "custom_model_development"
+
+
+def experiment_id_for(client: MlflowClient, name: str, artifact_location: str | None = None) -> str:
+    """The id of experiment `name`, created when missing; tagged to open in MLflow's classic runs view
+    unless it already has a kind."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        return client.create_experiment(name, artifact_location=artifact_location,
+                                        tags={EXPERIMENT_KIND_TAG: CLASSIC_KIND})
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, CLASSIC_KIND)
+    return experiment.experiment_id
 
 
 def default_tracking_uri(out_dir: Path) -> str:
@@ -66,6 +83,7 @@ class SearchTracker:
         self._closing = False
         self._thread: threading.Thread | None = None
         self._plotted_front: tuple[int, ...] | None = None
+        self._plotly_logged = False  # plotly.js is in the parent run's artifacts (once per search)
         self._plotted_at = float("-inf")
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -146,12 +164,8 @@ class SearchTracker:
         for name in ("mlflow", "alembic"):
             logging.getLogger(name).setLevel(logging.WARNING)
         client = MlflowClient(tracking_uri=self.uri)
-        experiment = client.get_experiment_by_name(self.experiment)
-        if experiment is None:
-            location = (self.out_dir / "mlartifacts").resolve().as_uri() if self.uri.startswith("sqlite") else None
-            experiment_id = client.create_experiment(self.experiment, artifact_location=location)
-        else:
-            experiment_id = experiment.experiment_id
+        location = (self.out_dir / "mlartifacts").resolve().as_uri() if self.uri.startswith("sqlite") else None
+        experiment_id = experiment_id_for(client, self.experiment, location)
         runs = _search_all(client, experiment_id, f"tags.`{SEARCH_TAG}` = '{self.search_id}'", ViewType.ACTIVE_ONLY)
         parent = next((r for r in runs if r.data.tags.get(KIND_TAG) == "search"), None)
         if parent is None:
@@ -163,6 +177,7 @@ class SearchTracker:
         else:
             parent_id = parent.info.run_id
             client.update_run(parent_id, status="RUNNING")
+        has_plotly = parent is not None and any(a.path == plotly_js_name() for a in client.list_artifacts(parent_id))
         logged: dict[int, str] = {}
         for run in runs:
             if run.data.tags.get(KIND_TAG) != "trial":
@@ -173,6 +188,7 @@ class SearchTracker:
             else:  # half-written by a crash, or a duplicate: replace it
                 client.delete_run(run.info.run_id)
         self.client, self.experiment_id, self.parent_id = client, experiment_id, parent_id
+        self._plotly_logged = has_plotly
         self.logged = logged
         tags = {run.info.run_id: run.data.tags for run in runs}
         self.pareto = {n for n, run_id in logged.items() if tags[run_id].get("pareto") == "true"}
@@ -218,11 +234,14 @@ class SearchTracker:
         if plots:
             title = f"{self.run_name}: {sum(1 for r in records if r.counted)} trials, {len(front)} on the front"
             plot_png(self.out_dir / "pareto.png", records, front, self.reference, self.limits, title)
-            plot_html(self.out_dir / "pareto.html", records, front, self.reference, title)
+            plotly_js = plot_html(self.out_dir / "pareto.html", records, front, self.reference, title, self.parent_id)
             self._plotted_front, self._plotted_at = tuple(t.number for t in front), time.monotonic()
             names += ["pareto.png", "pareto.html"]
+            if not self._plotly_logged:
+                names.append(plotly_js.name)
         for name in names:
             self.client.log_artifact(self.parent_id, str(self.out_dir / name))
+        self._plotly_logged = self._plotly_logged or plots
 
     def _log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int) -> None:
         self._log_metrics_with(self.client, run_id, metrics, step)

@@ -130,3 +130,15 @@ def test_target_ratio_allocates_from_a_sensitivity_table_and_reuses_it(capsys, t
     assert "allocated for x3" in capsys.readouterr().out
     assert main(text) == 2  # the table was measured for two layers, not all four
     assert "measured for other layers" in capsys.readouterr().err
+
+
+def test_limit_measures_a_stratified_sample_of_the_split(capsys, checkpoint):
+    result = run_json(capsys, ["compress", *COMMON, "--weights", str(checkpoint), "--method", "none",
+                               "--limit", "60", "--seed", "2"])
+    from autorank.engine import evaluate
+
+    data = load_data("digits", seed=2)
+    sample = data.sample("val", 60, seed=2)  # every class in proportion, seeded by --seed
+    assert torch.bincount(sample.split("val")[1], minlength=10).min() > 0
+    model = create_model("small_cnn", data, checkpoint)
+    assert result["before"]["accuracy"] == evaluate(model, sample, "val", device="cpu")

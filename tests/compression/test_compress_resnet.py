@@ -9,17 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from autorank.compression import (
-    ActivationFakeQuant,
-    LayerPlan,
-    Plan,
-    calibrate,
-    compress,
-    decompose_layer,
-    make_plan,
-    profile,
-    resolve_plan,
-)
+from autorank.compression import LayerPlan, Plan, calibrate, compress, make_plan, profile, resolve_plan
+from autorank.compression.decompose import decompose_layer
+from autorank.compression.quantize import ActivationFakeQuant
 from autorank.compression.quantize import quantize_weights_
 from autorank.compression.ranks import ratio_ranks
 from autorank.data.dataset import Dataset

@@ -6,14 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from autorank.compression import (
-    ActivationFakeQuant,
-    calibrate,
-    layer_precisions,
-    quantize_weight,
-    strip_fake_quant,
-    weight_precision,
-)
+from autorank.compression import calibrate, layer_precisions, strip_fake_quant
+from autorank.compression.quantize import ActivationFakeQuant, quantize_weight, weight_precision
 from autorank.compression.quantize import quantize_weights_
 from autorank.errors import AutorankError
 

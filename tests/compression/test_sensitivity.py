@@ -5,10 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-import torch
 
 from autorank.compression import LayerPlan, Plan, SensitivityTable, compress, profile, sensitivity_table
-from autorank.compression.sensitivity import stratified_indices
 from autorank.errors import AutorankError
 from tests.compression.conftest import TABLE_OPTIONS
 
@@ -79,14 +77,3 @@ def test_bad_options_fail_before_any_measurement(digits_cnn, digits):
         sensitivity_table(digits_cnn, digits, levels=(1.5,))
     with pytest.raises(AutorankError, match="no layers"):
         sensitivity_table(digits_cnn, digits, include=["nothing*"])
-
-
-def test_stratified_indices_keep_class_shares_and_follow_the_seed():
-    labels = torch.arange(10).repeat_interleave(torch.tensor([50, 50, 50, 50, 50, 100, 100, 100, 100, 350]))
-    index = stratified_indices(labels, 100, seed=3)
-    assert len(index) == 100 and torch.equal(index, torch.sort(torch.unique(index)).values)
-    counts = torch.bincount(labels[index], minlength=10)
-    assert counts.tolist() == [5, 5, 5, 5, 5, 10, 10, 10, 10, 35]
-    assert torch.equal(index, stratified_indices(labels, 100, seed=3))
-    assert not torch.equal(index, stratified_indices(labels, 100, seed=4))
-    assert torch.equal(stratified_indices(labels, 5000), torch.arange(1000))

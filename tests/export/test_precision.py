@@ -10,7 +10,8 @@ from onnx import TensorProto, numpy_helper
 
 from autorank import engine
 from autorank.compression import LayerPlan, Plan, compress, profile
-from autorank.export import export_model, write_onnx
+from autorank.export import export_model
+from autorank.export.api import write_onnx
 from autorank.export.precision import payload_bytes, round_biases, to_int8
 from autorank.models import create_model
 

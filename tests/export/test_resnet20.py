@@ -12,7 +12,10 @@ import torch
 from torch import nn
 
 from autorank.compression import LayerPlan, Plan, compress, make_plan
-from autorank.export import ExportResult, export_model, onnx_accuracy, onnx_session, write_onnx
+from autorank.export import ExportResult, export_model
+from autorank.export.api import write_onnx
+from autorank.export.graph import onnx_session
+from autorank.export.verify import onnx_accuracy
 from autorank.export.graph import INPUT_NAME
 from autorank.export.verify import sample_batches
 from autorank.models import create_model

@@ -11,7 +11,7 @@ import torch
 
 from autorank import engine
 from autorank.cli import main
-from autorank.compression import method_params
+from autorank.compression.ranks import method_params
 from autorank.errors import AutorankError, TrialDiverged
 from autorank.search import best_trial, load_search
 from autorank.export.api import rebuild_trial

@@ -8,6 +8,7 @@ import optuna
 import pytest
 import yaml
 
+from autorank._shipped import search_spaces
 from autorank.errors import AutorankError
 from autorank.search.space import Constraints, SearchSpace, load_space, parse_duration, parse_size, parse_space, space_from_dict
 
@@ -69,6 +70,23 @@ def test_shipped_spaces_load_and_round_trip(name):
     space = load_space(REPO / "search_spaces" / name)
     assert space.objectives[0] == "accuracy"
     assert space_from_dict(space.to_dict()) == space
+
+
+def test_shipped_spaces_load_by_name_and_a_file_of_that_name_wins(tmp_path, monkeypatch):
+    assert set(search_spaces()) == {"default", "resnet_cifar"}
+    for name in search_spaces():
+        assert load_space(name) == load_space(REPO / "search_spaces" / f"{name}.yaml")
+    monkeypatch.chdir(tmp_path)
+    Path("default").write_text(yaml.safe_dump({"name": "mine", "search": {"trials": 3}}))
+    assert load_space("default").name == "mine"  # an existing path is never shadowed by a shipped name
+
+
+def test_unknown_space_name_lists_the_shipped_ones(tmp_path):
+    with pytest.raises(AutorankError, match=r"^unknown search space 'resnet': shipped spaces are default, "
+                                            r"resnet_cifar \(autorank spaces\), or give a YAML file$"):
+        load_space("resnet")
+    with pytest.raises(AutorankError, match=r"file not found \(shipped spaces by name: default, resnet_cifar\)"):
+        load_space("search_spaces/resnet.yaml")
 
 
 def test_units():

@@ -3,7 +3,7 @@
 Starts the MLflow server (autorank.cli.ui), runs `autorank search --mlflow-uri` on digits, then
 drives Debian's Chromium through Selenium to the experiment and checks what a user must see: the
 parent run, every trial nested under it, exactly the Pareto-tagged trials under the `pareto`
-filter, and the Pareto plot artifact rendered as an image. Set AUTORANK_SCREENSHOTS=docs to
+filter, the Pareto plot artifact rendered as an image, and the interactive one drawn by plotly.js. Set AUTORANK_SCREENSHOTS=docs to
 refresh the screenshots kept in docs/.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from autorank.cli.ui import ServerConfig, start_server, stop_server
+from autorank.cli.ui import ServerConfig, classic_runs_page, start_server, stop_server
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
@@ -133,8 +133,8 @@ def test_search_front_is_visible_in_the_mlflow_ui(tmp_path, server, browser):
     assert len(trials) == 5 and pareto and pareto < trials
 
     wait = WebDriverWait(browser, WAIT_S)
-    runs_page = f"{server}/#/experiments/{experiment.experiment_id}/runs"
-    browser.get(f"{runs_page}?workflowType=machine_learning")  # MLflow 3 opens in GenAI mode otherwise
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    browser.get(classic_runs_page(server, "autorank"))  # the page `autorank ui` prints: the classic runs view
     wait.until(lambda d: parent.info.run_name in visible_run_names(d))
     for close in browser.find_elements(By.CSS_SELECTOR, "button[aria-label='Close']"):
         close.click()  # the assistant side panel
@@ -159,3 +159,10 @@ def test_search_front_is_visible_in_the_mlflow_ui(tmp_path, server, browser):
     for close in browser.find_elements(By.CSS_SELECTOR, "button[aria-label='Close']"):
         close.click()
     screenshot(browser, tmp_path, "mlflow_pareto_plot.png")
+
+    # the interactive front renders too: plotly.js is not embedded but loaded from the run's single copy
+    browser.find_element(By.XPATH, "//*[normalize-space(text())='pareto.html']").click()
+    frame = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "iframe.mlflow-html-iframe")))
+    browser.switch_to.frame(frame)
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".plotly-graph-div .main-svg"))
+    browser.switch_to.default_content()

@@ -7,7 +7,8 @@ import io
 import json
 
 from autorank.search.results import TrialRecord
-from autorank.tracking import format_front, front_csv, front_json, pareto_front
+from autorank.tracking import format_front, pareto_front
+from autorank.tracking.pareto import front_csv, front_json
 from autorank.tracking.pareto import dominates
 
 OBJ = ("accuracy", "size_bytes")

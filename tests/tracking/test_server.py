@@ -6,6 +6,7 @@ Each test starts a real `mlflow server` on a free loopback port and talks to it 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
 import shutil
@@ -123,10 +124,13 @@ def test_bad_server_config_names_the_problem(tmp_path, text, problem):
         load_server_config(config)
 
 
-def test_shipped_config_is_loopback_sqlite_one_worker():
+def test_shipped_config_is_loopback_sqlite_one_worker(tmp_path, monkeypatch):
     cfg = load_server_config(REPO / "mlflow_server" / "server.yaml")
     assert (cfg.host, cfg.backend, cfg.workers, cfg.auth) == ("127.0.0.1", "sqlite", 1, False)
     assert cfg.data_dir == REPO / "mlflow_server" / "data"
+    # without --config: the same shipped file (package data once installed), its paths from the current folder
+    monkeypatch.chdir(tmp_path)
+    assert load_server_config(None) == dataclasses.replace(cfg, data_dir=Path.cwd() / "data")
 
 
 def test_busy_port_is_reported_before_anything_starts(tmp_path):
@@ -208,11 +212,12 @@ def test_ui_serves_a_search_store_on_loopback_until_interrupted(tmp_path):
                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     try:
         line = ui.stdout.readline()
-        assert f"http://127.0.0.1:{port}" in line
         assert listening_hosts(port) == {"127.0.0.1"}
         url = f"http://127.0.0.1:{port}"
-        runs = api(url, "runs/search", {"experiment_ids": [api(url, "experiments/get-by-name?experiment_name="
-                                                               "autorank")["experiment"]["experiment_id"]]})
+        experiment = api(url, "experiments/get-by-name?experiment_name=autorank")["experiment"]["experiment_id"]
+        # the page it prints opens the search's runs in MLflow's classic view, not the GenAI one
+        assert f"{url}/#/experiments/{experiment}/runs?workflowType=machine_learning " in line
+        runs = api(url, "runs/search", {"experiment_ids": [experiment]})
         assert [r["info"]["run_id"] for r in runs["runs"]] == [run_id]
         with urllib.request.urlopen(f"{url}/get-artifact?path=pareto.json&run_uuid={run_id}", timeout=30) as r:
             assert r.read() == b"[]"

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from mlflow import MlflowClient
 
 from autorank.search.results import TrialRecord
-from autorank.tracking import SearchTracker, default_tracking_uri
+from autorank.tracking import SearchTracker
+from autorank.tracking.plots import plotly_js_name
+from autorank.tracking.tracker import EXPERIMENT_KIND_TAG, default_tracking_uri, experiment_id_for
 
 
 def rec(number, accuracy, size, state="complete"):
@@ -116,3 +119,48 @@ def test_empty_search_still_writes_front_files(tmp_path):
     t.start()
     assert t.close([]) == []
     assert (tmp_path / "pareto.csv").read_text().startswith("trial,")
+
+
+def test_experiments_open_in_the_classic_runs_view(tmp_path):
+    t = tracker(tmp_path)
+    t.start()
+    t.close([rec(0, 0.8, 1e4)])
+    client = MlflowClient(default_tracking_uri(tmp_path))
+    assert client.get_experiment_by_name("autorank").tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    # an experiment made elsewhere gets the kind only when it has none
+    plain = client.create_experiment("plain")
+    genai = client.create_experiment("genai", tags={EXPERIMENT_KIND_TAG: "genai_development"})
+    assert experiment_id_for(client, "plain") == plain and experiment_id_for(client, "genai") == genai
+    assert client.get_experiment(plain).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    assert client.get_experiment(genai).tags[EXPERIMENT_KIND_TAG] == "genai_development"
+
+
+def test_plotly_js_is_logged_once_per_search_and_the_page_stays_small(tmp_path, monkeypatch):
+    records = [rec(i, 0.70 + i / 100, 10_000 * (i + 1)) for i in range(4)]  # each one grows the front
+    logged: list[str] = []
+
+    def spy_on(t):
+        real = t.client.log_artifact
+        monkeypatch.setattr(t.client, "log_artifact", lambda run_id, path: (logged.append(Path(path).name),
+                                                                              real(run_id, path)))
+    t = tracker(tmp_path)
+    parent = t.start()
+    spy_on(t)
+    for n in range(1, 5):
+        t.sync(records[:n], final=False)  # a new front each time: the plots are redrawn and relogged
+    assert t.close(records) == []
+    js = plotly_js_name()
+    assert logged.count("pareto.html") == 5 and logged.count(js) == 1
+    page = (tmp_path / "pareto.html").read_text()
+    assert len(page.encode()) < 50_000 and f'<script src="{js}">' in page
+    assert f"get-artifact?path={js}&run_uuid={parent}" in page  # the copy MLflow's artifact view loads
+    client = MlflowClient(default_tracking_uri(tmp_path))
+    sizes = {a.path: a.file_size for a in client.list_artifacts(parent)}
+    assert sizes[js] == (tmp_path / js).stat().st_size > 4_000_000 and sizes["pareto.html"] < 50_000
+
+    logged.clear()  # a resumed search reuses the parent run and its copy
+    again = tracker(tmp_path)
+    assert again.start() == parent
+    spy_on(again)
+    assert again.close([*records, rec(4, 0.9, 5_000)]) == []
+    assert logged.count("pareto.html") == 1 and js not in logged
