@@ -14,9 +14,13 @@ from autorank.tracking import format_front
 def register(subparsers: argparse._SubParsersAction) -> None:
     search = subparsers.add_parser(
         "search", help="search per-layer decomposition, ranks and precision (Optuna + MLflow)",
-        description="Multi-objective search (accuracy vs size) over a YAML search space, seeded by EVBMF "
-                    "ranks; each trial compresses the pretrained model, fine-tunes it briefly "
-                    "(quantization-aware) and is recorded in the Optuna study and MLflow.",
+        description="Multi-objective search (accuracy vs size) over a YAML search space: a per-layer "
+                    "sensitivity table first (cached in --out), then the fixed recipes (int8; CP/Tucker-2/TT "
+                    "at fixed retention), then sampled trials (mode allocate: a target ratio and a few switches "
+                    "the allocator turns into a per-layer plan; mode layers: per-layer choices); each trial "
+                    "compresses the pretrained model, fine-tunes it briefly (quantization-aware) and is "
+                    "recorded in the Optuna study and MLflow; the best front members end with a longer "
+                    "fine-tune (final: in the YAML).",
     )
     search.add_argument("--config", type=Path, help="search space YAML (e.g. search_spaces/default.yaml)")
     search.add_argument("--model", help="zoo name or module:pkg.mod:factory")
@@ -42,7 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     best = subparsers.add_parser(
         "best", help="the most accurate feasible trial of a search",
-        description="Print the most accurate trial meeting the limits (the search's own where not given).",
+        description="Print the most accurate trial meeting the limits (the search's own where not given); "
+                    "trials the search fine-tuned again at its end (final:) count with those figures.",
     )
     best.add_argument("--search", type=Path, required=True, help="a search output folder")
     size = best.add_mutually_exclusive_group()
@@ -80,8 +85,9 @@ def summary_text(result) -> str:
              f"Pareto front ({len(result.front)} feasible trials, accuracy on val):",
              format_front(result.front, result.reference)]
     best = result.best
-    lines.append(f"best feasible: trial {best.number} ({best.metrics['accuracy'] * 100:.2f}%, "
-                 f"{best.metrics['size_bytes'] / 1e3:.1f} KB)" if best else "no feasible trial yet")
+    lines.append(f"best feasible: trial {best.number} ({best.figures['accuracy'] * 100:.2f}%, "
+                 f"{best.figures['size_bytes'] / 1e3:.1f} KB{', after the final fine-tune' if best.finalized else ''})"
+                 if best else "no feasible trial yet")
     lines.append(f"front: {result.out_dir / 'pareto.html'} (interactive), {result.out_dir / 'pareto.csv'}")
     if result.mlflow_uri.startswith("sqlite"):
         lines.append(f"browse: autorank ui --search {result.out_dir}   "
@@ -102,9 +108,11 @@ def run_best_command(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(record.as_dict()))
         return 0
-    m = record.metrics
+    m = record.figures
     print(f"trial {record.number}: accuracy {m['accuracy'] * 100:.2f}% (drop {m.get('drop_points', 0):+.2f} pt), "
-          f"size {m['size_bytes'] / 1e3:.1f} KB ({m.get('ratio', 0):.1f}x smaller), {m['macs'] / 1e6:.2f} MMACs")
+          f"size {m['size_bytes'] / 1e3:.1f} KB ({m.get('ratio', 0):.1f}x smaller), {m['macs'] / 1e6:.2f} MMACs"
+          + (f"; after the final fine-tune ({record.metrics['accuracy'] * 100:.2f}% after the trial's)"
+             if record.finalized else ""))
     print(f"plan: {record.summary}")
-    print(f"weights: {record.directory / 'model.pt' if record.has_weights else '(not kept)'}")
+    print(f"weights: {record.weights or '(not kept)'}")
     return 0
