@@ -81,7 +81,9 @@ def summary_text(result) -> str:
     """The end-of-search report: counts, the front table, the best feasible trial, where to browse."""
     done = [t for t in result.trials if t.counted]
     failed = [t for t in done if t.state == "failed"]
-    lines = [f"{len(done)} trials ({len(failed)} failed) in {result.elapsed_s / 60:.1f} min; "
+    screened = sum(t.state == "screened" for t in done)
+    lines = [f"{len(done)} trials ({len(failed)} failed{f', {screened} screened out' if screened else ''}) in "
+             f"{result.elapsed_s / 60:.1f} min; "
              f"Pareto front ({len(result.front)} feasible trials, accuracy on val):",
              format_front(result.front, result.reference)]
     best = result.best

@@ -34,7 +34,9 @@ def tell(study: optuna.Study, trial: optuna.Trial, ctx: TrialContext, outcome: T
     """Record a finished trial in the study: figures and constraints first, then its state."""
     annotate(trial, outcome)
     values = objective_values(ctx.space, outcome)
-    if values is None:
+    if outcome.screened_out:
+        study.tell(trial, state=TrialState.PRUNED)
+    elif values is None:
         study.tell(trial, state=TrialState.FAIL)
     else:
         study.tell(trial, values)

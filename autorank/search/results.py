@@ -37,7 +37,7 @@ class TrialRecord:
     """One trial as recorded in the study: its choices, figures and fate."""
 
     number: int
-    state: str                        # complete | failed | interrupted | running | waiting
+    state: str                        # complete | failed | screened | interrupted | running | waiting
     params: dict[str, Any]
     metrics: dict[str, float] = field(default_factory=dict)
     constraints: dict[str, float] = field(default_factory=dict)
@@ -48,6 +48,7 @@ class TrialRecord:
     finished: float | None = None
     directory: Path | None = None
     final: dict[str, Any] | None = None   # the final fine-tune: {"metrics", "constraints"} or {"reason"}
+    screen: dict[str, float] | None = None  # zero-shot figures of screening (autorank.search.screening)
 
     @property
     def finalized(self) -> bool:
@@ -61,8 +62,8 @@ class TrialRecord:
 
     @property
     def counted(self) -> bool:
-        """Counts towards --trials: finished, successfully or not (interruptions do not)."""
-        return self.state in ("complete", "failed")
+        """Counts towards --trials: finished, successfully or not, or screened out (interruptions do not)."""
+        return self.state in ("complete", "failed", "screened")
 
     @property
     def finished_ok(self) -> bool:
@@ -87,7 +88,7 @@ class TrialRecord:
 
     def as_dict(self) -> dict[str, Any]:
         return {"trial": self.number, "state": self.state, "feasible": self.feasible, "metrics": self.metrics,
-                "constraints": self.constraints, "final": self.final, "figures": self.figures,
+                "constraints": self.constraints, "screen": self.screen, "final": self.final, "figures": self.figures,
                 "params": self.params, "reason": self.reason, "summary": self.summary,
                 "plan": self.plan, "dir": str(self.directory) if self.directory else None,
                 "weights": str(self.weights) if self.weights else None}
@@ -102,6 +103,8 @@ def record_from_trial(trial: FrozenTrial, out_dir: Path | None = None,
         state = "complete"
     elif trial.state == TrialState.FAIL:
         state = "interrupted" if attrs.get("interrupted") else "failed"
+    elif trial.state == TrialState.PRUNED:
+        state = "screened"
     else:
         state = trial.state.name.lower()
     plan = attrs.get("plan")
@@ -112,7 +115,7 @@ def record_from_trial(trial: FrozenTrial, out_dir: Path | None = None,
         started=trial.datetime_start.timestamp() if trial.datetime_start else None,
         finished=trial.datetime_complete.timestamp() if trial.datetime_complete else None,
         directory=(out_dir / TRIALS_DIR / str(trial.number)) if out_dir is not None else None,
-        final=(study_attrs or {}).get(f"{FINAL_ATTR}{trial.number}"),
+        final=(study_attrs or {}).get(f"{FINAL_ATTR}{trial.number}"), screen=attrs.get("screen"),
     )
 
 

@@ -20,10 +20,11 @@ from typing import Any
 from autorank.data import Dataset, load_data
 from autorank.errors import AutorankError
 from autorank.models import create_model
-from autorank.search.executors import EXECUTORS, parse_resources, ray_session, run_local, run_ray
+from autorank.search.executors import EXECUTORS, parse_resources, ray_session, run_local, run_ray, tell
 from autorank.search.final import run_final
 from autorank.search.results import (SEARCH_FILE, WEIGHTS_FILE, TrialRecord, best_trial, load_search, read_info,
                                      storage_for)
+from autorank.search.screening import run_screened
 from autorank.search.seeds import warm_starts
 from autorank.search.space import SearchSpace, load_space, space_from_dict
 from autorank.search.study import TrialOutcome, create_or_load_study, records, recover_interrupted
@@ -110,8 +111,10 @@ def run_search(
         space = load_space(space) if not isinstance(space, SearchSpace) else space
     trials = trials if trials is not None else (space.trials if time_budget is None else None)
     time_budget = time_budget if time_budget is not None else (space.time_budget if trials is None else None)
-    if trials is None and time_budget is None:
+    if trials is None and time_budget is None and space.steps_budget is None:
         raise AutorankError("give a number of trials (--trials) and/or a time budget (--time-budget)")
+    if space.screening is not None and executor != "local":
+        raise AutorankError(f"search space {space.name}: screening runs with --executor local only")
     if trials is not None and trials < 1:
         raise AutorankError(f"--trials must be >= 1, got {trials}")
     if executor not in EXECUTORS:
@@ -167,8 +170,17 @@ def run_search(
     bar = _ProgressBar(progress, trials, done_before, time_budget)
     durations: list[float] = []
 
+    def fine_tune_left() -> bool:
+        """Room in search.steps_budget for one more trial fine-tune (screened-out trials spent none)."""
+        if space.steps_budget is None:
+            return True
+        tuned = sum(1 for r in records(study, ctx.out_dir) if r.counted and r.state != "screened")
+        return (tuned + 1) * space.finetune.steps <= space.steps_budget
+
     def budget_left(started_here: int) -> bool:
         if trials is not None and done_before + started_here >= trials:
+            return False
+        if not fine_tune_left():
             return False
         if time_budget is not None:
             elapsed = time.monotonic() - started
@@ -201,7 +213,10 @@ def run_search(
                     write_heatmap(ctx.table, ctx.out_dir)
                 tracker.add_files([ctx.out_dir / TABLE_FILE, heatmap])
                 tracker.submit(records(study, ctx.out_dir))
-            if executor == "local":
+            if space.screening is not None:
+                run_screened(study, ctx, data, budget_left, fine_tune_left,
+                             lambda trial, outcome: (tell(study, trial, ctx, outcome), on_done(outcome)))
+            elif executor == "local":
                 run_local(study, ctx, data, budget_left, on_done)
             elif remaining != 0:
                 run_ray(study, rdb, ctx, data, budget_left, on_done, num_samples=remaining, resources=resources,

@@ -158,6 +158,15 @@ class Allocate:
 
 
 @dataclass(frozen=True)
+class Screening:
+    """Multi-fidelity screening (autorank.search.screening): zero-shot first, the fine-tune for the best."""
+
+    images: int = 500     # stratified val images of the zero-shot screen
+    batch: int = 8        # candidates screened before each promotion decision
+    keep: float = 0.25    # fraction of the screened candidates (best by non-dominated rank) promoted
+
+
+@dataclass(frozen=True)
 class Final:
     """The longer fine-tune of the best front members once the trials are done (top 0: none)."""
 
@@ -200,9 +209,11 @@ class SearchSpace:
     sensitivity: Sensitivity | None = None   # the table: always in allocate mode, on request in layers mode
     allocate: Allocate = field(default_factory=Allocate)
     final: Final = field(default_factory=Final)
+    screening: Screening | None = None       # None: every sampled trial is fine-tuned
     sampler: str = "nsga2"
     trials: int | None = 20
     time_budget: float | None = None
+    steps_budget: int | None = None          # fine-tune steps of the trials, in total
     seed: int = 0
     population: int = 10
     seeds: bool = True                        # warm starts: int8 only and uniform recipes first
@@ -385,7 +396,7 @@ class _Reader:
 
 
 TOP_KEYS = ("name", "mode", "layers", "grouping", "stages", "methods", "precisions", "activations", "rank",
-            "rules", "objectives", "constraints", "finetune", "sensitivity", "allocate", "final", "search")
+            "rules", "objectives", "constraints", "finetune", "sensitivity", "allocate", "screening", "final", "search")
 LAYERS_ONLY = ("grouping", "stages", "rank")  # top-level keys that mean something in layers mode only
 
 
@@ -536,19 +547,32 @@ def parse_space(raw: Any, source: str = "<dict>", default_name: str = "search") 
                         decomposed_weight=r.range(alloc.get("decomposed_weight", list(a.decomposed_weight)),
                                                   "allocate.decomposed_weight", 0.0, 1.0))
 
+    screening = None
+    if "screening" in doc:
+        scr = r.mapping(doc.get("screening"), "screening", tuple(Screening.__dataclass_fields__))
+        screening = Screening(images=r.number(scr.get("images", Screening.images), "screening.images", int, 1),
+                              batch=r.number(scr.get("batch", Screening.batch), "screening.batch", int, 1),
+                              keep=r.number(scr.get("keep", Screening.keep), "screening.keep", float, 0.0, 1.0))
+        if screening.keep == 0.0:
+            raise r.fail("screening.keep", "must be > 0: the fraction of screened candidates that are fine-tuned")
+        if not finetune.qat:
+            raise r.fail("screening", "screens the quantized model zero-shot: needs finetune.qat: true")
+
     fin = r.mapping(doc.get("final"), "final", ("top", "steps"))
     final = Final(top=r.number(fin.get("top", 3 if "final" in doc else 0), "final.top", int, 0),
                   steps=r.number(fin.get("steps", Final.steps), "final.steps", int, 1))
 
-    s = r.mapping(doc.get("search"), "search", ("sampler", "trials", "time_budget", "seed", "population", "seeds",
-                                                "seed_ratios", "evbmf_seeds"))
+    s = r.mapping(doc.get("search"), "search", ("sampler", "trials", "time_budget", "steps_budget", "seed",
+                                                "population", "seeds", "seed_ratios", "evbmf_seeds"))
     trials = r.number(s["trials"], "search.trials", int, 1) if s.get("trials") is not None else None
+    steps_budget = r.number(s["steps_budget"], "search.steps_budget", int, 1) if s.get("steps_budget") is not None \
+        else None
     try:
         time_budget = parse_duration(s["time_budget"]) if s.get("time_budget") is not None else None
     except AutorankError as exc:
         raise r.fail("search.time_budget", str(exc).split(": ", 1)[1]) from None
-    if trials is None and time_budget is None and "trials" in s:
-        raise r.fail("search.trials", "give a number of trials and/or search.time_budget")
+    if trials is None and time_budget is None and steps_budget is None and "trials" in s:
+        raise r.fail("search.trials", "give a number of trials and/or search.time_budget or search.steps_budget")
     if "seeds" in s and "evbmf_seeds" in s:
         raise r.fail("search.evbmf_seeds", "the old name of 'search.seeds': give one of them")
     seeds_key = "search.evbmf_seeds" if "evbmf_seeds" in s else "search.seeds"
@@ -565,9 +589,9 @@ def parse_space(raw: Any, source: str = "<dict>", default_name: str = "search") 
         stages=stages, methods=methods, precisions=precisions, activations=activations,
         rank_mode=rank_mode, rank=rank_range, rules=tuple(rules), objectives=objectives,
         constraints=constraints, finetune=finetune, sensitivity=sensitivity, allocate=allocate, final=final,
-        sampler=r.one_of(s.get("sampler", "nsga2"), "search.sampler", SAMPLERS),
-        trials=trials if (trials is not None or time_budget is not None) else 20,
-        time_budget=time_budget,
+        screening=screening, sampler=r.one_of(s.get("sampler", "nsga2"), "search.sampler", SAMPLERS),
+        trials=trials if (trials is not None or time_budget is not None or steps_budget is not None) else 20,
+        time_budget=time_budget, steps_budget=steps_budget,
         seed=r.number(s.get("seed", 0), "search.seed", int, 0),
         population=r.number(s.get("population", 10), "search.population", int, 2),
         seeds=seeds, seed_ratios=seed_ratios,
@@ -598,6 +622,7 @@ def space_from_dict(data: Mapping[str, Any]) -> SearchSpace:
            "sensitivity": Sensitivity(**{**sensitivity, "levels": tuple(sensitivity["levels"])}) if sensitivity else None,
            "allocate": Allocate(**{k: tuple(v) for k, v in data.get("allocate", asdict(Allocate())).items()}),
            "final": Final(**data.get("final", asdict(Final()))),
+           "screening": Screening(**data["screening"]) if data.get("screening") else None,
            "seed_ratios": tuple(data.get("seed_ratios", SearchSpace.seed_ratios))})
 
 

@@ -30,10 +30,11 @@ class TrialOutcome:
     plan: dict[str, Any] | None = None
     summary: str = ""
     reason: str | None = None
+    screened_out: bool = False   # screening did not promote it to the fine-tune (told PRUNED)
 
     @property
     def ok(self) -> bool:
-        return self.reason is None
+        return self.reason is None and not self.screened_out
 
 
 def make_sampler(space: SearchSpace) -> optuna.samplers.BaseSampler:

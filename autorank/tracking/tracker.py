@@ -215,13 +215,14 @@ class SearchTracker:
         if record.plan:
             params["activations"] = record.plan.get("activations")
         _log_params(self.client, run_id, params)
-        self._log_metrics(run_id, {**record.metrics, **{f"constraint_{k}": v for k, v in record.constraints.items()}},
+        self._log_metrics(run_id, {**record.metrics, **{f"constraint_{k}": v for k, v in record.constraints.items()},
+                                   **{f"screen_{k}": v for k, v in (record.screen or {}).items()}},
                           step=record.number)
         plan_file = self.out_dir / "trials" / str(record.number) / "plan.json"
         if plan_file.is_file():
             self.client.log_artifact(run_id, str(plan_file))
         ended = int((record.finished or time.time()) * 1000)
-        self.client.set_terminated(run_id, status="FINISHED" if record.state == "complete" else "FAILED",
+        self.client.set_terminated(run_id, status="FAILED" if record.state == "failed" else "FINISHED",
                                    end_time=ended)
         return run_id
 

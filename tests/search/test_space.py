@@ -170,6 +170,10 @@ def test_allocate_mode_samples_a_few_global_parameters():
     ({"final": {"steps": 0}}, "final.steps"),
     ({"search": {"seed_ratios": [0.5, 1.0]}}, "search.seed_ratios"),
     ({"search": {"seeds": True, "evbmf_seeds": True}}, "search.evbmf_seeds"),
+    ({"screening": {"keep": 0}}, "screening.keep"),
+    ({"screening": {"batch": 0}}, "screening.batch"),
+    ({"screening": {}, "finetune": {"qat": False}}, "screening"),
+    ({"search": {"steps_budget": 0}}, "search.steps_budget"),
 ])
 def test_allocate_final_and_seed_keys_fail_with_one_line(tmp_path, doc, key):
     path = tmp_path / "space.yaml"
