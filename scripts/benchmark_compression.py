@@ -238,6 +238,7 @@ class Bench:
         from autorank.search.space import parse_space
 
         raw = yaml.safe_load(self.space_path.read_text())
+        raw.pop("final", None)  # the benchmark's own final stage fine-tunes every compared model alike
         ft, search = raw.setdefault("finetune", {}), raw.setdefault("search", {})
         if self.s.batch_size is not None:
             ft["batch_size"] = self.s.batch_size
@@ -454,7 +455,7 @@ class Bench:
                  "compress_s": t.metrics.get("compress_s"), "summary": t.summary, "reason": t.reason}
                 for t in record.trials if t.counted]
         return {"reference": record.reference, "trials": rows, "elapsed_s": time.perf_counter() - started,
-                "sampler": space.sampler, "evbmf_seeds": space.evbmf_seeds, "space": space.name}
+                "sampler": space.sampler, "evbmf_seeds": space.seeds, "space": space.name}
 
     def search_test(self, out: Path, summary: dict[str, Any]) -> list[dict[str, Any]]:
         """Test accuracy of the search's unconstrained Pareto models (their saved weights, no retraining)."""
@@ -595,7 +596,7 @@ class Bench:
         for seed in self.s.eff_seeds:
             for label, (sampler, seeded) in variants.items():
                 space = self.load_space(steps=self.s.eff_steps, trials=self.s.eff_trials, sampler=sampler,
-                                        evbmf_seeds=seeded, seed=seed)
+                                        seeds=seeded, seed=seed)
                 name = f"{label}-seed{seed}"
                 config = self.s.config("eff_trials", "eff_steps", "eff_val_limit") | {"variant": label,
                                                                                       "search_seed": seed}

@@ -7,8 +7,9 @@ Equivalent CLI for the search part (run from the repository root):
         --data imagefolder:../shared/data/cifar10-jpeg.tar.gz --trials 30 --out OUT
 
 Selection happens on val; the members of the Pareto front over all trials (feasible or not: the
-trade-off the search mapped) are then rebuilt from their saved weights (no
-retraining) and measured once on the test split, which the search never saw.
+trade-off the search mapped) are then rebuilt from their saved weights (no retraining; the final
+fine-tune's weights where the search ran one) and measured once on the test split, which the search
+never saw.
 
 Usage: python scripts/run_resnet20_search.py OUT [--trials 30] [--test-only]
 """
@@ -63,9 +64,9 @@ def main() -> int:
     rows = [{"trial": "pretrained (no fine-tune)", "test_accuracy": reference_test}]
     for t in front:
         model = rebuild_trial(args.out, trial=t.number)[-1]
-        rows.append({"trial": t.number, "summary": t.summary, "feasible": t.feasible, "val_accuracy": t.metrics["accuracy"],
-                     "test_accuracy": engine.evaluate(model, data, "test"), "size_bytes": t.metrics["size_bytes"],
-                     "ratio": t.metrics["ratio"], "macs": t.metrics["macs"]})
+        rows.append({"trial": t.number, "summary": t.summary, "feasible": t.feasible, "final": t.finalized,
+                     "val_accuracy": t.figures["accuracy"], "test_accuracy": engine.evaluate(model, data, "test"),
+                     "size_bytes": t.figures["size_bytes"], "ratio": t.figures["ratio"], "macs": t.figures["macs"]})
     print("| trial | feasible | plan | val acc | test acc | size | ratio | MMACs |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows[1:]:

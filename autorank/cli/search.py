@@ -17,9 +17,13 @@ from autorank.tracking.pareto import format_size
 def register(subparsers: argparse._SubParsersAction) -> None:
     search = subparsers.add_parser(
         "search", help="search per-layer decomposition, ranks and precision (Optuna + MLflow)",
-        description="Multi-objective search (accuracy vs size) over a YAML search space, seeded by EVBMF "
-                    "ranks; each trial compresses the pretrained model, fine-tunes it briefly "
-                    "(quantization-aware) and is recorded in the Optuna study and MLflow.",
+        description="Multi-objective search (accuracy vs size) over a YAML search space: a per-layer "
+                    "sensitivity table first (cached in --out), then the fixed recipes (int8; CP/Tucker-2/TT "
+                    "at fixed retention), then sampled trials (mode allocate: a target ratio and a few switches "
+                    "the allocator turns into a per-layer plan; mode layers: per-layer choices); each trial "
+                    "compresses the pretrained model, fine-tunes it briefly (quantization-aware) and is "
+                    "recorded in the Optuna study and MLflow; the best front members end with a longer "
+                    "fine-tune (final: in the YAML).",
     )
     search.add_argument("--config", metavar="NAME|YAML",
                         help="search space: a shipped one by name (autorank spaces: default, resnet_cifar) "
@@ -47,7 +51,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     best = subparsers.add_parser(
         "best", help="the most accurate feasible trial of a search",
-        description="Print the most accurate trial meeting the limits (the search's own where not given).",
+        description="Print the most accurate trial meeting the limits (the search's own where not given); "
+                    "trials the search fine-tuned again at its end (final:) count with those figures.",
     )
     best.add_argument("--search", type=Path, required=True, help="a search output folder")
     size = best.add_mutually_exclusive_group()
@@ -90,7 +95,9 @@ def summary_text(result) -> str:
     With no feasible trial it shows the unconstrained front instead, and the trial closest to the limits."""
     done = [t for t in result.trials if t.counted]
     failed = [t for t in done if t.state == "failed"]
-    head = f"{len(done)} trials ({len(failed)} failed) in {result.elapsed_s / 60:.1f} min; "
+    screened = sum(t.state == "screened" for t in done)
+    head = (f"{len(done)} trials ({len(failed)} failed{f', {screened} screened out' if screened else ''}) in "
+            f"{result.elapsed_s / 60:.1f} min; ")
     best = result.best
     search = load_search(result.out_dir)
     limits = search.space.constraints
@@ -102,8 +109,9 @@ def summary_text(result) -> str:
         lines = [head + f"no trial meets {limits.describe()}; unconstrained Pareto front "
                         f"({len(unconstrained)} trials, accuracy on val):",
                  format_front(unconstrained, result.reference), closest_text(result.trials, limits, result.reference)]
-    lines.append(f"best feasible: trial {best.number} ({best.metrics['accuracy'] * 100:.2f}%, "
-                 f"{best.metrics['size_bytes'] / 1e3:.1f} KB)" if best else "no feasible trial yet")
+    lines.append(f"best feasible: trial {best.number} ({best.figures['accuracy'] * 100:.2f}%, "
+                 f"{best.figures['size_bytes'] / 1e3:.1f} KB{', after the final fine-tune' if best.finalized else ''})"
+                 if best else "no feasible trial yet")
     lines.append(f"front: {result.out_dir / 'pareto.html'} (interactive), {result.out_dir / 'pareto.csv'}")
     if result.mlflow_uri.startswith("sqlite"):
         lines.append(f"browse: autorank ui --search {result.out_dir}   "
@@ -145,11 +153,13 @@ def run_best_command(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(record.as_dict()))
         return 0
-    m = record.metrics
+    m = record.figures
     print(f"trial {record.number}: accuracy {m['accuracy'] * 100:.2f}% (drop {m.get('drop_points', 0):+.2f} pt), "
-          f"size {m['size_bytes'] / 1e3:.1f} KB ({m.get('ratio', 0):.1f}x smaller), {m['macs'] / 1e6:.2f} MMACs")
+          f"size {m['size_bytes'] / 1e3:.1f} KB ({m.get('ratio', 0):.1f}x smaller), {m['macs'] / 1e6:.2f} MMACs"
+          + (f"; after the final fine-tune ({record.metrics['accuracy'] * 100:.2f}% after the trial's)"
+             if record.finalized else ""))
     print(f"plan: {record.summary}")
-    print(f"weights: {record.directory / 'model.pt' if record.has_weights else '(not kept)'}")
+    print(f"weights: {record.weights or '(not kept)'}")
     return 0
 
 

@@ -224,6 +224,11 @@ def _clamp(rank: int, full: int) -> int:
     return int(min(max(rank, 1), full))
 
 
+def scaled_ranks(evbmf: tuple[int, ...] | list[int], full: tuple[int, ...] | list[int], multiplier: float) -> list[int]:
+    """EVBMF ranks times `multiplier`, rounded and clamped to [1, full rank] (EVBMF as a rank prior)."""
+    return [_clamp(round(r * multiplier), f) for r, f in zip(evbmf, full, strict=True)]
+
+
 def ratio_ranks(method: str, shape: tuple[int, ...], ratio: float) -> tuple[int, ...]:
     """Ranks whose parameter count is closest to `ratio` x the layer's weight count."""
     target = ratio * math.prod(shape)

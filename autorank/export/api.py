@@ -240,6 +240,7 @@ def rebuild_trial(search_dir: str | Path, *, trial: int | None = None, max_size:
                   min_ratio: float | None = None, max_drop: float | None = None):
     """(search, trial record, data, pretrained model, plan, compressed model holding the trial's weights).
 
+    The weights are the final fine-tune's where the search ran one for the trial (`record.weights`).
     With `trial=None` the most accurate feasible trial is chosen by the search's own `best_trial`.
     Every user mistake (no search, no such trial, no weights) is an AutorankError before any compute.
     """
@@ -268,7 +269,7 @@ def rebuild_trial(search_dir: str | Path, *, trial: int | None = None, max_size:
     pretrained = create_model(info["model"], data, info["weights"]).eval()
     plan = Plan.from_json((record.directory / PLAN_FILE).read_text())
     model = compress(pretrained, plan, decompose=False)
-    state = torch.load(record.directory / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    state = torch.load(record.weights, map_location="cpu", weights_only=True)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
@@ -308,7 +309,7 @@ def export_onnx(search_dir: str | Path, out: str | Path, precision: str = "int8"
                           activation_type=activation_type, int8_scope=int8_scope, threads=threads, bench=bench,
                           seed=seed)
     result.trial, result.search_dir = record.number, Path(search_dir)
-    result.recorded_accuracy = record.metrics.get("accuracy")
+    result.recorded_accuracy = record.figures.get("accuracy")
     result.onnx_val_accuracy = onnx_accuracy(out, data, "val", threads=threads or torch.get_num_threads())
     failure = None
     if register:

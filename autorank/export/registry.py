@@ -132,7 +132,8 @@ def write_card(result: ExportResult, search: SearchRecord | None, record: TrialR
               f"| max abs logit difference | {v.max_abs_error:.4g} |"]
     if result.accuracy_gap is not None:
         lines += [f"| val accuracy, ONNX Runtime | {result.onnx_val_accuracy:.4f} |",
-                  f"| val accuracy, recorded by the search | {result.recorded_accuracy:.4f} |",
+                  f"| val accuracy, recorded by the search{' (final fine-tune)' if record and record.finalized else ''}"
+                  f" | {result.recorded_accuracy:.4f} |",
                   f"| gap | {result.accuracy_gap:+.2f} points |"]
     for name, speed in result.speed.items():
         lines.append(f"| {name}: latency batch 1 / throughput batch {speed.batch_size} ({speed.threads} threads) | "
@@ -150,10 +151,12 @@ def write_card(result: ExportResult, search: SearchRecord | None, record: TrialR
         lines.append(f"| {name} | {lp.method} | {ranks} | {lp.precision} |")
     lines += ["", f"Activations: {plan.activations}. Layers not listed stay fp32.", "", "## Provenance", ""]
     if search is not None and record is not None:
-        weights = record.directory / "model.pt"
+        weights = record.weights
         lines += [f"- search: `{search.out_dir}` (id {search.info['search_id']}, study {search.info['study_name']})",
                   f"- pretrained weights: `{search.info['weights']}`",
-                  f"- trial weights: `{weights}` (sha256 {_sha256(weights)[:16]}…)"]
+                  f"- trial weights: `{weights}` (sha256 {_sha256(weights)[:16]}…)"
+                  + (f", after the search's final fine-tune of {search.space.final.steps} more steps"
+                     if record.finalized else "")]
     if result.mlflow:
         lines += [f"- MLflow: run {result.mlflow['run_id']} at {result.mlflow['tracking_uri']}, registered as "
                   f"{result.mlflow['name']} version {result.mlflow['version']}"]

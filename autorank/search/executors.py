@@ -8,11 +8,12 @@ study: workers never open the storage.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from typing import Any
 
@@ -33,7 +34,9 @@ def tell(study: optuna.Study, trial: optuna.Trial, ctx: TrialContext, outcome: T
     """Record a finished trial in the study: figures and constraints first, then its state."""
     annotate(trial, outcome)
     values = objective_values(ctx.space, outcome)
-    if values is None:
+    if outcome.screened_out:
+        study.tell(trial, state=TrialState.PRUNED)
+    elif values is None:
         study.tell(trial, state=TrialState.FAIL)
     else:
         study.tell(trial, values)
@@ -46,7 +49,7 @@ def run_local(study: optuna.Study, ctx: TrialContext, data: Dataset, budget_left
         trial = study.ask()
         started += 1
         params = ctx.space.suggest(trial, ctx.groups)
-        outcome = run_trial(ctx, data, params, trial.number)
+        outcome = run_trial(ctx, data, params, trial.number, seed=trial.user_attrs.get("seed"))
         tell(study, trial, ctx, outcome)
         on_done(outcome)
 
@@ -78,8 +81,8 @@ def _ray_trial(config: dict[str, Any], ctx: TrialContext, data: Dataset) -> None
     from ray import tune
 
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    params = {k: v for k, v in config.items() if k != "trial_number"}
-    outcome = run_trial(ctx, data, params, int(config["trial_number"]))
+    params = {k: v for k, v in config.items() if k not in ("trial_number", "seed")}
+    outcome = run_trial(ctx, data, params, int(config["trial_number"]), seed=config.get("seed"))
     report = {name: float(outcome.metrics.get(name, math.nan)) for name in ctx.space.objectives}
     tune.report({**report, "outcome": json.dumps(asdict(outcome))})
 
@@ -146,47 +149,53 @@ def _study_search_class():
     return StudySearch
 
 
-def run_ray(study: optuna.Study, storage: optuna.storages.BaseStorage, ctx: TrialContext, data: Dataset, budget_left: BudgetLeft, on_done: OnDone, *,
-            num_samples: int, address: str | None, resources: dict[str, float], max_concurrent: int) -> None:
-    """Trials as Ray Tune trials driven by OptunaSearch on this (the driver's) study."""
+@contextlib.contextmanager
+def ray_session(address: str | None, resources: dict[str, float], max_concurrent: int) -> Iterator[None]:
+    """Ray for the search's table and trials: joins `address`, or starts a local Ray with room for
+    `max_concurrent` tasks of `resources` (at least every CPU) and shuts it down afterwards."""
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     import logging
 
     import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False}
+    if address is None:
+        kwargs["num_cpus"] = max(int(math.ceil(resources["cpu"])) * max_concurrent, os.cpu_count() or 1)
+    ray.init(address=address, **kwargs)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def run_ray(study: optuna.Study, storage: optuna.storages.BaseStorage, ctx: TrialContext, data: Dataset, budget_left: BudgetLeft, on_done: OnDone, *,
+            num_samples: int, resources: dict[str, float], max_concurrent: int) -> None:
+    """Trials as Ray Tune trials driven by OptunaSearch on this (the driver's) study (inside `ray_session`)."""
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
-    started_ray = False
-    if not ray.is_initialized():
-        kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR,
-                                  "log_to_driver": False}
-        if address is None:
-            kwargs["num_cpus"] = max(int(math.ceil(resources["cpu"])) * max_concurrent, os.cpu_count() or 1)
-        ray.init(address=address, **kwargs)
-        started_ray = True
-    try:
-        def define_by_run(trial) -> dict[str, int]:
-            ctx.space.suggest(trial, ctx.groups)  # Ray captures the suggested values as the config
-            return {"trial_number": trial.number}
+    def define_by_run(trial) -> dict[str, Any]:
+        ctx.space.suggest(trial, ctx.groups)  # Ray captures the suggested values as the config
+        return {"trial_number": trial.number, "seed": trial.user_attrs.get("seed")}
 
-        searcher = _study_search_class()(
-            budget_left, lambda outcome_json, ot_trial, failed: _finish_ray_trial(
-                searcher, ctx, outcome_json, ot_trial, failed, on_done),
-            space=define_by_run,
-            metric=list(ctx.space.objectives),
-            mode=["max" if d == "maximize" else "min" for d in ctx.space.directions],
-            sampler=make_sampler(ctx.space), study_name=study.study_name, storage=storage)
-        trainable = tune.with_resources(tune.with_parameters(_ray_trial, ctx=ctx, data=data),
-                                        {k: v for k, v in resources.items() if v > 0})
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=max_concurrent),
-                                        num_samples=num_samples, reuse_actors=False),
-            run_config=tune.RunConfig(storage_path=str((ctx.out_dir / "ray").resolve()), name="tune",
-                                      verbose=0, log_to_file=False),
-        )
-        tuner.fit()
-    finally:
-        if started_ray:
-            ray.shutdown()
+    searcher = _study_search_class()(
+        budget_left, lambda outcome_json, ot_trial, failed: _finish_ray_trial(
+            searcher, ctx, outcome_json, ot_trial, failed, on_done),
+        space=define_by_run,
+        metric=list(ctx.space.objectives),
+        mode=["max" if d == "maximize" else "min" for d in ctx.space.directions],
+        sampler=make_sampler(ctx.space), study_name=study.study_name, storage=storage)
+    trainable = tune.with_resources(tune.with_parameters(_ray_trial, ctx=ctx, data=data),
+                                    {k: v for k, v in resources.items() if v > 0})
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=max_concurrent),
+                                    num_samples=num_samples, reuse_actors=False),
+        run_config=tune.RunConfig(storage_path=str((ctx.out_dir / "ray").resolve()), name="tune",
+                                  verbose=0, log_to_file=False),
+    )
+    tuner.fit()

@@ -26,6 +26,10 @@ TRIALS_DIR = "trials"
 PLAN_FILE = "plan.json"
 METRICS_FILE = "metrics.json"
 WEIGHTS_FILE = "model.pt"
+FINAL_WEIGHTS_FILE = "final.pt"    # a trial's weights after the search's final fine-tune
+FINAL_FILE = "final.json"
+FINAL_ATTR = "final:"              # study user attr `final:<n>`: trial n's final figures (finished trials are frozen)
+FINAL_REFERENCE_ATTR = "final_reference"
 
 
 @dataclass
@@ -33,7 +37,7 @@ class TrialRecord:
     """One trial as recorded in the study: its choices, figures and fate."""
 
     number: int
-    state: str                        # complete | failed | interrupted | running | waiting
+    state: str                        # complete | failed | screened | interrupted | running | waiting
     params: dict[str, Any]
     metrics: dict[str, float] = field(default_factory=dict)
     constraints: dict[str, float] = field(default_factory=dict)
@@ -43,11 +47,23 @@ class TrialRecord:
     started: float | None = None      # epoch seconds
     finished: float | None = None
     directory: Path | None = None
+    final: dict[str, Any] | None = None   # the final fine-tune: {"metrics", "constraints"} or {"reason"}
+    screen: dict[str, float] | None = None  # zero-shot figures of screening (autorank.search.screening)
+
+    @property
+    def finalized(self) -> bool:
+        """Has figures from the search's final fine-tune (a failed final fine-tune leaves the trial's own)."""
+        return self.final is not None and "metrics" in self.final
+
+    @property
+    def figures(self) -> dict[str, float]:
+        """The figures to compare trials by: the final fine-tune's where it ran, else the trial's own."""
+        return self.final["metrics"] if self.finalized else self.metrics
 
     @property
     def counted(self) -> bool:
-        """Counts towards --trials: finished, successfully or not (interruptions do not)."""
-        return self.state in ("complete", "failed")
+        """Counts towards --trials: finished, successfully or not, or screened out (interruptions do not)."""
+        return self.state in ("complete", "failed", "screened")
 
     @property
     def finished_ok(self) -> bool:
@@ -55,27 +71,40 @@ class TrialRecord:
 
     @property
     def feasible(self) -> bool:
-        return self.finished_ok and all(v <= 0 for v in self.constraints.values())
+        constraints = self.final["constraints"] if self.finalized else self.constraints
+        return self.finished_ok and all(v <= 0 for v in constraints.values())
+
+    @property
+    def weights(self) -> Path | None:
+        """The weights that give `figures` (the final fine-tune's where it ran), if kept."""
+        if self.directory is None:
+            return None
+        path = self.directory / (FINAL_WEIGHTS_FILE if self.finalized else WEIGHTS_FILE)
+        return path if path.is_file() else None
 
     @property
     def has_weights(self) -> bool:
-        return self.directory is not None and (self.directory / WEIGHTS_FILE).is_file()
+        return self.weights is not None
 
     def as_dict(self) -> dict[str, Any]:
         return {"trial": self.number, "state": self.state, "feasible": self.feasible, "metrics": self.metrics,
-                "constraints": self.constraints, "params": self.params, "reason": self.reason,
-                "summary": self.summary,
+                "constraints": self.constraints, "screen": self.screen, "final": self.final, "figures": self.figures,
+                "params": self.params, "reason": self.reason, "summary": self.summary,
                 "plan": self.plan, "dir": str(self.directory) if self.directory else None,
-                "weights": str(self.directory / WEIGHTS_FILE) if self.has_weights else None}
+                "weights": str(self.weights) if self.weights else None}
 
 
-def record_from_trial(trial: FrozenTrial, out_dir: Path | None = None) -> TrialRecord:
-    """A TrialRecord from Optuna's frozen trial (user attrs hold metrics, plan and reason)."""
+def record_from_trial(trial: FrozenTrial, out_dir: Path | None = None,
+                      study_attrs: dict[str, Any] | None = None) -> TrialRecord:
+    """A TrialRecord from Optuna's frozen trial (user attrs hold metrics, plan and reason; the study's
+    user attrs `study_attrs` hold the final fine-tune's figures)."""
     attrs = trial.user_attrs
     if trial.state == TrialState.COMPLETE:
         state = "complete"
     elif trial.state == TrialState.FAIL:
         state = "interrupted" if attrs.get("interrupted") else "failed"
+    elif trial.state == TrialState.PRUNED:
+        state = "screened"
     else:
         state = trial.state.name.lower()
     plan = attrs.get("plan")
@@ -86,6 +115,7 @@ def record_from_trial(trial: FrozenTrial, out_dir: Path | None = None) -> TrialR
         started=trial.datetime_start.timestamp() if trial.datetime_start else None,
         finished=trial.datetime_complete.timestamp() if trial.datetime_complete else None,
         directory=(out_dir / TRIALS_DIR / str(trial.number)) if out_dir is not None else None,
+        final=(study_attrs or {}).get(f"{FINAL_ATTR}{trial.number}"), screen=attrs.get("screen"),
     )
 
 
@@ -98,9 +128,15 @@ class SearchRecord:
     space: SearchSpace
     trials: list[TrialRecord]
 
+    final_reference: dict[str, float] | None = None   # the uncompressed model after the final fine-tune too
+
     @property
     def reference(self) -> dict[str, float]:
         return self.info["reference"]
+
+    def reference_for(self, trial: TrialRecord) -> dict[str, float]:
+        """The reference `trial.figures` compare with: the same total fine-tune."""
+        return self.final_reference if trial.finalized and self.final_reference else self.reference
 
     def trial(self, number: int) -> TrialRecord:
         for record in self.trials:
@@ -152,8 +188,10 @@ def load_search(out_dir: str | Path) -> SearchRecord:
     info = read_info(out)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(info, out)
-    trials = [record_from_trial(t, out) for t in study.get_trials(deepcopy=False)]
-    return SearchRecord(out_dir=out, info=info, space=space_from_dict(info["space"]), trials=trials)
+    attrs = study.user_attrs
+    trials = [record_from_trial(t, out, attrs) for t in study.get_trials(deepcopy=False)]
+    return SearchRecord(out_dir=out, info=info, space=space_from_dict(info["space"]), trials=trials,
+                        final_reference=attrs.get(FINAL_REFERENCE_ATTR))
 
 
 def best_trial(
@@ -165,8 +203,9 @@ def best_trial(
 ) -> TrialRecord:
     """The most accurate completed trial meeting the constraints (the search's own where not given).
 
-    Ties on accuracy go to the smaller model. Infeasible trials are never returned: with none
-    feasible, AutorankError says which limit nothing met.
+    Trials are compared by their `figures` (the final fine-tune's where it ran, against the reference
+    fine-tuned alike). Ties on accuracy go to the smaller model. Infeasible trials are never returned:
+    with none feasible, AutorankError says which limit nothing met.
     """
     record = search if isinstance(search, SearchRecord) else load_search(search)
     own = record.space.constraints
@@ -175,13 +214,14 @@ def best_trial(
         min_ratio=min_ratio if min_ratio is not None else own.min_ratio,
         max_drop=max_drop if max_drop is not None else own.max_drop,
     )
-    done = [t for t in record.trials if t.finished_ok and _finite(t.metrics)]
+    done = [t for t in record.trials if t.finished_ok and _finite(t.figures)]
     if not done:
         raise AutorankError(f"the search at {record.out_dir} has no completed trials yet")
-    feasible = [t for t in done if all(v <= 0 for v in limits.violations(t.metrics, record.reference).values())]
+    feasible = [t for t in done
+                if all(v <= 0 for v in limits.violations(t.figures, record.reference_for(t)).values())]
     if not feasible:
         raise AutorankError(f"none of the {len(done)} completed trials meets {limits.describe()}")
-    return max(feasible, key=lambda t: (t.metrics["accuracy"], -t.metrics["size_bytes"], -t.number))
+    return max(feasible, key=lambda t: (t.figures["accuracy"], -t.figures["size_bytes"], -t.number))
 
 
 def _finite(metrics: dict[str, float]) -> bool:

@@ -7,6 +7,7 @@ its files are pruned or MLflow hears of it; MLflow is replayed from the study on
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -19,11 +20,15 @@ from typing import Any
 from autorank.data import Dataset, load_data
 from autorank.errors import AutorankError
 from autorank.models import create_model
-from autorank.search.executors import EXECUTORS, parse_resources, run_local, run_ray
+from autorank.search.executors import EXECUTORS, parse_resources, ray_session, run_local, run_ray, tell
+from autorank.search.final import run_final
 from autorank.search.results import (SEARCH_FILE, WEIGHTS_FILE, TrialRecord, best_trial, load_search, read_info,
                                      storage_for)
+from autorank.search.screening import run_screened
+from autorank.search.seeds import warm_starts
 from autorank.search.space import SearchSpace, load_space, space_from_dict
 from autorank.search.study import TrialOutcome, create_or_load_study, records, recover_interrupted
+from autorank.search.table import HEATMAP_FILE, TABLE_FILE, search_table, write_heatmap
 from autorank.search.trial import TrialContext, layer_table, reference_metrics
 from autorank.tracking import SearchTracker, pareto_front
 from autorank.tracking.tracker import default_tracking_uri
@@ -107,8 +112,10 @@ def run_search(
         space = load_space(space) if not isinstance(space, SearchSpace) else space
     trials = trials if trials is not None else (space.trials if time_budget is None else None)
     time_budget = time_budget if time_budget is not None else (space.time_budget if trials is None else None)
-    if trials is None and time_budget is None:
+    if trials is None and time_budget is None and space.steps_budget is None:
         raise AutorankError("give a number of trials (--trials) and/or a time budget (--time-budget)")
+    if space.screening is not None and executor != "local":
+        raise AutorankError(f"search space {space.name}: screening runs with --executor local only")
     if trials is not None and trials < 1:
         raise AutorankError(f"--trials must be >= 1, got {trials}")
     if executor not in EXECUTORS:
@@ -144,7 +151,8 @@ def run_search(
 
     rdb = storage_for(storage)
     seed_limit = max(1, trials // 2) if trials is not None else None
-    study = create_or_load_study(space, rdb, study_name, groups, resume=resume, seed_limit=seed_limit)
+    study = create_or_load_study(space, rdb, study_name, resume=resume, warm_starts=lambda: warm_starts(
+        space, groups, layers, ctx.model, data.input_shape, limit=seed_limit))
     lost = recover_interrupted(study, rdb, ctx.out_dir)
     if lost:
         _say(progress, f"resume: trials {lost} were interrupted; their choices run again")
@@ -163,8 +171,17 @@ def run_search(
     bar = _ProgressBar(progress, trials, done_before, time_budget)
     durations: list[float] = []
 
+    def fine_tune_left() -> bool:
+        """Room in search.steps_budget for one more trial fine-tune (screened-out trials spent none)."""
+        if space.steps_budget is None:
+            return True
+        tuned = sum(1 for r in records(study, ctx.out_dir) if r.counted and r.state != "screened")
+        return (tuned + 1) * space.finetune.steps <= space.steps_budget
+
     def budget_left(started_here: int) -> bool:
         if trials is not None and done_before + started_here >= trials:
+            return False
+        if not fine_tune_left():
             return False
         if time_budget is not None:
             elapsed = time.monotonic() - started
@@ -172,22 +189,42 @@ def run_search(
             return elapsed + expected <= time_budget
         return True
 
-    def on_done(outcome: TrialOutcome) -> None:
-        durations.append(outcome.metrics.get("wall_s", 0.0))
+    def refresh() -> list[TrialRecord]:
         snapshot = records(study, ctx.out_dir)
         prune_weights(snapshot, space.objectives)
         tracker.submit(snapshot)
-        bar.update(snapshot, outcome)
+        return snapshot
+
+    def on_done(outcome: TrialOutcome) -> None:
+        durations.append(outcome.metrics.get("wall_s", 0.0))
+        bar.update(refresh(), outcome)
 
     status = "FINISHED"
+    remaining = (trials - done_before) if trials is not None else -1
     try:
-        if executor == "local":
-            run_local(study, ctx, data, budget_left, on_done)
-        else:
-            remaining = (trials - done_before) if trials is not None else -1
-            if remaining != 0:
-                run_ray(study, rdb, ctx, data, budget_left, on_done, num_samples=remaining, address=ray_address,
-                        resources=resources, max_concurrent=max_concurrent)
+        with contextlib.ExitStack() as session:
+            table_due = space.sensitivity is not None and not (ctx.out_dir / TABLE_FILE).is_file()
+            if executor == "ray" and (table_due or remaining != 0):
+                session.enter_context(ray_session(ray_address, resources, max_concurrent))
+            if space.sensitivity is not None:
+                ctx.table = search_table(ctx, data, executor=executor, resources=resources,
+                                         say=lambda message: _say(progress, message))
+                heatmap = ctx.out_dir / HEATMAP_FILE
+                if table_due or not heatmap.is_file():
+                    write_heatmap(ctx.table, ctx.out_dir)
+                tracker.add_files([ctx.out_dir / TABLE_FILE, heatmap])
+                tracker.submit(records(study, ctx.out_dir))
+            if space.screening is not None:
+                run_screened(study, ctx, data, budget_left, fine_tune_left,
+                             lambda trial, outcome: (tell(study, trial, ctx, outcome), on_done(outcome)))
+            elif executor == "local":
+                run_local(study, ctx, data, budget_left, on_done)
+            elif remaining != 0:
+                run_ray(study, rdb, ctx, data, budget_left, on_done, num_samples=remaining, resources=resources,
+                        max_concurrent=max_concurrent)
+        if space.final.top > 0:
+            run_final(study, ctx, data, lambda: records(study, ctx.out_dir), refresh,
+                      lambda message: _say(progress, message))
     except KeyboardInterrupt:
         status = "KILLED"
         raise
@@ -266,8 +303,8 @@ class _ProgressBar:
         feasible = [t for t in snapshot if t.feasible]
         postfix = {"failed": sum(t.state == "failed" for t in snapshot)}
         if feasible:
-            best = max(feasible, key=lambda t: (t.metrics["accuracy"], -t.metrics["size_bytes"]))
-            postfix["best"] = f"{best.metrics['accuracy'] * 100:.2f}% @ {best.metrics['size_bytes'] / 1e3:.1f}KB (#{best.number})"
+            best = max(feasible, key=lambda t: (t.figures["accuracy"], -t.figures["size_bytes"]))
+            postfix["best"] = f"{best.figures['accuracy'] * 100:.2f}% @ {best.figures['size_bytes'] / 1e3:.1f}KB (#{best.number})"
         if self.time_budget is not None:
             postfix["left"] = f"{max(0.0, self.time_budget - (time.monotonic() - self.started)) / 60:.1f}min"
         self.bar.set_postfix(postfix, refresh=False)

@@ -2,9 +2,13 @@
 
 `load_space(path)` validates the whole file before any compute starts; every mistake is one
 `AutorankError` line naming the offending key (``search space X: key 'finetune.steps': ...``).
-A `SearchSpace` then turns a model's layers into sampling *groups* (per layer, per stage or
-global, so the user controls the dimension of the space), suggests one trial's choices through an
-Optuna trial, turns those choices into a compression `Plan`, and lists the EVBMF seed trials.
+Two modes: `allocate` samples a handful of global parameters (target ratio, allowed method families
+and precisions, how predicted drops are weighted) that the allocator turns into a per-layer plan
+over the search's sensitivity table (`autorank.search.allocation`); `layers` samples per *group*
+(per layer, per stage or global, so the user controls the dimension of the space) a method, rank
+multiplier or ratio and precision. A `SearchSpace` turns a model's layers into groups (allocate
+mode: one per layer, carrying its allowed methods and precisions) and suggests one trial's choices
+through an Optuna trial.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from autorank.compression.quantize import PRECISIONS
 from autorank.errors import AutorankError
 from autorank.tracking.pareto import OBJECTIVES
 
+MODES = ("layers", "allocate")
+REDUCED_PRECISIONS = ("fp16", "int8", "int4")  # below fp32, widest first
 GROUPINGS = ("layer", "stage", "global")
 RANK_MODES = ("evbmf", "ratio")
 SAMPLERS = ("nsga2", "tpe", "random")
@@ -135,6 +141,41 @@ class Finetune:
 
 
 @dataclass(frozen=True)
+class Sensitivity:
+    """How the search's sensitivity table is measured (docs/SEARCH.md, "Sensitivity table")."""
+
+    images: int = 500                          # stratified val images each candidate is evaluated on
+    levels: tuple[float, ...] = (2.0, 4.0)     # rank levels: multiples of each layer's EVBMF ranks
+    fit_images: int = 128                      # data-aware fit of each decomposed candidate (finetune.fit)
+
+
+@dataclass(frozen=True)
+class Allocate:
+    """Ranges of the parameters `mode: allocate` samples (low == high: fixed, not sampled)."""
+
+    ratio: tuple[float, float] = (2.0, 20.0)              # target size ratio vs fp32 (log scale)
+    sharpness: tuple[float, float] = (0.5, 2.0)           # exponent on each predicted drop (log scale)
+    decomposed_weight: tuple[float, float] = (0.25, 1.0)  # factor on decomposed candidates' drops (log)
+
+
+@dataclass(frozen=True)
+class Screening:
+    """Multi-fidelity screening (autorank.search.screening): zero-shot first, the fine-tune for the best."""
+
+    images: int = 500     # stratified val images of the zero-shot screen
+    batch: int = 8        # candidates screened before each promotion decision
+    keep: float = 0.25    # fraction of the screened candidates (best by non-dominated rank) promoted
+
+
+@dataclass(frozen=True)
+class Final:
+    """The longer fine-tune of the best front members once the trials are done (top 0: none)."""
+
+    top: int = 0
+    steps: int = 300
+
+
+@dataclass(frozen=True)
 class Group:
     """Layers that share one sampled (method, rank, precision) choice."""
 
@@ -151,6 +192,7 @@ class SearchSpace:
     """A validated search space (see search_spaces/default.yaml, `autorank spaces default`: every key, commented)."""
 
     name: str = "search"
+    mode: str = "layers"
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
     skip_first: bool = True
@@ -165,12 +207,18 @@ class SearchSpace:
     objectives: tuple[str, ...] = ("accuracy", "size_bytes")
     constraints: Constraints = field(default_factory=Constraints)
     finetune: Finetune = field(default_factory=Finetune)
+    sensitivity: Sensitivity | None = None   # the table: always in allocate mode, on request in layers mode
+    allocate: Allocate = field(default_factory=Allocate)
+    final: Final = field(default_factory=Final)
+    screening: Screening | None = None       # None: every sampled trial is fine-tuned
     sampler: str = "nsga2"
     trials: int | None = 20
     time_budget: float | None = None
+    steps_budget: int | None = None          # fine-tune steps of the trials, in total
     seed: int = 0
     population: int = 10
-    evbmf_seeds: bool = True
+    seeds: bool = True                        # warm starts: int8 only and uniform recipes first
+    seed_ratios: tuple[float, ...] = (0.5, 0.2)  # parameter retention of the uniform recipes
 
     # ---- derived views -------------------------------------------------------------------
     @property
@@ -219,7 +267,9 @@ class SearchSpace:
 
     # ---- sampling ------------------------------------------------------------------------
     def suggest(self, trial: Any, groups: Sequence[Group]) -> dict[str, Any]:
-        """Ask an Optuna trial (or Ray's captor of one) for every group's choices."""
+        """Ask an Optuna trial (or Ray's captor of one) for one trial's choices."""
+        if self.mode == "allocate":
+            return self._suggest_allocate(trial, groups)
         params: dict[str, Any] = {}
         for g in groups:
             method = trial.suggest_categorical(f"{g.key}.method", list(g.methods))
@@ -231,31 +281,28 @@ class SearchSpace:
             params["activations"] = trial.suggest_categorical("activations", list(self.activations))
         return params
 
-    def seed_params(self, groups: Sequence[Group], limit: int | None = None) -> list[dict[str, Any]]:
-        """EVBMF seed trials: every (method, precision) pair at exactly the EVBMF ranks.
+    def families(self, groups: Sequence[Group]) -> list[str]:
+        """Allocate mode: the decompositions some layer may use (each an `allow.<method>` switch)."""
+        return _unique(m for g in groups for m in g.methods if m != "none")
 
-        Groups that do not allow the seed's method fall back to their first decomposition (SVD
-        for linear layers); rank multiplier 1.0 is clamped into the group's range.
-        """
-        if self.rank_mode != "evbmf" or not self.evbmf_seeds:
-            return []
-        methods = _unique(m for g in groups for m in g.methods if m != "none")
-        precisions = _unique(p for g in groups for p in g.precisions)
-        seeds: list[dict[str, Any]] = []
-        for method in methods:
-            for precision in precisions:
-                params: dict[str, Any] = {}
-                for g in groups:
-                    chosen = method if method in g.methods else next((m for m in g.methods if m != "none"), "none")
-                    params[f"{g.key}.method"] = chosen
-                    if chosen != "none":
-                        params[f"{g.key}.rank"] = min(max(1.0, g.rank[0]), g.rank[1])
-                    params[f"{g.key}.precision"] = precision if precision in g.precisions else g.precisions[0]
-                if len(self.activations) > 1 or self.activations != ("fp32",):
-                    params["activations"] = self.activations[0]
-                if params not in seeds:
-                    seeds.append(params)
-        return seeds[:limit] if limit is not None else seeds
+    def reduced_precisions(self, groups: Sequence[Group]) -> list[str]:
+        """Allocate mode: the precisions below fp32 some layer may use, widest first (the sampled
+        `lowest_precision` allows it and every wider one)."""
+        present = {p for g in groups for p in g.precisions}
+        return [p for p in REDUCED_PRECISIONS if p in present]
+
+    def _suggest_allocate(self, trial: Any, groups: Sequence[Group]) -> dict[str, Any]:
+        params: dict[str, Any] = {}
+        for key in ("ratio", "sharpness", "decomposed_weight"):
+            low, high = getattr(self.allocate, key)
+            if low < high:
+                params[key] = trial.suggest_float(key, low, high, log=True)
+        for method in self.families(groups):
+            params[f"allow.{method}"] = trial.suggest_categorical(f"allow.{method}", [True, False])
+        reduced = self.reduced_precisions(groups)
+        if len(reduced) > 1:
+            params["lowest_precision"] = trial.suggest_categorical("lowest_precision", reduced)
+        return params
 
     def layer_choices(self, params: Mapping[str, Any], groups: Sequence[Group]) -> dict[str, tuple[str, float | None, str]]:
         """Per layer: (method, rank multiplier or ratio, precision) from a trial's params."""
@@ -277,6 +324,7 @@ class _Reader:
         self.source = source
 
     def fail(self, key: str, problem: str) -> AutorankError:
+        key = "".join(c if c.isprintable() else repr(c)[1:-1] for c in key)  # a key with a newline: still one line
         return AutorankError(f"search space {self.source}: key '{key}': {problem}")
 
     def mapping(self, value: Any, key: str, allowed: Sequence[str]) -> dict[str, Any]:
@@ -348,8 +396,9 @@ class _Reader:
         return value
 
 
-TOP_KEYS = ("name", "layers", "grouping", "stages", "methods", "precisions", "activations", "rank",
-            "rules", "objectives", "constraints", "finetune", "search")
+TOP_KEYS = ("name", "mode", "layers", "grouping", "stages", "methods", "precisions", "activations", "rank",
+            "rules", "objectives", "constraints", "finetune", "sensitivity", "allocate", "screening", "final", "search")
+LAYERS_ONLY = ("grouping", "stages", "rank")  # top-level keys that mean something in layers mode only
 
 
 def load_space(path: str | Path) -> SearchSpace:
@@ -393,6 +442,15 @@ def parse_space(raw: Any, source: str = "<dict>", default_name: str = "search") 
     if not isinstance(name, str) or not re.fullmatch(r"[\w.\-]+", name):
         raise r.fail("name", f"expected a short name (letters, digits, . _ -), got {_show(name)}")
 
+    mode = r.one_of(doc.get("mode", "layers"), "mode", MODES)
+    if mode == "allocate":
+        for key in LAYERS_ONLY:
+            if key in doc:
+                raise r.fail(key, "only used with 'mode: layers' (allocate mode plans per layer from the "
+                                  "sensitivity table)")
+    elif "allocate" in doc:
+        raise r.fail("allocate", "only used with 'mode: allocate'")
+
     layers = r.mapping(doc.get("layers"), "layers", ("include", "exclude", "skip_first"))
     include = r.globs(layers.get("include", ["*"]), "layers.include")
     exclude = r.globs(layers.get("exclude") or [], "layers.exclude", allow_empty=True)
@@ -427,7 +485,7 @@ def parse_space(raw: Any, source: str = "<dict>", default_name: str = "search") 
         raise r.fail("rules", f"expected a list of {{match: [globs], ...}} overrides, got {_show(rules_raw)}")
     for i, item in enumerate(rules_raw):
         key = f"rules[{i}]"
-        rule = r.mapping(item, key, ("match", "methods", "precisions", rank_key))
+        rule = r.mapping(item, key, ("match", "methods", "precisions") + ((rank_key,) if mode == "layers" else ()))
         if "match" not in rule:
             raise r.fail(f"{key}.match", "missing: give the layer-name globs this rule applies to")
         rules.append(Rule(
@@ -479,34 +537,94 @@ def parse_space(raw: Any, source: str = "<dict>", default_name: str = "search") 
     if finetune.lr <= 0 and finetune.steps > 0:
         raise r.fail("finetune.lr", "must be > 0 when finetune.steps > 0")
 
-    s = r.mapping(doc.get("search"), "search", ("sampler", "trials", "time_budget", "seed", "population", "evbmf_seeds"))
+    if mode == "allocate" and len(activations) > 1:
+        raise r.fail("activations", "allocate mode measures its sensitivity table at one activation precision: "
+                                    "give one")
+    if mode == "allocate" and set(methods) <= {"none"} and set(precisions) <= {"fp32"}:
+        raise r.fail("methods", "allocate mode needs a decomposition or a precision below fp32 to allocate")
+
+    sensitivity = None
+    if mode == "allocate" or "sensitivity" in doc:
+        sens = r.mapping(doc.get("sensitivity"), "sensitivity", tuple(Sensitivity.__dataclass_fields__))
+        levels = sens.get("levels", list(Sensitivity.levels))
+        if not isinstance(levels, list) or not levels:
+            raise r.fail("sensitivity.levels", f"expected a list of EVBMF rank multiples such as [1, 2], got {_show(levels)}")
+        levels = tuple(r.number(v, "sensitivity.levels", float, 0.0, 64.0) for v in levels)
+        if 0.0 in levels or len(set(levels)) != len(levels):
+            raise r.fail("sensitivity.levels", "each multiple must be > 0 and given once")
+        sensitivity = Sensitivity(images=r.number(sens.get("images", Sensitivity.images), "sensitivity.images", int, 1),
+                                  levels=levels, fit_images=r.number(sens.get("fit_images", Sensitivity.fit_images),
+                                                                     "sensitivity.fit_images", int, 1))
+
+    alloc = r.mapping(doc.get("allocate"), "allocate", tuple(Allocate.__dataclass_fields__))
+    a = Allocate()
+    ratio = r.range(alloc.get("ratio", list(a.ratio)), "allocate.ratio", 0.0, 1e4)
+    if ratio[0] < 1.0:
+        raise r.fail("allocate.ratio", f"bad range {list(ratio)}: a target ratio is >= 1 (times smaller than fp32)")
+    allocate = Allocate(ratio=ratio, sharpness=r.range(alloc.get("sharpness", list(a.sharpness)), "allocate.sharpness",
+                                                       0.0, 16.0),
+                        decomposed_weight=r.range(alloc.get("decomposed_weight", list(a.decomposed_weight)),
+                                                  "allocate.decomposed_weight", 0.0, 1.0))
+
+    screening = None
+    if "screening" in doc:
+        scr = r.mapping(doc.get("screening"), "screening", tuple(Screening.__dataclass_fields__))
+        screening = Screening(images=r.number(scr.get("images", Screening.images), "screening.images", int, 1),
+                              batch=r.number(scr.get("batch", Screening.batch), "screening.batch", int, 1),
+                              keep=r.number(scr.get("keep", Screening.keep), "screening.keep", float, 0.0, 1.0))
+        if screening.keep == 0.0:
+            raise r.fail("screening.keep", "must be > 0: the fraction of screened candidates that are fine-tuned")
+        if not finetune.qat:
+            raise r.fail("screening", "screens the quantized model zero-shot: needs finetune.qat: true")
+
+    fin = r.mapping(doc.get("final"), "final", ("top", "steps"))
+    final = Final(top=r.number(fin.get("top", 3 if "final" in doc else 0), "final.top", int, 0),
+                  steps=r.number(fin.get("steps", Final.steps), "final.steps", int, 1))
+
+    s = r.mapping(doc.get("search"), "search", ("sampler", "trials", "time_budget", "steps_budget", "seed",
+                                                "population", "seeds", "seed_ratios", "evbmf_seeds"))
     trials = r.number(s["trials"], "search.trials", int, 1) if s.get("trials") is not None else None
+    steps_budget = r.number(s["steps_budget"], "search.steps_budget", int, 1) if s.get("steps_budget") is not None \
+        else None
     try:
         time_budget = parse_duration(s["time_budget"]) if s.get("time_budget") is not None else None
     except AutorankError as exc:
         raise r.fail("search.time_budget", str(exc).split(": ", 1)[1]) from None
-    if trials is None and time_budget is None and "trials" in s:
-        raise r.fail("search.trials", "give a number of trials and/or search.time_budget")
-    evbmf_seeds = r.flag(s.get("evbmf_seeds", True), "search.evbmf_seeds")
-    if evbmf_seeds and rank_mode != "evbmf" and "evbmf_seeds" in s:
-        raise r.fail("search.evbmf_seeds", "EVBMF seeds need 'rank.mode: evbmf'")
+    if trials is None and time_budget is None and steps_budget is None and "trials" in s:
+        raise r.fail("search.trials", "give a number of trials and/or search.time_budget or search.steps_budget")
+    if "seeds" in s and "evbmf_seeds" in s:
+        raise r.fail("search.evbmf_seeds", "the old name of 'search.seeds': give one of them")
+    seeds_key = "search.evbmf_seeds" if "evbmf_seeds" in s else "search.seeds"
+    seeds = r.flag(s.get("evbmf_seeds", s.get("seeds", True)), seeds_key)
+    seed_ratios = s.get("seed_ratios", list(SearchSpace.seed_ratios))
+    if not isinstance(seed_ratios, list):
+        raise r.fail("search.seed_ratios", f"expected a list of parameter retention ratios, got {_show(seed_ratios)}")
+    seed_ratios = tuple(r.number(v, "search.seed_ratios", float, 0.0, 1.0) for v in seed_ratios)
+    if any(not 0.0 < v < 1.0 for v in seed_ratios) or len(set(seed_ratios)) != len(seed_ratios):
+        raise r.fail("search.seed_ratios", "each ratio must be in (0, 1) and given once")
 
     return SearchSpace(
-        name=name, include=include, exclude=exclude, skip_first=skip_first, grouping=grouping,
+        name=name, mode=mode, include=include, exclude=exclude, skip_first=skip_first, grouping=grouping,
         stages=stages, methods=methods, precisions=precisions, activations=activations,
         rank_mode=rank_mode, rank=rank_range, rules=tuple(rules), objectives=objectives,
-        constraints=constraints, finetune=finetune,
-        sampler=r.one_of(s.get("sampler", "nsga2"), "search.sampler", SAMPLERS),
-        trials=trials if (trials is not None or time_budget is not None) else 20,
-        time_budget=time_budget,
+        constraints=constraints, finetune=finetune, sensitivity=sensitivity, allocate=allocate, final=final,
+        screening=screening, sampler=r.one_of(s.get("sampler", "nsga2"), "search.sampler", SAMPLERS),
+        trials=trials if (trials is not None or time_budget is not None or steps_budget is not None) else 20,
+        time_budget=time_budget, steps_budget=steps_budget,
         seed=r.number(s.get("seed", 0), "search.seed", int, 0),
         population=r.number(s.get("population", 10), "search.population", int, 2),
-        evbmf_seeds=evbmf_seeds and rank_mode == "evbmf",
+        seeds=seeds, seed_ratios=seed_ratios,
     )
 
 
 def space_from_dict(data: Mapping[str, Any]) -> SearchSpace:
-    """Rebuild a SearchSpace from `SearchSpace.to_dict()` (search.json) without re-validating."""
+    """Rebuild a SearchSpace from `SearchSpace.to_dict()` (search.json) without re-validating.
+
+    A search.json written before the allocate mode holds `evbmf_seeds` (now `seeds`) and no mode."""
+    data = dict(data)
+    if "evbmf_seeds" in data:
+        data["seeds"] = data.pop("evbmf_seeds")
+    sensitivity = data.get("sensitivity")
     return SearchSpace(
         **{**data,
            "include": tuple(data["include"]), "exclude": tuple(data["exclude"]),
@@ -519,7 +637,12 @@ def space_from_dict(data: Mapping[str, Any]) -> SearchSpace:
                                rank=tuple(x["rank"]) if x["rank"] else None) for x in data["rules"]),
            "objectives": tuple(data["objectives"]),
            "constraints": Constraints(**data["constraints"]),
-           "finetune": Finetune(**data["finetune"])})
+           "finetune": Finetune(**data["finetune"]),
+           "sensitivity": Sensitivity(**{**sensitivity, "levels": tuple(sensitivity["levels"])}) if sensitivity else None,
+           "allocate": Allocate(**{k: tuple(v) for k, v in data.get("allocate", asdict(Allocate())).items()}),
+           "final": Final(**data.get("final", asdict(Final()))),
+           "screening": Screening(**data["screening"]) if data.get("screening") else None,
+           "seed_ratios": tuple(data.get("seed_ratios", SearchSpace.seed_ratios))})
 
 
 def _matches(name: str, globs: Sequence[str]) -> bool:

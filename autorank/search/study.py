@@ -1,4 +1,4 @@
-"""The Optuna side of a search: the study, its sampler, EVBMF seeds, telling results, resuming.
+"""The Optuna side of a search: the study, its sampler, warm starts, telling results, resuming.
 
 Only the process that owns the study writes to its storage (the local loop, or Ray's driver
 through OptunaSearch); trial workers return their outcome and never touch it.
@@ -7,7 +7,7 @@ through OptunaSearch); trial workers return their outcome and never touch it.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,7 @@ import optuna
 from optuna.trial import TrialState
 
 from autorank.search.results import TRIALS_DIR, TrialRecord, record_from_trial
-from autorank.search.space import Group, SearchSpace
+from autorank.search.space import SearchSpace
 
 
 @dataclass
@@ -30,10 +30,11 @@ class TrialOutcome:
     plan: dict[str, Any] | None = None
     summary: str = ""
     reason: str | None = None
+    screened_out: bool = False   # screening did not promote it to the fine-tune (told PRUNED)
 
     @property
     def ok(self) -> bool:
-        return self.reason is None
+        return self.reason is None and not self.screened_out
 
 
 def make_sampler(space: SearchSpace) -> optuna.samplers.BaseSampler:
@@ -45,15 +46,16 @@ def make_sampler(space: SearchSpace) -> optuna.samplers.BaseSampler:
     return optuna.samplers.RandomSampler(seed=space.seed)
 
 
-def create_or_load_study(space: SearchSpace, storage: optuna.storages.BaseStorage, name: str,
-                         groups: Sequence[Group], *, resume: bool, seed_limit: int | None) -> optuna.Study:
-    """Open the study; a new one gets the EVBMF seed trials enqueued first."""
+def create_or_load_study(space: SearchSpace, storage: optuna.storages.BaseStorage, name: str, *, resume: bool,
+                         warm_starts: Callable[[], Sequence[tuple[str, dict[str, Any]]]]) -> optuna.Study:
+    """Open the study; a new one gets the warm starts (`autorank.search.seeds`) enqueued first, each
+    with its name in the user attr `seed`."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=name, storage=storage, directions=space.directions,
                                 sampler=make_sampler(space), load_if_exists=resume)
     if not study.trials:
-        for params in space.seed_params(groups, limit=seed_limit):
-            study.enqueue_trial(params, user_attrs={"seed": "evbmf"})
+        for seed, params in warm_starts():
+            study.enqueue_trial(params, user_attrs={"seed": seed})
     return study
 
 
@@ -89,4 +91,5 @@ def objective_values(space: SearchSpace, outcome: TrialOutcome) -> list[float] |
 
 
 def records(study: optuna.Study, out_dir: Path) -> list[TrialRecord]:
-    return [record_from_trial(t, out_dir) for t in study.get_trials(deepcopy=False)]
+    attrs = study.user_attrs
+    return [record_from_trial(t, out_dir, attrs) for t in study.get_trials(deepcopy=False)]

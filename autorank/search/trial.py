@@ -23,12 +23,14 @@ import torch
 from torch import nn
 
 from autorank import engine
-from autorank.compression import LayerPlan, Plan, compress, find_layers, profile, resolve_plan
+from autorank.compression import LayerPlan, Plan, SensitivityTable, compress, find_layers, profile, resolve_plan
 from autorank.compression.quantize import quantize_weights_
-from autorank.compression.ranks import full_ranks, resolve_rank
+from autorank.compression.ranks import full_ranks, resolve_rank, scaled_ranks
 from autorank.data import Dataset
 from autorank.errors import AutorankError
+from autorank.search.allocation import allocated_plan
 from autorank.search.results import METRICS_FILE, PLAN_FILE, TRIALS_DIR, WEIGHTS_FILE
+from autorank.search.seeds import Recipe, recipe_plan
 from autorank.search.space import Group, SearchSpace
 from autorank.search.study import TrialOutcome
 
@@ -65,11 +67,6 @@ def layer_table(model: nn.Module, space: SearchSpace) -> dict[str, LayerInfo]:
     return table
 
 
-def scaled_ranks(evbmf: Sequence[int], full: Sequence[int], multiplier: float) -> list[int]:
-    """EVBMF ranks times the sampled multiplier, rounded and clamped to [1, full rank]."""
-    return [int(min(max(round(r * multiplier), 1), f)) for r, f in zip(evbmf, full, strict=True)]
-
-
 def build_plan(space: SearchSpace, groups: Sequence[Group], layers: Mapping[str, LayerInfo],
                params: Mapping[str, Any]) -> Plan:
     """The compression Plan for a trial's params (before `resolve_plan`)."""
@@ -84,6 +81,19 @@ def build_plan(space: SearchSpace, groups: Sequence[Group], layers: Mapping[str,
         else:
             plan_layers[name] = LayerPlan(method=method, rank=float(rank), precision=precision)
     return Plan(layers=plan_layers, activations=params.get("activations", space.activations[0]))
+
+
+def trial_plan(ctx: TrialContext, params: Mapping[str, Any], seed: str | None = None) -> tuple[Plan, dict[str, float]]:
+    """The trial's resolved plan, and in allocate mode what the table predicts for it. `seed`: the
+    warm-start name of an enqueued trial; a recipe's trial runs the recipe (autorank.search.seeds)."""
+    recipe = Recipe.parse(seed)
+    if recipe is not None:
+        activations = params.get("activations", ctx.space.activations[0])
+        return resolve_plan(ctx.model, recipe_plan(recipe, ctx.groups, activations)), {}
+    if ctx.space.mode == "allocate":
+        plan, predicted = allocated_plan(ctx.table, ctx.space, ctx.groups, params)
+        return resolve_plan(ctx.model, plan), predicted
+    return resolve_plan(ctx.model, build_plan(ctx.space, ctx.groups, ctx.layers, params)), {}
 
 
 def summarize(plan: Plan) -> str:
@@ -107,6 +117,7 @@ class TrialContext:
     out_dir: Path
     device: str = "auto"
     factors: dict = field(default_factory=dict, repr=False)  # weight-space chains reused across trials
+    table: SensitivityTable | None = None  # the search's sensitivity table (allocate mode plans from it)
 
     def train_config(self) -> engine.TrainConfig:
         ft = self.space.finetune
@@ -117,14 +128,16 @@ class TrialContext:
 
 
 def finetune_and_measure(model: nn.Module, data: Dataset, ctx: TrialContext,
-                         quantize: Plan | None = None) -> dict[str, float]:
-    """The shared measurement of trials and the reference: fine-tune, evaluate on val, profile.
+                         quantize: Plan | None = None, steps: int | None = None) -> dict[str, float]:
+    """The shared measurement of trials, the reference and the final fine-tune: fine-tune (`steps`,
+    default the space's `finetune.steps`), evaluate on val, profile.
 
     `quantize`: weight precisions applied after fine-tuning (the `qat: false` path). The teacher of
     distillation is the pretrained model, for the trials and the reference alike."""
     start = time.perf_counter()
-    if ctx.space.finetune.steps > 0:
-        engine.train(model, data, ctx.train_config(), teacher=ctx.model)
+    config = ctx.train_config() if steps is None else replace(ctx.train_config(), steps=steps)
+    if config.steps > 0:
+        engine.train(model, data, config, teacher=ctx.model)
     if quantize is not None:
         for name, lp in quantize.layers.items():
             for module in model.get_submodule(name).modules():
@@ -150,34 +163,53 @@ def reference_metrics(ctx: TrialContext, data: Dataset) -> dict[str, float]:
     return {**metrics, "pretrained_accuracy": pretrained_accuracy}
 
 
-def run_trial(ctx: TrialContext, data: Dataset, params: Mapping[str, Any], number: int) -> TrialOutcome:
-    """Run one trial; any failure (divergence included) becomes an outcome with a reason."""
+def compress_trial(ctx: TrialContext, data: Dataset, plan: Plan) -> nn.Module:
+    """The trial's compressed model: decomposed, data-aware fitted, fake-quantized (calibrated int8
+    activations where the plan has them); with `qat: false` still float, quantized after fine-tuning."""
+    ft = ctx.space.finetune
+    calibration = None
+    if plan.activations == "int8":
+        calibration = data.calibration_images(ft.batch_size * ft.calibration_batches, ft.batch_size,
+                                              seed=ctx.space.seed)
+    fit = data.calibration_images(ft.fit_images, ft.batch_size, seed=ctx.space.seed) if ft.fit else None
+    if not ft.qat:  # fine-tune the float decomposition, then quantize its weights (post-training)
+        plan = Plan({n: replace(lp, precision="fp32") for n, lp in plan.layers.items()})
+    return compress(ctx.model, plan, calibration=calibration, n_iter_max=ft.decompose_iters, seed=ctx.space.seed,
+                    fit=fit, factors=ctx.factors)
+
+
+def failed_outcome(number: int, params: Mapping[str, Any], exc: Exception, out_dir: Path) -> TrialOutcome:
+    """A failed trial's outcome (its reason on one line) and its traceback in trials/<n>/error.txt."""
+    folder = out_dir / TRIALS_DIR / str(number)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / WEIGHTS_FILE).unlink(missing_ok=True)
+    (folder / "error.txt").write_text(traceback.format_exc())
+    return TrialOutcome(number=number, params=dict(params), reason=f"{type(exc).__name__}: {exc}".splitlines()[0][:500])
+
+
+def run_trial(ctx: TrialContext, data: Dataset, params: Mapping[str, Any], number: int,
+              seed: str | None = None, screened: tuple[Plan, dict[str, float], nn.Module, float] | None = None
+              ) -> TrialOutcome:
+    """Run one trial (`seed`: its warm-start name, if any; `screened`: the plan, prediction, compressed
+    model and compression seconds of its screen, so that it is not compressed twice); any failure
+    (divergence included) becomes an outcome with a reason."""
     start = time.perf_counter()
     warnings.filterwarnings("ignore", category=UserWarning, module="tensorly")  # rank clipping notes
     outcome = TrialOutcome(number=number, params=dict(params))
     folder = ctx.out_dir / TRIALS_DIR / str(number)
     try:
-        # integer ranks, layers that would not shrink left whole: export rebuilds exactly this model
-        plan = resolve_plan(ctx.model, build_plan(ctx.space, ctx.groups, ctx.layers, params))
+        if screened is None:
+            # integer ranks, layers that would not shrink left whole: export rebuilds exactly this model
+            plan, predicted = trial_plan(ctx, params, seed)
+            model = compress_trial(ctx, data, plan)
+            compress_s = time.perf_counter() - start
+        else:
+            plan, predicted, model, compress_s = screened
         outcome.summary = summarize(plan)
         outcome.plan = json.loads(plan.to_json())
-        ft = ctx.space.finetune
-        calibration = None
-        if plan.activations == "int8":
-            calibration = data.calibration_images(ft.batch_size * ft.calibration_batches, ft.batch_size,
-                                                  seed=ctx.space.seed)
-        fit = data.calibration_images(ft.fit_images, ft.batch_size, seed=ctx.space.seed) if ft.fit else None
-        if ctx.space.finetune.qat:
-            model = compress(ctx.model, plan, calibration=calibration, n_iter_max=ft.decompose_iters,
-                             seed=ctx.space.seed, fit=fit, factors=ctx.factors)
-            compressed = time.perf_counter()
-            metrics = finetune_and_measure(model, data, ctx)
-        else:  # fine-tune the float decomposition, then quantize its weights (post-training)
-            model = compress(ctx.model, Plan({n: replace(lp, precision="fp32") for n, lp in plan.layers.items()}),
-                             n_iter_max=ft.decompose_iters, seed=ctx.space.seed, fit=fit, factors=ctx.factors)
-            compressed = time.perf_counter()
-            metrics = finetune_and_measure(model, data, ctx, quantize=plan)
-        metrics["compress_s"] = compressed - start
+        metrics = finetune_and_measure(model, data, ctx, quantize=None if ctx.space.finetune.qat else plan)
+        metrics["compress_s"] = compress_s
+        metrics.update(predicted)
         metrics["ratio"] = ctx.reference["size_bytes"] / metrics["size_bytes"]
         metrics["drop_points"] = (ctx.reference["accuracy"] - metrics["accuracy"]) * 100
         folder.mkdir(parents=True, exist_ok=True)
@@ -190,9 +222,6 @@ def run_trial(ctx: TrialContext, data: Dataset, params: Mapping[str, Any], numbe
             {"trial": number, "summary": outcome.summary, "metrics": metrics,
              "constraints": outcome.constraints, "params": outcome.params}, indent=2))
     except Exception as exc:  # noqa: BLE001 - a failing trial is recorded, the search goes on
-        outcome.metrics, outcome.constraints = {}, {}
-        outcome.reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / WEIGHTS_FILE).unlink(missing_ok=True)
-        (folder / "error.txt").write_text(traceback.format_exc())
+        failed = failed_outcome(number, params, exc, ctx.out_dir)
+        outcome.metrics, outcome.constraints, outcome.reason = {}, {}, failed.reason
     return outcome

@@ -33,24 +33,25 @@ def pareto_front(
 ) -> list[TrialRecord]:
     """Non-dominated completed trials (feasible ones only by default), sorted by the first cost.
 
-    Trials with identical objective values are all kept: neither dominates the other.
+    Trials are compared by their `figures` (the search's final fine-tune's where it ran). Trials with
+    identical objective values are all kept: neither dominates the other.
     """
     pool = [t for t in trials if t.finished_ok and (t.feasible or not feasible_only)
-            and all(name in t.metrics for name in objectives)]
-    front = [t for t in pool if not any(dominates(o.metrics, t.metrics, objectives) for o in pool if o is not t)]
+            and all(name in t.figures for name in objectives)]
+    front = [t for t in pool if not any(dominates(o.figures, t.figures, objectives) for o in pool if o is not t)]
     cost = objectives[1] if len(objectives) > 1 else objectives[0]
-    return sorted(front, key=lambda t: (t.metrics[cost], -t.metrics["accuracy"], t.number))
+    return sorted(front, key=lambda t: (t.figures[cost], -t.figures["accuracy"], t.number))
 
 
-FRONT_COLUMNS = ("trial", "accuracy", "size_bytes", "ratio", "drop_points", "params", "macs", "summary")
+FRONT_COLUMNS = ("trial", "accuracy", "size_bytes", "ratio", "drop_points", "params", "macs", "final", "summary")
 
 
 def front_rows(front: Sequence[TrialRecord]) -> list[dict[str, Any]]:
-    """One row per front member with the figures a user compares."""
-    return [{"trial": t.number, "accuracy": t.metrics["accuracy"], "size_bytes": int(t.metrics["size_bytes"]),
-             "ratio": t.metrics.get("ratio"), "drop_points": t.metrics.get("drop_points"),
-             "params": int(t.metrics.get("params", 0)), "macs": int(t.metrics.get("macs", 0)),
-             "summary": t.summary} for t in front]
+    """One row per front member with the figures a user compares (`final`: after the final fine-tune)."""
+    return [{"trial": t.number, "accuracy": t.figures["accuracy"], "size_bytes": int(t.figures["size_bytes"]),
+             "ratio": t.figures.get("ratio"), "drop_points": t.figures.get("drop_points"),
+             "params": int(t.figures.get("params", 0)), "macs": int(t.figures.get("macs", 0)),
+             "final": t.finalized, "summary": t.summary} for t in front]
 
 
 def front_json(front: Sequence[TrialRecord], objectives: Sequence[str], reference: Mapping[str, Any]) -> str:
@@ -77,7 +78,7 @@ def format_front(front: Sequence[TrialRecord], reference: Mapping[str, Any] | No
         drop = f"{row['drop_points']:+.2f}" if row["drop_points"] is not None else ""
         ratio = f"{row['ratio']:.1f}x" if row["ratio"] is not None else ""
         lines.append(f"{row['trial']:>5}  {row['accuracy'] * 100:7.2f}%  {drop:>6}  {format_size(row['size_bytes']):>10}"
-                     f"  {ratio:>6}  {row['macs'] / 1e6:7.2f}  {row['summary']}")
+                     f"  {ratio:>6}  {row['macs'] / 1e6:7.2f}  {row['summary']}" + ("  (final)" if row["final"] else ""))
     return "\n".join(lines)
 
 

@@ -2,8 +2,9 @@
 
 The Optuna study is the source of truth, so the tracker never has to be right the first time:
 `sync(records)` logs whichever finished trials MLflow lacks (found by the `autorank.trial` tag, so
-a trial is logged exactly once however often it is replayed), retags the front and refreshes the
-front artifacts. The search hands it a snapshot after every trial and carries on; a background
+a trial is logged exactly once however often it is replayed) and whichever final fine-tunes their
+runs lack (tag `final`), retags the front (by each trial's `figures`: the final ones where they
+exist) and refreshes the front artifacts and any parent files added (the sensitivity table). The search hands it a snapshot after every trial and carries on; a background
 thread does the MLflow work (off the critical path of the next trial), retries after an outage,
 and `close()` makes a last attempt. Anything still unlogged is written by the next `--resume`.
 """
@@ -76,6 +77,7 @@ class SearchTracker:
         self.experiment_id: str | None = None
         self.parent_id: str | None = None
         self.logged: dict[int, str] = {}        # trial number -> run id
+        self.finals: set[int] = set()           # trials whose final fine-tune is logged on their run
         self.pareto: set[int] = set()
         self.last_error: str | None = None
         self._pending: list[TrialRecord] | None = None
@@ -85,6 +87,7 @@ class SearchTracker:
         self._plotted_front: tuple[int, ...] | None = None
         self._plotly_logged = False  # plotly.js is in the parent run's artifacts (once per search)
         self._plotted_at = float("-inf")
+        self._files: list[Path] = []   # parent-run artifacts still to log (the sensitivity table, its heatmap)
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> str | None:
@@ -100,6 +103,11 @@ class SearchTracker:
         self._thread = threading.Thread(target=self._loop, name="autorank-tracker", daemon=True)
         self._thread.start()
         return self.parent_id
+
+    def add_files(self, paths: Sequence[Path]) -> None:
+        """Files to log on the parent run with the next sync (retried like trials until they are)."""
+        with self._cond:
+            self._files.extend(paths)
 
     def submit(self, records: Sequence[TrialRecord]) -> None:
         """Hand over the latest snapshot of all trials; only the newest pending one is processed."""
@@ -140,9 +148,18 @@ class SearchTracker:
             raise
 
     def _sync(self, records: Sequence[TrialRecord], *, final: bool) -> None:
+        with self._cond:
+            files = list(self._files)
+        for path in files:
+            self.client.log_artifact(self.parent_id, str(path))
+            with self._cond:
+                self._files.remove(path)
         for record in records:
             if record.counted and record.number not in self.logged:
                 self.logged[record.number] = self._log_trial(record)
+            if record.final is not None and record.number in self.logged and record.number not in self.finals:
+                self._log_final(record)
+                self.finals.add(record.number)
         front = pareto_front(records, self.objectives)
         members = {t.number for t in front}
         for number in (members ^ self.pareto) & set(self.logged):
@@ -154,7 +171,7 @@ class SearchTracker:
         metrics = {"trials_done": len(done), "trials_failed": sum(r.state == "failed" for r in done),
                    "front_size": len(front)}
         if feasible:
-            metrics["best_feasible_accuracy"] = max(r.metrics["accuracy"] for r in feasible)
+            metrics["best_feasible_accuracy"] = max(r.figures["accuracy"] for r in feasible)
         self._log_metrics(self.parent_id, metrics, step=len(done))
 
     def _connect(self) -> None:
@@ -191,6 +208,7 @@ class SearchTracker:
         self._plotly_logged = has_plotly
         self.logged = logged
         tags = {run.info.run_id: run.data.tags for run in runs}
+        self.finals = {n for n, run_id in logged.items() if tags[run_id].get("final") in ("true", "failed")}
         self.pareto = {n for n, run_id in logged.items() if tags[run_id].get("pareto") == "true"}
 
     def _log_trial(self, record: TrialRecord) -> str:
@@ -213,15 +231,32 @@ class SearchTracker:
         if record.plan:
             params["activations"] = record.plan.get("activations")
         _log_params(self.client, run_id, params)
-        self._log_metrics(run_id, {**record.metrics, **{f"constraint_{k}": v for k, v in record.constraints.items()}},
+        self._log_metrics(run_id, {**record.metrics, **{f"constraint_{k}": v for k, v in record.constraints.items()},
+                                   **{f"screen_{k}": v for k, v in (record.screen or {}).items()}},
                           step=record.number)
         plan_file = self.out_dir / "trials" / str(record.number) / "plan.json"
         if plan_file.is_file():
             self.client.log_artifact(run_id, str(plan_file))
         ended = int((record.finished or time.time()) * 1000)
-        self.client.set_terminated(run_id, status="FINISHED" if record.state == "complete" else "FAILED",
+        self.client.set_terminated(run_id, status="FAILED" if record.state == "failed" else "FINISHED",
                                    end_time=ended)
         return run_id
+
+    def _log_final(self, record: TrialRecord) -> None:
+        """The final fine-tune on the trial's run: `final_*` metrics (and constraints), tags `final` (true or
+        failed, with `final_reason`) and `feasible` (by the final figures), artifact final.json."""
+        run_id = self.logged[record.number]
+        if record.finalized:
+            self._log_metrics(run_id, {**{f"final_{k}": v for k, v in record.final["metrics"].items()},
+                                       **{f"final_constraint_{k}": v for k, v in record.final["constraints"].items()}},
+                              step=record.number)
+            self.client.set_tag(run_id, "feasible", str(record.feasible).lower())
+        else:
+            self.client.set_tag(run_id, "final_reason", record.final["reason"][:5000])
+        final_file = self.out_dir / "trials" / str(record.number) / "final.json"
+        if final_file.is_file():
+            self.client.log_artifact(run_id, str(final_file))
+        self.client.set_tag(run_id, "final", "true" if record.finalized else "failed")
 
     def _plots_due(self, front: Sequence[TrialRecord]) -> bool:
         members = tuple(t.number for t in front)

@@ -77,3 +77,50 @@ def test_bad_options_fail_before_any_measurement(digits_cnn, digits):
         sensitivity_table(digits_cnn, digits, levels=(1.5,))
     with pytest.raises(AutorankError, match="no layers"):
         sensitivity_table(digits_cnn, digits, include=["nothing*"])
+
+
+def test_evbmf_multiple_levels_scale_each_layers_evbmf_ranks(digits_cnn, digits):
+    """"vbmf*M" levels: M times the layer's EVBMF ranks (clamped to full rank); a level that would not
+    shrink the layer is dropped, so no candidate holds more weights than the layer."""
+    from autorank.compression.ranks import full_ranks, method_params, resolve_rank
+
+    table = sensitivity_table(digits_cnn, digits, include=["features.7", "features.10"], methods=("tucker2",),
+                              levels=("vbmf*1", "vbmf*2", "vbmf*64"), precisions=("fp32",),
+                              decomposed_precisions=("int8",), limit=60, device="cpu", n_iter_max=5)
+    for name, cands in table.layers.items():
+        layer = digits_cnn.get_submodule(name)
+        shape = tuple(layer.weight.shape)
+        evbmf = resolve_rank("tucker2", layer, "vbmf")
+        decomposed = {c.level: c for c in cands if c.method == "tucker2"}
+        assert "vbmf*64" not in decomposed  # clamped to full rank: not smaller than the layer
+        for level, cand in decomposed.items():
+            multiple = float(level.split("*")[1])
+            expected = [min(max(round(r * multiple), 1), f) for r, f in zip(evbmf, full_ranks("tucker2", shape))]
+            assert cand.rank == expected
+            assert method_params("tucker2", shape, tuple(cand.rank)) < layer.weight.numel()
+    with pytest.raises(AutorankError, match="vbmf\\*M"):
+        sensitivity_table(digits_cnn, digits, levels=("vbmf*0",))
+
+
+def test_layer_by_layer_measurement_equals_the_whole_table(digits_table, digits_cnn, digits):
+    """What a search spreads over workers (plan_table, then measure_layer per layer, in any order)
+    assembles into the same table as sensitivity_table; per-layer choices restrict each layer."""
+    from autorank.compression.sensitivity import measure_layer, plan_table
+
+    options = {k: v for k, v in TABLE_OPTIONS.items() if k not in ("include", "methods", "precisions",
+                                                                    "decomposed_precisions")}
+    choices = {"features.7": (("tucker2",), ("fp32", "int8", "int4"), ("int8", "int4")),
+               "features.10": (("tucker2",), ("fp32", "int8", "int4"), ("int8", "int4")),
+               "classifier": (("svd",), ("fp32", "int8", "int4"), ("int8", "int4"))}
+    job = plan_table(digits_cnn, digits, layers=choices, **options)
+    rows = {name: measure_layer(job, name) for name in reversed(list(job.planned))}
+    table = job.assemble(rows, seconds=0.0)
+    assert table.layers == digits_table.layers
+    assert table.fixed_bytes == digits_table.fixed_bytes and table.reference_accuracy == digits_table.reference_accuracy
+
+    narrow = plan_table(digits_cnn, digits, layers={"features.7": ((), ("fp32", "int8"), ("int8",))}, **options)
+    assert [lp.precision for lp, _ in narrow.planned["features.7"]] == ["int8"]
+    with pytest.raises(AutorankError, match="not compressible layers"):
+        plan_table(digits_cnn, digits, layers={"features.99": ((), ("int8",), ("int8",))}, **options)
+    with pytest.raises(AutorankError, match="not measured"):
+        job.assemble({"features.7": rows["features.7"]}, seconds=0.0)

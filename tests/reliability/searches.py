@@ -117,12 +117,14 @@ def assert_study_and_mlflow_agree(out: Path, expected_trials: int, mlflow_uri: s
     by_number = {int(r.data.tags["autorank.trial"]): r for r in runs}
     for trial in counted:
         run = by_number[trial.number]
-        assert run.info.status == ("FINISHED" if trial.state == "complete" else "FAILED")
+        assert run.info.status == ("FAILED" if trial.state == "failed" else "FINISHED")
         if trial.state == "complete":
             assert run.data.metrics["accuracy"] == pytest.approx(trial.metrics["accuracy"])
             assert run.data.metrics["size_bytes"] == pytest.approx(trial.metrics["size_bytes"])
-        else:
+        elif trial.state == "failed":
             assert run.data.tags["reason"] == trial.reason
+        else:  # screened out: its zero-shot figures
+            assert run.data.metrics["screen_accuracy"] == pytest.approx(trial.screen["accuracy"])
     front = {t.number for t in pareto_front(search.trials, search.space.objectives)}
     assert {n for n, r in by_number.items() if r.data.tags.get("pareto") == "true"} == front
     return counted

@@ -80,3 +80,69 @@ def test_kill9_ray_search_with_concurrent_trials_then_resume_loses_nothing(tmp_p
     overlapping = [(a.number, b.number) for a in trials for b in trials
                    if a.number < b.number and a.started < b.finished and b.started < a.finished]
     assert overlapping, "the Ray executor ran no two trials at the same time"
+
+
+TABLE_SPACE = """\
+name: table
+mode: allocate
+methods: [none, tucker2, tt, svd]
+precisions: [fp32, int8, int4]
+sensitivity: {images: 180, levels: [2, 4, 8], fit_images: 128}
+constraints: {max_drop: 50.0}
+finetune: {steps: 4, batch_size: 32, fit_images: 64}
+search: {sampler: random, trials: 2, seed: 0, seeds: false}
+"""
+
+
+@pytest.mark.slow
+def test_kill9_while_measuring_the_sensitivity_table_then_resume_keeps_the_finished_rows(
+        tmp_path, monkeypatch, digits, train_checkpoint):
+    """The table is written row by row: a search killed after its first rows resumes with exactly the
+    missing layers measured (a line cut by the kill is dropped), and the finished rows kept as they were."""
+    import json
+    from dataclasses import asdict
+
+    import autorank.search.table as table_module
+    from autorank.compression import SensitivityTable
+    from autorank.search.run import run_search
+
+    weights, _ = train_checkpoint("small_cnn", digits, tmp_path, steps=30)
+    space = tmp_path / "table.yaml"
+    space.write_text(TABLE_SPACE)
+    out, log = tmp_path / "search", tmp_path / "search.log"
+    rows = out / "sensitivity.rows.jsonl"
+    proc = start_cli(["search", "--config", str(space), "--model", "small_cnn", "--weights", str(weights),
+                      "--data", "digits", "--out", str(out), "--no-progress"], log)
+    try:
+        def first_row():
+            """a finished row in the table's rows file"""
+            return rows.is_file() and len(rows.read_text().splitlines()) >= 2
+
+        wait_for(first_row, 300, proc, log, poll_s=0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        kill_group(proc)
+    assert not (out / "sensitivity.json").exists(), "the table finished before the kill: make it slower"
+    lines = rows.read_text().splitlines()
+    kept = {json.loads(line)["layer"]: json.loads(line)["candidates"] for line in lines[1:]
+            if line.endswith("}")}
+    assert 1 <= len(kept) < 4
+    with rows.open("a") as f:
+        f.write('{"layer": "features.10", "seconds": 1.5, "candi')  # a row cut by a kill mid-write
+
+    measured: list[str] = []
+    real = table_module.measure_layer
+
+    def counting(job, name, **options):
+        measured.append(name)
+        return real(job, name, **options)
+
+    monkeypatch.setattr(table_module, "measure_layer", counting)
+    run_search(out_dir=out, resume=True, data=digits, progress=False)
+    table = SensitivityTable.from_json((out / "sensitivity.json").read_text())
+    assert sorted(measured) == sorted(set(table.layers) - set(kept))
+    for name, candidates in kept.items():
+        assert [asdict(c) for c in table.layers[name]] == candidates
+    assert not rows.exists()
+    assert_study_and_mlflow_agree(out, 2)

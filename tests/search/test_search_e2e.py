@@ -11,7 +11,7 @@ import torch
 
 from autorank import engine
 from autorank.cli import main
-from autorank.compression.ranks import method_params
+from autorank.compression.ranks import method_params, ratio_ranks
 from autorank.errors import AutorankError, TrialDiverged
 from autorank.search import best_trial, load_search
 from autorank.export.api import rebuild_trial
@@ -59,24 +59,31 @@ def test_local_search_records_every_trial_in_optuna_and_mlflow(local_search):
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_evbmf_seeds_are_the_first_trials(local_search, tiny_space):
+def test_recipe_warm_starts_are_the_first_trials(local_search, tiny_space):
+    """Layers mode: int8 weights alone, then Tucker-2 and TT at 50% retention (int8), enqueued before any
+    sampling (trials // 2 of them); each runs its recipe's plan, no layer above its own weight count."""
     search = load_search(local_search.out_dir)
-    space = load_space(tiny_space)
     layers = search.info["layers"]
     study = optuna.load_study(study_name=search.info["study_name"], storage=search.info["storage"])
-    seeds = [t for t in study.trials if t.user_attrs.get("seed") == "evbmf"]
-    assert [t.number for t in seeds] == [0, 1, 2]  # trials // 2 seeds, first
+    seeds = [t for t in study.trials if "seed" in t.user_attrs]
+    assert [(t.number, t.user_attrs["seed"]) for t in seeds] == [(0, "int8"), (1, "tucker2@0.5/int8"),
+                                                                  (2, "tt@0.5/int8")]
     for trial in seeds:
+        method = trial.user_attrs["seed"].partition("@")[0] if "@" in trial.user_attrs["seed"] else "none"
         for name, lp in trial.user_attrs["plan"]["layers"].items():
-            sampled, shape = trial.params[f"{name}.method"], tuple(layers[name]["shape"])
-            if sampled != "none" and lp["method"] == "none":  # EVBMF ranks that would not shrink the layer
-                assert method_params(sampled, shape, layers[name]["evbmf"][sampled]) >= math.prod(shape)
+            shape = tuple(layers[name]["shape"])
+            assert lp["precision"] == "int8"
+            if layers[name]["kind"] == "linear" or method == "none":
+                assert lp["method"] == "none"
+            elif lp["method"] == "none":  # 50% ranks that would not shrink the layer leave it whole
+                assert method_params(method, shape, tuple(ratio_ranks(method, shape, 0.5))) >= math.prod(shape)
             else:
-                assert lp["rank"] == layers[name]["evbmf"][lp["method"]]  # exactly the EVBMF ranks
-    methods = {t.params["features.10.method"] for t in seeds}
-    precisions = {t.params["features.10.precision"] for t in seeds}
-    assert methods == {"tucker2", "tt"} and precisions == {"fp32", "int8"}
-    assert space.trials == 6
+                assert lp["method"] == method and lp["rank"] == list(ratio_ranks(method, shape, 0.5))
+                assert method_params(method, shape, tuple(lp["rank"])) < math.prod(shape)
+        # its parameters are the space's point nearest the recipe: the sampler learns from it
+        conv = next(n for n in layers if layers[n]["kind"] == "conv")
+        assert trial.params[f"{conv}.method"] == method and trial.params[f"{conv}.precision"] == "int8"
+    assert load_space(tiny_space).trials == 6
 
 
 def test_front_members_keep_weights_that_rebuild_the_measured_model(local_search, digits):

@@ -130,38 +130,84 @@ def test_rules_override_choices_for_matching_layers():
     assert groups["layer1"].methods == ("none", "tucker2", "cp")
 
 
-def test_seeds_cover_each_method_and_precision_at_the_evbmf_ranks():
-    space = parse_space({"methods": ["none", "tucker2", "cp", "svd"], "precisions": ["fp32", "int8"],
-                         "rank": {"multiplier": [0.25, 4.0]}})
-    groups = space.groups(RESNET_LAYERS)
-    seeds = space.seed_params(groups)
-    conv = [g for g in groups if g.kind == "conv"][0]
-    combos = {(s[f"{conv.key}.method"], s[f"{conv.key}.precision"]) for s in seeds}
-    assert combos == {("tucker2", "fp32"), ("tucker2", "int8"), ("cp", "fp32"), ("cp", "int8")}
-    assert all(v == 1.0 for s in seeds for k, v in s.items() if k.endswith(".rank"))
-    assert all(s["linear.method"] == "svd" for s in seeds)
-    assert len(space.seed_params(groups, limit=3)) == 3
-    assert parse_space({"rank": {"mode": "ratio"}}).seed_params(groups) == []
-
-
-def test_suggest_reproduces_enqueued_seeds_and_samples_within_ranges():
+def test_suggest_samples_within_ranges():
     space = parse_space({"grouping": "stage", "rank": {"multiplier": [0.5, 3.0]}})
     groups = space.groups(RESNET_LAYERS)
     study = optuna.create_study(directions=space.directions, sampler=optuna.samplers.RandomSampler(seed=0))
-    seeds = space.seed_params(groups)
-    for params in seeds:
-        study.enqueue_trial(params)
-    for i in range(len(seeds) + 10):
+    for _ in range(10):
         trial = study.ask()
         params = space.suggest(trial, groups)
-        if i < len(seeds):
-            assert params == seeds[i]
         for g in groups:
             assert params[f"{g.key}.method"] in g.methods
             assert params[f"{g.key}.precision"] in g.precisions
             if params[f"{g.key}.method"] != "none":
                 assert 0.5 <= params[f"{g.key}.rank"] <= 3.0
         study.tell(trial, [0.5, 1.0])
+
+
+def test_allocate_mode_samples_a_few_global_parameters():
+    """Allocate mode: target ratio (log range), a switch per decomposition family, the lowest precision
+    and the two weights of the table's drops; per-layer choices come from the rules."""
+    space = parse_space({"mode": "allocate", "methods": ["none", "tucker2", "cp", "svd"],
+                         "precisions": ["fp32", "int8", "int4"], "allocate": {"ratio": [3, 24], "sharpness": [1, 1]},
+                         "rules": [{"match": ["layer1.*"], "precisions": ["fp32", "int8"]},
+                                   {"match": ["linear"], "methods": ["none"]}]})
+    groups = space.groups(RESNET_LAYERS)
+    assert len(groups) == 19 and {g.key for g in groups} == set(RESNET_LAYERS)  # one group per layer
+    assert space.families(groups) == ["tucker2", "cp"] and space.reduced_precisions(groups) == ["int8", "int4"]
+    study = optuna.create_study(directions=space.directions, sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(20):
+        trial = study.ask()
+        params = space.suggest(trial, groups)
+        assert set(params) == {"ratio", "decomposed_weight", "allow.tucker2", "allow.cp", "lowest_precision"}
+        assert 3 <= params["ratio"] <= 24 and 0.25 <= params["decomposed_weight"] <= 1.0  # sharpness fixed
+        seen.add((params["allow.tucker2"], params["allow.cp"], params["lowest_precision"]))
+        study.tell(trial, [0.5, 1.0])
+    assert len(seen) > 4
+    assert space.sensitivity.levels == (2.0, 4.0) and space.final.top == 0
+    assert space_from_dict(space.to_dict()) == space
+
+
+@pytest.mark.parametrize("doc, key", [
+    ({"mode": "allocate", "grouping": "stage"}, "grouping"),
+    ({"mode": "allocate", "rank": {"multiplier": [1, 2]}}, "rank"),
+    ({"mode": "allocate", "rules": [{"match": ["x"], "multiplier": [1, 2]}]}, "rules[0].multiplier"),
+    ({"mode": "allocate", "activations": ["fp32", "int8"]}, "activations"),
+    ({"mode": "allocate", "methods": ["none"], "precisions": ["fp32"]}, "methods"),
+    ({"mode": "allocate", "allocate": {"ratio": [0.5, 4]}}, "allocate.ratio"),
+    ({"mode": "allocate", "allocate": {"sharpness": [2, 1]}}, "allocate.sharpness"),
+    ({"mode": "allocate", "allocate": {"decomposed_weight": [0.5, 2]}}, "allocate.decomposed_weight"),
+    ({"mode": "allocate", "sensitivity": {"levels": []}}, "sensitivity.levels"),
+    ({"mode": "allocate", "sensitivity": {"levels": [2, 2]}}, "sensitivity.levels"),
+    ({"mode": "allocate", "sensitivity": {"images": 0}}, "sensitivity.images"),
+    ({"mode": "allocate", "sensitivity": {"fit": 3}}, "sensitivity.fit"),
+    ({"allocate": {"ratio": [2, 4]}}, "allocate"),
+    ({"mode": "greedy"}, "mode"),
+    ({"final": {"top": -1}}, "final.top"),
+    ({"final": {"steps": 0}}, "final.steps"),
+    ({"search": {"seed_ratios": [0.5, 1.0]}}, "search.seed_ratios"),
+    ({"search": {"seeds": True, "evbmf_seeds": True}}, "search.evbmf_seeds"),
+    ({"screening": {"keep": 0}}, "screening.keep"),
+    ({"screening": {"batch": 0}}, "screening.batch"),
+    ({"screening": {}, "finetune": {"qat": False}}, "screening"),
+    ({"search": {"steps_budget": 0}}, "search.steps_budget"),
+])
+def test_allocate_final_and_seed_keys_fail_with_one_line(tmp_path, doc, key):
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(AutorankError) as info:
+        load_space(path)
+    assert f"key '{key}'" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_old_spaces_and_search_json_stay_valid():
+    """No mode: layers; `evbmf_seeds` is the old name of `seeds`; a search.json of an older search loads."""
+    old = parse_space({"rank": {"mode": "ratio"}, "search": {"evbmf_seeds": False}})
+    assert old.mode == "layers" and old.seeds is False and old.sensitivity is None and old.final.top == 0
+    stored = {k: v for k, v in old.to_dict().items()
+              if k not in ("mode", "sensitivity", "allocate", "final", "seeds", "seed_ratios")}
+    assert space_from_dict({**stored, "evbmf_seeds": False}) == old
 
 
 def test_constraints_give_optuna_style_violations():

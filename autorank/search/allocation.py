@@ -1,0 +1,78 @@
+"""`mode: allocate`: one trial's few sampled parameters -> a per-layer Plan from the sensitivity table.
+
+The sample says how small (`ratio`, times below the uncompressed fp32 size), with what (`allow.<method>`
+switches a decomposition on or off, `lowest_precision` allows that precision and every wider one;
+keeping a layer fp32 is always allowed) and how to read the table (`sharpness` p and `decomposed_weight` w turn each candidate's measured drop d
+into w^[decomposed] * max(d, 0)^p). The allocator then picks, per layer, the candidate that minimises
+the summed weighted drops within the byte budget. Why the two weights: single-layer zero-shot drops
+add up only roughly (the table over-predicts at moderate ratios and under-predicts where many layers
+are decomposed, docs/COMPRESSION.md), p > 1 spreads damage thinly and p < 1 concentrates it, and a
+fine-tune recovers decompositions (data-aware fit + distillation) far more than it recovers the
+table's zero-shot figure suggests, which w < 1 credits. The search learns both.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+from autorank.compression import Plan, SensitivityTable, allocate
+from autorank.search.space import Group, SearchSpace
+
+
+def table_choices(space: SearchSpace, groups: Sequence[Group]) -> dict[str, tuple[list[str], list[str], list[str]]]:
+    """Per searched layer: (decompositions, precisions kept whole, precisions of decomposed layers) the
+    table measures. Decomposed layers take the layer's integer precisions when it has any (a decomposed
+    fp32 layer is practically never better than int8 kept whole), its own precisions otherwise."""
+    choices = {}
+    for g in groups:
+        methods = [m for m in g.methods if m != "none"]
+        integer = [p for p in g.precisions if p in ("int8", "int4")]
+        for layer in g.layers:
+            choices[layer] = (methods, list(g.precisions), integer or list(g.precisions))
+    return choices
+
+
+def _allowed(space: SearchSpace, groups: Sequence[Group], params: Mapping[str, Any]) -> tuple[set[str], set[str]]:
+    """(decompositions, precisions) a sample allows; with one precision below fp32 there is nothing to sample."""
+    methods = {m for m in space.families(groups) if params[f"allow.{m}"]}
+    reduced = space.reduced_precisions(groups)
+    lowest = params["lowest_precision"] if len(reduced) > 1 else None
+    return methods, {"fp32", *reduced[:reduced.index(lowest) + 1 if lowest else len(reduced)]}
+
+
+def weighted_table(table: SensitivityTable, space: SearchSpace, groups: Sequence[Group],
+                   params: Mapping[str, Any]) -> SensitivityTable:
+    """The table the allocator sees for `params`: only the allowed candidates (keep fp32 always), each
+    drop replaced by its weighted value (module docstring)."""
+    methods, precisions = _allowed(space, groups, params)
+    sharpness = params.get("sharpness", space.allocate.sharpness[0])
+    weight = params.get("decomposed_weight", space.allocate.decomposed_weight[0])
+    layers = {}
+    for name, cands in table.layers.items():
+        kept = [c for c in cands[1:] if c.precision in precisions and (c.method == "none" or c.method in methods)]
+        layers[name] = [cands[0]] + [replace(c, drop=max(c.drop, 0.0) ** sharpness * (1.0 if c.method == "none"
+                                                                                          else weight))
+                                     for c in kept]
+    return replace(table, layers=layers)
+
+
+def smallest_bytes(table: SensitivityTable) -> int:
+    """The smallest size any plan over `table` reaches."""
+    return table.fixed_bytes + sum(min(c.size_bytes for c in cands) for cands in table.layers.values())
+
+
+def allocated_plan(table: SensitivityTable, space: SearchSpace, groups: Sequence[Group],
+                   params: Mapping[str, Any]) -> tuple[Plan, dict[str, float]]:
+    """The trial's plan and what the table says of it: `budget_bytes` (the target, raised to the smallest
+    reachable size when the allowed candidates cannot go that low), `predicted_drop` (the table's own
+    drops, unweighted) and `predicted_bytes` (exact)."""
+    seen = weighted_table(table, space, groups, params)
+    ratio = params.get("ratio", space.allocate.ratio[0])
+    budget = max(math.floor(table.model_bytes / ratio), smallest_bytes(seen))
+    plan = allocate(seen, budget)  # the table's activations: the space's one
+    predicted = table.predict(plan)
+    return plan, {"budget_bytes": float(budget), "predicted_drop": predicted.drop,
+                  "predicted_bytes": float(predicted.size_bytes)}

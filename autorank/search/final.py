@@ -1,0 +1,92 @@
+"""The final fine-tune: when the trials are done, the best front members train `final.steps` more.
+
+A trial's brief fine-tune ranks plans; it does not finish them (100 steps cannot repair a deep rank
+cut, docs/SEARCH.md). So a search ends by continuing the `final.top` most accurate members of the
+feasible front (the unconstrained front fills up when fewer are feasible) from their saved weights
+for `final.steps` more steps, with the trials' recipe (distillation, QAT, LR schedule), and measures
+them again on val. The uncompressed reference gets the same total budget once (`final_reference`),
+so drops and ratios compare like with like.
+
+Finished Optuna trials are frozen, so the figures live in the study's user attrs (`final:<n>`,
+`final_reference`), beside `trials/<n>/final.pt` and `final.json`; `TrialRecord.figures` prefers
+them, and with it the front, `autorank best`, `autorank export` and MLflow. Trials already finalized
+keep their figures; a resumed search finalizes only the members that lack them. A final fine-tune
+that fails (divergence included) is recorded with its reason and the trial keeps its own figures.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+import traceback
+from collections.abc import Callable, Sequence
+
+import optuna
+import torch
+
+from autorank import engine
+from autorank.compression import Plan, compress
+from autorank.data import Dataset
+from autorank.search.results import (FINAL_ATTR, FINAL_FILE, FINAL_REFERENCE_ATTR, FINAL_WEIGHTS_FILE, PLAN_FILE,
+                                     WEIGHTS_FILE, TrialRecord)
+from autorank.search.trial import TrialContext, finetune_and_measure
+from autorank.tracking import pareto_front
+
+
+def final_candidates(trials: Sequence[TrialRecord], objectives: Sequence[str], top: int) -> list[TrialRecord]:
+    """The `top` most accurate members of the feasible front, then of the unconstrained front, by figures."""
+    chosen: list[TrialRecord] = []
+    for feasible_only in (True, False):
+        front = sorted(pareto_front(trials, objectives, feasible_only=feasible_only),
+                       key=lambda t: (-t.figures["accuracy"], t.figures["size_bytes"], t.number))
+        chosen += [t for t in front if t.number not in {c.number for c in chosen}][:top - len(chosen)]
+    return chosen
+
+
+def final_reference(ctx: TrialContext, data: Dataset) -> dict[str, float]:
+    """The uncompressed model after the trials' fine-tune and then the final one: what final figures face."""
+    model = copy.deepcopy(ctx.model)
+    if ctx.space.finetune.steps > 0:
+        engine.train(model, data, ctx.train_config(), teacher=ctx.model)
+    return finetune_and_measure(model, data, ctx, steps=ctx.space.final.steps)
+
+
+def finalize_trial(ctx: TrialContext, data: Dataset, record: TrialRecord, reference: dict[str, float]) -> dict:
+    """Continue one trial from its saved weights; its final figures and constraints, or the reason it failed."""
+    start = time.perf_counter()
+    folder = record.directory
+    try:
+        model = compress(ctx.model, Plan.from_json((folder / PLAN_FILE).read_text()), decompose=False)
+        model.load_state_dict(torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True))
+        metrics = finetune_and_measure(model, data, ctx, steps=ctx.space.final.steps)
+        metrics["ratio"] = reference["size_bytes"] / metrics["size_bytes"]
+        metrics["drop_points"] = (reference["accuracy"] - metrics["accuracy"]) * 100
+        metrics["steps"] = float(ctx.space.final.steps)
+        metrics["wall_s"] = time.perf_counter() - start
+        torch.save(model.state_dict(), folder / FINAL_WEIGHTS_FILE)
+        final = {"metrics": metrics, "constraints": ctx.space.constraints.violations(metrics, reference)}
+    except Exception as exc:  # noqa: BLE001 - a failed final fine-tune is recorded; the trial keeps its figures
+        final = {"reason": f"{type(exc).__name__}: {exc}".splitlines()[0][:500]}
+        (folder / "final-error.txt").write_text(traceback.format_exc())
+    (folder / FINAL_FILE).write_text(json.dumps({"trial": record.number, **final}, indent=2))
+    return final
+
+
+def run_final(study: optuna.Study, ctx: TrialContext, data: Dataset, snapshot: Callable[[], list[TrialRecord]],
+              on_done: Callable[[], None], say: Callable[[str], None]) -> None:
+    """Final fine-tune of the front's best members that have no final figures yet (module docstring)."""
+    final = ctx.space.final
+    chosen = [t for t in final_candidates(snapshot(), ctx.space.objectives, final.top) if t.final is None]
+    chosen = [t for t in chosen if t.directory is not None and (t.directory / WEIGHTS_FILE).is_file()]
+    if not chosen:
+        return
+    reference = study.user_attrs.get(FINAL_REFERENCE_ATTR)
+    if reference is None:
+        say(f"final fine-tune: the uncompressed reference, {ctx.space.finetune.steps} + {final.steps} steps")
+        reference = final_reference(ctx, data)
+        study.set_user_attr(FINAL_REFERENCE_ATTR, reference)
+    for i, record in enumerate(chosen, 1):
+        say(f"final fine-tune: trial {record.number} ({i}/{len(chosen)}), {final.steps} more steps")
+        study.set_user_attr(f"{FINAL_ATTR}{record.number}", finalize_trial(ctx, data, record, reference))
+        on_done()

@@ -1,0 +1,172 @@
+"""`mode: allocate` end to end on digits: the sensitivity table in the search folder and MLflow, warm
+starts first, allocated plans within their budget, the final fine-tune preferred by best and export."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import optuna
+import pytest
+import yaml
+
+from autorank import engine
+from autorank.cli import main
+from autorank.compression import SensitivityTable
+from autorank.compression.ranks import attainable_ranks, full_ranks, method_params, ratio_ranks, scaled_ranks
+from autorank.export.api import export_onnx, rebuild_trial
+from autorank.search import best_trial, load_search
+from autorank.search.run import run_search
+from autorank.search.seeds import EVBMF_TARGET
+from autorank.tracking import pareto_front
+
+ALLOCATE_SPACE = {
+    "name": "tinyalloc",
+    "mode": "allocate",
+    "methods": ["none", "tucker2", "svd"],
+    "precisions": ["fp32", "int8", "int4"],
+    "sensitivity": {"images": 120, "levels": [2, 4], "fit_images": 32},
+    "allocate": {"ratio": [2.0, 12.0]},
+    "constraints": {"max_drop": 5.0},
+    "finetune": {"steps": 8, "lr": 0.05, "batch_size": 64, "decompose_iters": 5, "fit_images": 64},
+    "final": {"top": 2, "steps": 12},
+    "search": {"trials": 8, "population": 4, "seed": 0, "seed_ratios": [0.5]},
+}
+
+
+def mlflow_runs(out, search_id):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("autorank")
+    runs = client.search_runs([exp.experiment_id], f"tags.`autorank.search_id` = '{search_id}'", max_results=100)
+    parent = next(r for r in runs if r.data.tags["autorank.kind"] == "search")
+    return client, parent, {int(r.data.tags["autorank.trial"]): r for r in runs if r.data.tags["autorank.kind"] == "trial"}
+
+
+@pytest.fixture(scope="module")
+def allocate_search(tmp_path_factory, pretrained_digits, digits):
+    folder = tmp_path_factory.mktemp("allocate")
+    space = folder / "alloc.yaml"
+    space.write_text(yaml.safe_dump(ALLOCATE_SPACE))
+    return run_search(space, "small_cnn", pretrained_digits, "digits", folder / "search", data=digits,
+                      progress=False)
+
+
+def test_sensitivity_table_is_kept_in_the_folder_and_logged_to_mlflow(allocate_search):
+    out = allocate_search.out_dir
+    table = SensitivityTable.from_json((out / "sensitivity.json").read_text())
+    assert list(table.layers) == ["features.3", "features.7", "features.10", "classifier"]
+    assert table.images == 120 and table.settings["levels"] == ["vbmf*2", "vbmf*4"]
+    assert table.settings["compress_options"] == ["fit"]  # the trials' data-aware fit
+    layers = load_search(out).info["layers"]
+    for name, cands in table.layers.items():  # levels at multiples of the layer's EVBMF ranks
+        shape = tuple(layers[name]["shape"])
+        decomposed = [c for c in cands if c.method != "none"]
+        assert {c.method for c in decomposed} <= {"svd" if name == "classifier" else "tucker2"}
+        for c in decomposed:
+            multiple = float(c.level.split("*")[1])
+            scaled = scaled_ranks(layers[name]["evbmf"][c.method], full_ranks(c.method, shape), multiple)
+            assert c.rank == list(attainable_ranks(c.method, shape, tuple(scaled)))
+            assert method_params(c.method, shape, tuple(c.rank)) < math.prod(shape)
+    assert not (out / "sensitivity.rows.jsonl").exists()
+    assert (out / "sensitivity.png").read_bytes()[:4] == b"\x89PNG"
+    client, parent, _ = mlflow_runs(out, load_search(out).info["search_id"])
+    assert {"sensitivity.json", "sensitivity.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+
+def test_warm_starts_come_first_then_allocated_plans_within_their_budget(allocate_search):
+    search = load_search(allocate_search.out_dir)
+    table = SensitivityTable.from_json((search.out_dir / "sensitivity.json").read_text())
+    study = optuna.load_study(study_name=search.info["study_name"], storage=search.info["storage"])
+    assert [t.user_attrs.get("seed") for t in study.trials] == ["int8", EVBMF_TARGET, "tucker2@0.5/int8"] + [None] * 5
+    trials = [t for t in search.trials if t.finished_ok]
+    assert len(trials) == 8
+    int8, evbmf, recipe = trials[:3]
+    # int8 alone: every layer kept whole at int8; its parameters describe it (its ratio, nothing decomposed)
+    assert all((lp["method"], lp["precision"]) == ("none", "int8") for lp in int8.plan["layers"].values())
+    assert not int8.params["allow.tucker2"] and int8.params["lowest_precision"] == "int8"
+    # the allocator's first target: the EVBMF total (everything allowed), a real cut within the range
+    layers = search.info["layers"]
+    assert evbmf.params["allow.tucker2"] and evbmf.params["allow.svd"] and evbmf.params["lowest_precision"] == "int4"
+    assert 2.0 < evbmf.params["ratio"] <= 12.0
+    # the uniform recipe: Tucker-2 at 50% retention on every conv, int8 weights; never above a layer's size
+    for name, lp in recipe.plan["layers"].items():
+        shape = tuple(layers[name]["shape"])
+        assert lp["precision"] == "int8"
+        if layers[name]["kind"] == "linear" or lp["method"] == "none":
+            assert layers[name]["kind"] == "linear" or \
+                method_params("tucker2", shape, ratio_ranks("tucker2", shape, 0.5)) >= math.prod(shape)
+        else:
+            assert lp["rank"] == list(ratio_ranks("tucker2", shape, 0.5))
+            assert method_params("tucker2", shape, tuple(lp["rank"])) < math.prod(shape)
+    assert recipe.params == {"ratio": pytest.approx(table.model_bytes / recipe.metrics["size_bytes"]),
+                             "sharpness": 1.0, "decomposed_weight": 1.0, "allow.tucker2": True,
+                             "allow.svd": False, "lowest_precision": "int8"}
+    # allocated trials: exactly as large as the table predicted, within the sampled budget, allowed choices only
+    for t in [evbmf, *trials[3:]]:
+        m = t.metrics
+        assert m["size_bytes"] == m["predicted_bytes"] <= m["budget_bytes"]
+        assert m["budget_bytes"] >= math.floor(table.model_bytes / t.params["ratio"])
+        allowed = {"none"} | {name for name in ("tucker2", "svd") if t.params[f"allow.{name}"]}
+        precisions = {"fp32", "int8"} | ({"int4"} if t.params["lowest_precision"] == "int4" else set())
+        for name, lp in t.plan["layers"].items():
+            assert lp["method"] in allowed and lp["precision"] in precisions
+            assert any(c.method == lp["method"] and c.rank == lp["rank"] and c.precision == lp["precision"]
+                       for c in table.layers[name])
+
+
+def test_final_fine_tune_figures_are_preferred_by_front_best_export_and_mlflow(allocate_search, digits, capsys):
+    search = load_search(allocate_search.out_dir)
+    finalized = [t for t in search.trials if t.finalized]
+    assert 1 <= len(finalized) <= 2 and search.final_reference is not None
+    for t in finalized:  # continued from the trial's weights: the final figures are measured on the final weights
+        assert t.figures is t.final["metrics"] and t.figures["steps"] == 12
+        assert (t.directory / "final.pt").is_file() and (t.directory / "final.json").is_file()
+        assert t.figures["drop_points"] == pytest.approx(
+            (search.final_reference["accuracy"] - t.figures["accuracy"]) * 100)
+        model = rebuild_trial(search.out_dir, trial=t.number)[-1]
+        assert engine.evaluate(model, digits, "val") == pytest.approx(t.figures["accuracy"])
+    best = best_trial(search)
+    front = pareto_front(search.trials, search.space.objectives)
+    assert best.number in {t.number for t in front}
+    assert best.figures["accuracy"] == max(t.figures["accuracy"] for t in search.trials if t.feasible)
+    assert main(["best", "--search", str(search.out_dir), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["trial"] == best.number and shown["figures"] == best.figures
+    if best.finalized:
+        assert shown["weights"].endswith("final.pt")
+    client, parent, runs = mlflow_runs(search.out_dir, search.info["search_id"])
+    for t in finalized:
+        run = runs[t.number]
+        assert run.data.tags["final"] == "true"
+        assert run.data.metrics["final_accuracy"] == pytest.approx(t.figures["accuracy"])
+        assert run.data.metrics["accuracy"] == pytest.approx(t.metrics["accuracy"])
+    assert {n for n, r in runs.items() if r.data.tags["pareto"] == "true"} == {t.number for t in front}
+    result = export_onnx(search.out_dir, search.out_dir / "best.onnx", "fp32", trial=finalized[0].number,
+                         bench=False, register=False, verify_limit=64)
+    assert result.recorded_accuracy == finalized[0].figures["accuracy"]
+    assert abs(result.accuracy_gap) < 1.0
+
+
+def test_ray_executor_measures_the_table_in_ray_tasks(tmp_path, pretrained_digits, digits, allocate_search,
+                                                       monkeypatch):
+    """With --executor ray every row is a Ray task (the driver's measure_layer is never called) and the
+    table is the local search's: same candidates and sizes, drops within the subset's noise."""
+    import autorank.search.table as table_module
+
+    def driver_side(*args, **kwargs):
+        raise AssertionError("a row was measured in the driver")
+
+    monkeypatch.setattr(table_module, "measure_layer", driver_side)
+    space = tmp_path / "alloc.yaml"
+    space.write_text(yaml.safe_dump({**ALLOCATE_SPACE, "final": {"top": 0}}))
+    run_search(space, "small_cnn", pretrained_digits, "digits", tmp_path / "search", trials=1, executor="ray",
+               trial_resources={"cpu": 1.0, "gpu": 0.0}, max_concurrent=2, data=digits, progress=False)
+    ray_table = SensitivityTable.from_json((tmp_path / "search" / "sensitivity.json").read_text())
+    local = SensitivityTable.from_json((allocate_search.out_dir / "sensitivity.json").read_text())
+    assert list(ray_table.layers) == list(local.layers)
+    for name, cands in ray_table.layers.items():
+        assert [(c.kind, c.rank, c.size_bytes) for c in cands] == [(c.kind, c.rank, c.size_bytes)
+                                                                    for c in local.layers[name]]
+        assert [c.drop for c in cands] == pytest.approx([c.drop for c in local.layers[name]], abs=2.0)
