@@ -9,6 +9,7 @@ study: workers never open the storage.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -169,6 +170,9 @@ def ray_session(address: str | None, resources: dict[str, float], max_concurrent
     try:
         yield
     finally:
+        # Free unreachable Ray object refs while Ray is up: the second Ray search in one process (table tasks,
+        # then Tune) died with "core worker has already been shutdown" without this collection.
+        gc.collect()
         ray.shutdown()
 
 

@@ -198,15 +198,15 @@ def run_trial(ctx: TrialContext, data: Dataset, params: Mapping[str, Any], numbe
     outcome = TrialOutcome(number=number, params=dict(params))
     folder = ctx.out_dir / TRIALS_DIR / str(number)
     try:
+        # integer ranks, layers that would not shrink left whole: export rebuilds exactly this model
+        plan, predicted = trial_plan(ctx, params, seed) if screened is None else screened[:2]
+        outcome.summary = summarize(plan)
+        outcome.plan = json.loads(plan.to_json())  # recorded even if compressing it fails
         if screened is None:
-            # integer ranks, layers that would not shrink left whole: export rebuilds exactly this model
-            plan, predicted = trial_plan(ctx, params, seed)
             model = compress_trial(ctx, data, plan)
             compress_s = time.perf_counter() - start
         else:
-            plan, predicted, model, compress_s = screened
-        outcome.summary = summarize(plan)
-        outcome.plan = json.loads(plan.to_json())
+            model, compress_s = screened[2:]
         metrics = finetune_and_measure(model, data, ctx, quantize=None if ctx.space.finetune.qat else plan)
         metrics["compress_s"] = compress_s
         metrics.update(predicted)
