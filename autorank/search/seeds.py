@@ -78,12 +78,14 @@ def recipe_plan(recipe: Recipe, groups: Sequence[Group], activations: str) -> Pl
 
 
 def recipes(space: SearchSpace, groups: Sequence[Group]) -> list[Recipe]:
-    """int8 weights alone, then each conv decomposition of the space at each seed ratio, int8 weights."""
+    """int8 weights alone, then each conv decomposition of the space at each seed ratio, int8 weights;
+    only recipes every group can express (a group without `none` cannot keep its layers whole)."""
     precisions = [p for g in groups for p in g.precisions]
     precision = next((p for p in ("int8", "int4", "fp16") if p in precisions), "fp32")
     found = [] if precision == "fp32" else [Recipe("none", None, precision)]
     methods = [m for m in CONV_FAMILIES if any(m in g.methods and g.kind == "conv" for g in groups)]
-    return found + [Recipe(m, ratio, precision) for ratio in space.seed_ratios for m in methods]
+    found += [Recipe(m, ratio, precision) for ratio in space.seed_ratios for m in methods]
+    return [r for r in found if all(_method(r, g) in g.methods for g in groups)]
 
 
 def _clamp(value: float, bounds: tuple[float, float]) -> float:
