@@ -17,7 +17,7 @@ beyond one chain's input):
   (reduced-rank regression, as "pair"), CP's two depthwise factors one after the other, and finally
   the last factor (bias included) given the quantized factors before it. Six sweeps; the one with
   the lowest error is kept. On ResNet-20 (convs at 30%, int8) it took data-aware zero-shot accuracy
-  from 72.5% to 75.6% (Tucker-2) and from 84.2% to 85.1% (CP) over "pair" (docs/COMPRESSION.md).
+  from 72.5% to 75.6% (Tucker-2) and from 84.2% to 85.05% (CP) over "pair" (docs/COMPRESSION.md).
 - "pair": reduced-rank regression of the last two factors together where the second to last is an
   ordinary conv/linear (Tucker-2 core + output 1x1, TT's 1xk + output 1x1, both SVD halves), i.e.
   the best rank-R map from that factor's input patches to the target; CP's factor before the last
