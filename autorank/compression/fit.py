@@ -186,8 +186,18 @@ def _moments(modules: list[nn.Module], stop: int, x: Tensor, y: Tensor, chunk: i
 
 
 def _solve(cov: Tensor, cross: Tensor) -> Tensor:
+    """Least squares from normal equations, with a ridge relative to the mean Gram diagonal."""
     eye = torch.eye(len(cov), dtype=cov.dtype, device=cov.device)
     return torch.linalg.solve(cov + RIDGE * cov.diagonal().mean().clamp_min(1e-30) * eye, cross)
+
+
+def _reduced_rank(cov: Tensor, cross: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """The best rank-R linear map from features to targets, split as (V^T W: R x features, V: T x R),
+    V = the top-R principal directions of the fitted output."""
+    w = _solve(cov, cross)  # features x T
+    _, vectors = torch.linalg.eigh(w.T @ cov @ w)  # the fitted output's covariance, T x T
+    v = vectors[:, -rank:]
+    return (w @ v).T, v
 
 
 def _set(module: nn.Module, weight: Tensor, bias: Tensor | None) -> None:
@@ -216,11 +226,9 @@ def _fit_pair(modules: list[nn.Module], first: int, last: int, x: Tensor, y: Ten
     module = modules[first]
     rank = module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
     cov, cross, _, _ = _moments(modules, first, x, y, chunk, modules[last].bias is not None)
-    w = _solve(cov, cross)  # patch x T
-    _, vectors = torch.linalg.eigh(w.T @ cov @ w)  # the fitted output's covariance, T x T
-    v = vectors[:, -rank:]
-    _set(module, (w @ v).T, None)
-    _set(modules[last], v, None)  # its bias (and its fit to the quantized first factor): `_fit_last`
+    head, tail = _reduced_rank(cov, cross, rank)
+    _set(module, head, None)
+    _set(modules[last], tail, None)  # its bias (and its fit to the quantized first factor): `_fit_last`
 
 
 # ---------------------------------------------------------------- alternating least squares on moments
@@ -307,11 +315,6 @@ def _chain_moments(layer: nn.Module, x: Tensor, y: Tensor, intercept: bool) -> _
     return _Moments(*((a.T @ b).to(dtype) / n for a, b in ((f, f), (f, t), (t, t))), mean_x, mean_y, window)
 
 
-def _ridged(matrix: Tensor) -> Tensor:
-    eye = torch.eye(len(matrix), dtype=matrix.dtype, device=matrix.device)
-    return matrix + RIDGE * matrix.diagonal().mean().clamp_min(1e-30) * eye
-
-
 def _step_first(modules: list[nn.Module], m: _Moments, iterations: int = CG_ITERATIONS) -> None:
     """Least squares for the first factor A given the (quantized) factors after it, by conjugate gradients
     on the normal equations sum_{o,p} E_o^T E_p A X_po = sum_o E_o^T Y_o, warm-started from the current A
@@ -365,28 +368,24 @@ def _step_depthwise(modules: list[nn.Module], m: _Moments, k: int) -> None:
     last = modules[-1].weight.detach().to(a.dtype).reshape(modules[-1].weight.shape[0], r)  # T x R
     ff = (b @ zz @ b.T).reshape(r, n, r, n) * (last.T @ last)[:, None, :, None]
     rhs = torch.einsum("tr,rit->ri", last, (b @ zy).reshape(r, n, -1)).reshape(-1)
-    solution = torch.linalg.solve(_ridged(ff.reshape(r * n, r * n)), rhs)
+    solution = _solve(ff.reshape(r * n, r * n), rhs)
     _set(modules[k], solution, None)
 
 
 def _step_pair(modules: list[nn.Module], m: _Moments) -> None:
-    """Reduced-rank regression of the last two factors given a 1x1 first factor (Tucker-2, TT's pair
-    when it has three factors, SVD's second half): features = kron(A, I_window) x."""
+    """Tucker-2's core and output 1x1 together given its 1x1 first factor A, by reduced-rank regression
+    on the moments of the core's input patches kron(A, I_window) x."""
     first = _composite(modules[:1])[:, :, 0, 0]  # R x C
     lift = torch.kron(first, torch.eye(m.window[0] * m.window[1], dtype=first.dtype, device=first.device))
-    cov, cross = lift @ m.xx @ lift.T, lift @ m.xy
-    w = torch.linalg.solve(_ridged(cov), cross)  # R*window x T
-    rank = modules[1].weight.shape[0]
-    _, vectors = torch.linalg.eigh(w.T @ cov @ w)
-    v = vectors[:, -rank:]
-    _set(modules[1], (w @ v).T, None)
-    _set(modules[2], v, None)
+    core, last = _reduced_rank(lift @ m.xx @ lift.T, lift @ m.xy, modules[1].weight.shape[0])
+    _set(modules[1], core, None)
+    _set(modules[2], last, None)
 
 
 def _step_last(modules: list[nn.Module], m: _Moments) -> None:
     """Least squares for the last factor (and the bias) given the (quantized) factors before it."""
     lift = _composite(modules[:-1]).flatten(1)  # R x C*window
-    w = torch.linalg.solve(_ridged(lift @ m.xx @ lift.T), lift @ m.xy)  # R x T
+    w = _solve(lift @ m.xx @ lift.T, lift @ m.xy)  # R x T
     _set(modules[-1], w.T, m.mean_y - (lift @ m.mean_x) @ w)
 
 
