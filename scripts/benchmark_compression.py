@@ -9,15 +9,19 @@ caches one JSON per run and writes the report. Stages, in the order `run` execut
   baselines   CP / Tucker-2 / TT at fixed parameter retention on every conv but the first, one-shot
               EVBMF Tucker-2 (MUSCO/Gildenblat), each fp32 and int8 weights (quantization-aware, same
               budget); int8 of the uncompressed model, quantization-aware and post-training
-  search      the search (search_spaces/resnet_cifar.yaml) with as many trials as there are
-              fine-tuned baselines; its unconstrained Pareto models are evaluated on the test split
+  search      the search (search_spaces/resnet_cifar.yaml) within the baselines' compute: at most as
+              many fine-tuned trials as there are fine-tuned baselines and at most their summed wall
+              time, its reference, sensitivity table and screening included; its unconstrained Pareto
+              models are evaluated on the test split
   final       the search's and the baselines' Pareto models (and the reference) fine-tuned longer
   findings    Tucker-2 + INT8 additivity (global and one layer at a time), CP + INT8 with and without
               stabilisation, TT vs CP vs Tucker-2 at equal parameters
-  efficiency  hypervolume vs trials: EVBMF-seeded TPE / NSGA-II vs unseeded vs random (same seed)
+  efficiency  hypervolume vs trials per seed: allocator-driven search (TPE or GP, with and without
+              warm starts) vs free per-layer sampling vs random
 
 Results: OUT/runs/<stage>/<name>.json (a rerun skips every run whose JSON matches its settings;
-`report` rebuilds the tables and plots from these files alone).
+`report` rebuilds the tables and plots from these files alone, and with --docs also writes the
+machine-readable summary docs/benchmarks/<model>-<quick|full>.json).
 
   .venv/bin/python scripts/benchmark_compression.py run --model resnet20 --quick
   .venv/bin/python scripts/benchmark_compression.py report --model resnet20 --quick --docs docs/BENCHMARKS.md
@@ -52,6 +56,17 @@ STAGES = ("reference", "baselines", "search", "final", "findings", "efficiency")
 HV_FLOOR = 10.0
 CHANCE = 10.0  # a second, absolute floor (CIFAR-10 chance accuracy, points) for heavily degraded short-budget runs
 WITHIN = 1.0  # "smallest model within 1.0 point of the reference"
+
+# Efficiency variants: label -> (mode, sampler, warm starts). The first is the shipped space as it is.
+EFF_VARIANTS: dict[str, tuple[str, str, bool]] = {
+    "allocate+tpe+seeds": ("allocate", "tpe", True),
+    "allocate+gp+seeds": ("allocate", "gp", True),
+    "allocate+tpe": ("allocate", "tpe", False),
+    "layers+tpe+seeds": ("layers", "tpe", True),
+    "random": ("layers", "random", False),
+}
+# Free per-layer sampling (`mode: layers`): one (method, EVBMF rank multiplier, precision) per layer.
+LAYERS_MODE = {"mode": "layers", "grouping": "layer", "rank": {"mode": "evbmf", "multiplier": [0.5, 6.0]}}
 
 FAMILIES = ("Reference", "INT8 only", "Tucker-2", "CP", "TT", "EVBMF Tucker-2", "Search")
 METHOD_FAMILY = {"tucker2": "Tucker-2", "cp": "CP", "tt": "TT"}
@@ -102,9 +117,9 @@ def make_settings(model: str, quick: bool, steps: int | None, space_steps: int, 
 
 # ResNet-56 costs ~3x ResNet-20 per image: to stay within about three hours on 2 cores its full run
 # gives the final fine-tune to two models per front, measures one layer at a time on 18 evenly spread
-# convs of 54, and runs the sampler comparison with shorter trials on 1,000 val images.
+# convs of 54, and runs the sampler comparison once with shorter trials on 1,000 val images.
 FULL_OVERRIDES: dict[str, dict[str, Any]] = {
-    "resnet56": {"final_top": 2, "layer_limit": 18, "eff_steps": 20, "eff_val_limit": 1000},
+    "resnet56": {"final_top": 2, "layer_limit": 18, "eff_steps": 20, "eff_val_limit": 1000, "eff_seeds": (0,)},
 }
 
 
@@ -118,7 +133,7 @@ def _settings(model: str, quick: bool, steps: int | None, space_steps: int) -> S
     steps = steps or space_steps
     full = Settings(model=model, quick=False, steps=steps, val_limit=None, test_limit=None,
                     ratios=(0.1, 0.2, 0.5, 0.8), methods=("tucker2", "tt", "cp"), final_steps=3 * steps, final_top=3,
-                    eff_trials=20, eff_steps=max(10, steps // 3), eff_val_limit=2000, eff_seeds=(0,),
+                    eff_trials=12, eff_steps=max(10, steps // 3), eff_val_limit=2000, eff_seeds=(0, 1, 2),
                     layer_ratio=0.2, layer_val_limit=2000, cp_ratio=0.2)
     return dataclasses.replace(full, **FULL_OVERRIDES.get(model, {}))
 
@@ -231,14 +246,19 @@ class Bench:
         torch.manual_seed(settings.seed)
 
     # ---- plumbing ----------------------------------------------------------------------
-    def load_space(self, **overrides: Any):
-        """The shipped search space with the benchmark's overrides (validated by the search stage)."""
+    def load_space(self, mode: str | None = None, **overrides: Any):
+        """The shipped search space with the benchmark's overrides (validated by the search stage);
+        `mode="layers"` turns an allocate-mode space into free per-layer sampling of the same choices."""
         import yaml
 
         from autorank.search.space import parse_space
 
         raw = yaml.safe_load(self.space_path.read_text())
         raw.pop("final", None)  # the benchmark's own final stage fine-tunes every compared model alike
+        if mode == "layers" and raw.get("mode") == "allocate":
+            for key in ("allocate", "sensitivity"):
+                raw.pop(key, None)
+            raw.update(copy.deepcopy(LAYERS_MODE))
         ft, search = raw.setdefault("finetune", {}), raw.setdefault("search", {})
         if self.s.batch_size is not None:
             ft["batch_size"] = self.s.batch_size
@@ -428,25 +448,40 @@ class Bench:
 
     # ---- stage: search -------------------------------------------------------------------
     def search(self) -> dict[str, Any]:
-        """The search with as many trials as there are fine-tuned baselines (the same steps each)."""
-        trials = len(self.baseline_specs())
+        """The search within the baselines' compute: at most as many fine-tuned trials (the same steps
+        each) and at most their summed wall time, counted from the search's first step (its own
+        reference, sensitivity table and screening included) across resumes."""
+        base = [r for r in self.baselines() if r.get("finetuned")]
+        trials = len(base)
+        wall = sum(r["wall_s"] for r in self.baselines())
         out = self.out / "search"
-        result = self.searched(out, self.load_space(steps=self.s.steps, trials=trials), trials, self.data)
-        summary = {**result, "trials_budget": trials}
+        space = self.load_space(steps=self.s.steps, trials=trials, steps_budget=trials * self.s.steps)
+        result = self.searched(out, space, trials, self.data, time_budget=wall)
+        summary = {**result, "trials_budget": trials, "time_budget_s": wall}
         write_json(self.run_path("search", "summary"), summary)
         self.search_test(out, summary)
         return summary
 
-    def searched(self, out: Path, space, trials: int, data) -> dict[str, Any]:
-        """Run (or resume) one search; its trial records as plain JSON."""
+    def searched(self, out: Path, space, trials: int, data, time_budget: float | None = None) -> dict[str, Any]:
+        """Run (or resume) one search; its trial records as plain JSON. `time_budget` (seconds) counts
+        every sitting: each one's wall time is added to OUT/benchmark-wall.json when it ends, and a
+        sitting killed before that is counted by its trials' own wall times."""
         from autorank.search import load_search, run_search
 
         started = time.perf_counter()
+        ledger = out / "benchmark-wall.json"
+        spent = (read_json(ledger) or {}).get("elapsed_s", 0.0)
+        if (out / "search.json").exists() and spent == 0.0:
+            spent = sum(t.metrics.get("wall_s", 0.0) for t in load_search(out).trials if t.counted)
+        left = None if time_budget is None else max(time_budget - spent, 1.0)
         if (out / "search.json").exists():
-            run_search(out_dir=out, resume=True, trials=trials, data=data, device=self.device, progress=False)
+            run_search(out_dir=out, resume=True, trials=trials, time_budget=left, data=data, device=self.device,
+                       progress=False)
         else:
-            run_search(space, self.s.model, self.weights, self.data_spec, out, trials=trials, data=data,
-                       device=self.device, progress=False)
+            run_search(space, self.s.model, self.weights, self.data_spec, out, trials=trials, time_budget=left,
+                       data=data, device=self.device, progress=False)
+        elapsed = spent + time.perf_counter() - started
+        write_json(ledger, {"elapsed_s": elapsed})
         record = load_search(out)
         rows = [{"trial": t.number, "state": t.state, "val_accuracy": t.metrics.get("accuracy"),
                  "size_bytes": t.metrics.get("size_bytes"), "params": t.metrics.get("params"),
@@ -454,8 +489,11 @@ class Bench:
                  "train_s": t.metrics.get("train_s"), "eval_s": t.metrics.get("eval_s"),
                  "compress_s": t.metrics.get("compress_s"), "summary": t.summary, "reason": t.reason}
                 for t in record.trials if t.counted]
-        return {"reference": record.reference, "trials": rows, "elapsed_s": time.perf_counter() - started,
-                "sampler": space.sampler, "evbmf_seeds": space.seeds, "space": space.name}
+        table = read_json(out / "sensitivity.json")
+        return {"reference": record.reference, "trials": rows, "elapsed_s": elapsed,
+                "fine_tune_steps": sum(space.finetune.steps for t in rows if t["state"] != "screened"),
+                "table_s": table.get("seconds") if table else None, "sampler": space.sampler,
+                "evbmf_seeds": space.seeds, "mode": space.mode, "space": space.name}
 
     def search_test(self, out: Path, summary: dict[str, Any]) -> list[dict[str, Any]]:
         """Test accuracy of the search's unconstrained Pareto models (their saved weights, no retraining)."""
@@ -587,22 +625,31 @@ class Bench:
 
     # ---- stage: efficiency ---------------------------------------------------------------
     def efficiency(self) -> dict[str, Any]:
-        """Every sampler variant once per seed in eff_seeds (the seed drives sampling and the trials'
-        fine-tunes; the data subset stays the same), so variants are compared on equal seeds."""
-        variants = {"nsga2+evbmf": ("nsga2", True), "nsga2": ("nsga2", False), "random": ("random", False),
-                    "tpe+evbmf": ("tpe", True), "tpe": ("tpe", False)}
+        """Every variant of EFF_VARIANTS once per seed in eff_seeds (the seed drives sampling, the table's
+        images and the trials' fine-tunes; the data subset stays the same), so variants are compared on
+        equal seeds. Allocate-mode variants of one seed share its sensitivity table (same images, same
+        seed): it is measured by the first and copied to the others' folders before they start."""
+        import shutil
+
         eff_data = subset(self.full_data, {"val": self.s.eff_val_limit, "test": self.s.test_limit}, self.s.seed)
         results = {}
         for seed in self.s.eff_seeds:
-            for label, (sampler, seeded) in variants.items():
-                space = self.load_space(steps=self.s.eff_steps, trials=self.s.eff_trials, sampler=sampler,
-                                        seeds=seeded, seed=seed)
+            for label, (mode, sampler, seeded) in EFF_VARIANTS.items():
+                space = self.load_space(mode=mode, steps=self.s.eff_steps, trials=self.s.eff_trials,
+                                        sampler=sampler, seeds=seeded, seed=seed)
                 name = f"{label}-seed{seed}"
-                config = self.s.config("eff_trials", "eff_steps", "eff_val_limit") | {"variant": label,
-                                                                                      "search_seed": seed}
-                results[name] = cached(self.run_path("efficiency", name), config, lambda space=space, name=name:
-                                       self.searched(self.out / "efficiency" / name, space, self.s.eff_trials,
-                                                     eff_data))
+                folder = self.out / "efficiency" / name
+                table = next((t for other in EFF_VARIANTS if EFF_VARIANTS[other][0] == "allocate" == mode
+                              and (t := self.out / "efficiency" / f"{other}-seed{seed}" / "sensitivity.json").is_file()),
+                             None)
+                if table is not None and not (folder / "search.json").exists():
+                    folder.mkdir(parents=True, exist_ok=True)
+                    if not (folder / "sensitivity.json").exists():
+                        shutil.copy(table, folder / "sensitivity.json")
+                config = self.s.config("eff_trials", "eff_steps", "eff_val_limit") | {
+                    "variant": label, "mode": mode, "sampler": sampler, "seeds": seeded, "search_seed": seed}
+                results[name] = cached(self.run_path("efficiency", name), config, lambda space=space, folder=folder:
+                                       self.searched(folder, space, self.s.eff_trials, eff_data))
         return results
 
 
@@ -817,16 +864,17 @@ def efficiency_section(runs: Mapping[str, list[dict[str, Any]]], docs_png: Path 
     spread = ("cells are the mean ± standard deviation over the seeds" if len(seeds) > 1
               else "one seed: indicative only")
     lines = [f"`{command}` — {spread}.", "",
-             "| sampler | EVBMF seeds | seeds | trials | " + " | ".join(f"HV after {k}" for k in marks)
+             "| variant | mode | sampler | warm starts | seeds | trials | " + " | ".join(f"HV after {k}" for k in marks)
              + f" | HV floor {CHANCE:g}% | best val acc % | reference val % | wall (s) |",
-             "|---|---|---:|---:|" + "---:|" * len(marks) + "---:|---:|---:|---:|"]
+             "|---|---|---|---|---:|---:|" + "---:|" * len(marks) + "---:|---:|---:|---:|"]
     for variant, by_seed in effs.items():
         first = next(iter(by_seed.values()))
         cs = list(curves[variant].values())
         best = [max(t["val_accuracy"] for t in ok) * 100 for r in by_seed.values()
                 if (ok := [t for t in r["trials"] if t["state"] == "complete"])]
         at = [mean_sd([c[k - 1] for c in cs if k <= len(c)], 3) if any(k <= len(c) for c in cs) else "—" for k in marks]
-        lines.append(f"| {first['sampler']} | {'yes' if first['evbmf_seeds'] else 'no'} | {len(by_seed)} | "
+        lines.append(f"| {variant} | {first.get('mode', 'layers')} | {first['sampler']} | "
+                     f"{'yes' if first['evbmf_seeds'] else 'no'} | {len(by_seed)} | "
                      f"{max(len(c) for c in cs)} | " + " | ".join(at)
                      + f" | {mean_sd([hv_curve(r['trials'], r['reference'], CHANCE)[-1] for r in by_seed.values()], 2)}"
                      f" | {mean_sd(best, 2) if best else '—'} | {pct(first['reference']['accuracy'])} | "
@@ -944,6 +992,78 @@ def findings_section(runs: Mapping[str, list[dict[str, Any]]], reference: Mappin
     return lines
 
 
+def smallest_within(rows: Iterable[Mapping[str, Any]], reference: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The smallest model within WITHIN points of the reference on test (ties: the more accurate)."""
+    ok = [r for r in rows if r.get("test_accuracy") is not None
+          and (reference["test_accuracy"] - r["test_accuracy"]) * 100 <= WITHIN + 1e-9]
+    return min(ok, key=lambda r: (r["size_bytes"], -r["test_accuracy"])) if ok else None
+
+
+def compute_summary(runs: Mapping[str, list[dict[str, Any]]]) -> dict[str, Any] | None:
+    """Fine-tune steps and wall time of each side. Search: its trials' fine-tunes and its own reference
+    (wall: every sitting from its first step, sensitivity table and screening included); baselines: the
+    fine-tuned baselines (wall: decomposition, data-aware fit, fine-tune and val/test evaluation each,
+    plus post-training int8). The final stage adds the same per model to the side it belongs to."""
+    summary = (runs.get("search_summary") or [None])[0]
+    if summary is None:
+        return None
+    steps = runs["reference"][0]["config"]["steps"]
+    final = runs.get("final", [])
+    final_steps = final[0]["config"]["final_steps"] if final else 0
+    base_final = [r for r in final if r["family"] not in ("Search", "Reference")]
+    search_final = [r for r in final if r["family"] == "Search"]
+    baselines = runs.get("baselines", [])
+    return {
+        "search_steps": summary.get("fine_tune_steps", len(summary["trials"]) * steps) + steps
+        + len(search_final) * final_steps,
+        "baseline_steps": sum(steps for r in baselines if r.get("finetuned")) + len(base_final) * final_steps,
+        "search_wall_s": round(summary["elapsed_s"] + sum(r["wall_s"] for r in search_final), 1),
+        "baseline_wall_s": round(sum(r["wall_s"] for r in baselines) + sum(r["wall_s"] for r in base_final), 1),
+        "search_table_s": summary.get("table_s"),
+        "search_trials": len(summary["trials"]),
+    }
+
+
+def summary_json(out: Path) -> dict[str, Any] | None:
+    """The machine-readable summary of one run (issue 19): hypervolumes on test over every model of
+    the main stages, the smallest model within WITHIN points after the final fine-tune (against the
+    reference after the same final fine-tune), and the compute of both sides."""
+    runs = load_runs(out)
+    refs = runs.get("reference") or []
+    if not refs:
+        return None
+    reference = refs[0]
+    models = [*runs.get("baselines", []), *runs.get("search", [])]
+    baselines = [r for r in models if r["family"] != "Search"]
+    hv = {"search": hv_of([r for r in models if r["family"] == "Search"], "test_accuracy", reference),
+          "baselines": hv_of(baselines, "test_accuracy", reference)}
+    for family in FAMILIES:
+        members = [r for r in baselines if r["family"] == family]
+        if members:
+            hv[family] = hv_of(members, "test_accuracy", reference)
+    final = runs.get("final", [])
+    fref = next((r for r in final if r["family"] == "Reference"), None)
+
+    def best(rows: Iterable[Mapping[str, Any]], ref: Mapping[str, Any]) -> dict[str, Any] | None:
+        found = smallest_within(rows, ref)
+        if found is None:
+            return None
+        return {"ratio": round(ref["size_bytes"] / found["size_bytes"], 3), "test_accuracy": found["test_accuracy"],
+                "method": str(found.get("summary") or found["name"]), "family": found["family"]}
+
+    pool, ref = (final, fref) if fref is not None else (models, reference)
+    return {
+        "reference_test_accuracy": ref["test_accuracy"],
+        "reference_before_final_test_accuracy": reference["test_accuracy"],
+        "hypervolume": {k: round(v, 4) for k, v in hv.items()},
+        "smallest_within_1pt": {"search": best((r for r in pool if r["family"] == "Search"), ref),
+                                "best_baseline": best((r for r in pool if r["family"] not in ("Search", "Reference")),
+                                                      ref),
+                                "after_final_fine_tune": fref is not None},
+        "compute": compute_summary(runs),
+    }
+
+
 def build_report(out: Path, tag: str, command: str, docs_dir: Path | None) -> dict[str, str]:
     """Markdown per section from the cached JSON alone (plots go to `docs_dir` when given)."""
     runs = load_runs(out)
@@ -972,11 +1092,14 @@ def build_report(out: Path, tag: str, command: str, docs_dir: Path | None) -> di
                      if best else "") + "; its Pareto models are evaluated on test when it ends.", ""]
     if summary:
         done = [t for t in summary["trials"] if t["state"] == "complete"]
-        base_wall = sum(r.get("wall_s", 0) for r in tuned)
+        spent = compute_summary(runs)
         lines += [f"Compute: {len(tuned)} fine-tuned baselines vs a search of "
-                  f"{len(summary['trials'])} trials ({len(done)} completed, budget {summary['trials_budget']}) at the "
-                  f"same steps each; wall time baselines {base_wall / 60:.1f} min, search trials "
-                  f"{sum(t['wall_s'] or 0 for t in summary['trials']) / 60:.1f} min.", ""]
+                  f"{len(summary['trials'])} trials ({len(done)} completed, budget {summary['trials_budget']} trials"
+                  + (f" and {summary['time_budget_s'] / 60:.1f} min" if summary.get("time_budget_s") else "")
+                  + f") at the same steps each. Fine-tune steps: search {spent['search_steps']:,} (its reference "
+                  f"included), baselines {spent['baseline_steps']:,}; wall time: search {spent['search_wall_s'] / 60:.1f} "
+                  f"min (sensitivity table {(spent['search_table_s'] or 0) / 60:.1f} min included), baselines "
+                  f"{spent['baseline_wall_s'] / 60:.1f} min; both include the final fine-tune below.", ""]
     lines += model_table(models, reference) + [""] + family_summary(models, reference)
     if docs_dir is not None:
         png = docs_dir / f"benchmark_{tag.replace('-', '_')}.png"
@@ -990,9 +1113,11 @@ def build_report(out: Path, tag: str, command: str, docs_dir: Path | None) -> di
             lines += model_table(final, fref)
             lines += [""] + family_summary(final, fref)
     sections["baselines"] = lines
-    sections["efficiency"] = efficiency_section(
-        runs, docs_dir / f"benchmark_{tag.replace('-', '_')}_efficiency.png" if docs_dir else None, tag)
-    sections["findings"] = findings_section(runs, reference)
+    if runs.get("efficiency"):  # a stage not run leaves its docs block as an earlier run wrote it
+        sections["efficiency"] = efficiency_section(
+            runs, docs_dir / f"benchmark_{tag.replace('-', '_')}_efficiency.png" if docs_dir else None, tag)
+    if runs.get("findings"):
+        sections["findings"] = findings_section(runs, reference)
     return {k: "\n".join(v) for k, v in sections.items()}
 
 
@@ -1039,6 +1164,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         (out / "report.md").parent.mkdir(parents=True, exist_ok=True)
         (out / "report.md").write_text("\n\n".join(f"## {k}\n\n{v}" for k, v in sections.items()))
         if args.docs:
+            machine = summary_json(out)
+            if machine is not None:
+                write_json(args.docs.parent / "benchmarks" / f"{tag}.json", machine)
             missing = update_docs(args.docs, tag, sections)
             if missing:
                 print(f"no markers for {tag} sections {missing} in {args.docs}; see {out / 'report.md'}", file=sys.stderr)

@@ -33,7 +33,7 @@ MODES = ("layers", "allocate")
 REDUCED_PRECISIONS = ("fp16", "int8", "int4")  # below fp32, widest first
 GROUPINGS = ("layer", "stage", "global")
 RANK_MODES = ("evbmf", "ratio")
-SAMPLERS = ("nsga2", "tpe", "random")
+SAMPLERS = ("nsga2", "tpe", "gp", "random")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "onecycle", "constant")
 
@@ -211,7 +211,7 @@ class SearchSpace:
     allocate: Allocate = field(default_factory=Allocate)
     final: Final = field(default_factory=Final)
     screening: Screening | None = None       # None: every sampled trial is fine-tuned
-    sampler: str = "nsga2"
+    sampler: str = "tpe"
     trials: int | None = 20
     time_budget: float | None = None
     steps_budget: int | None = None          # fine-tune steps of the trials, in total
@@ -608,7 +608,7 @@ def parse_space(raw: Any, source: str = "<dict>", default_name: str = "search") 
         stages=stages, methods=methods, precisions=precisions, activations=activations,
         rank_mode=rank_mode, rank=rank_range, rules=tuple(rules), objectives=objectives,
         constraints=constraints, finetune=finetune, sensitivity=sensitivity, allocate=allocate, final=final,
-        screening=screening, sampler=r.one_of(s.get("sampler", "nsga2"), "search.sampler", SAMPLERS),
+        screening=screening, sampler=r.one_of(s.get("sampler", "tpe"), "search.sampler", SAMPLERS),
         trials=trials if (trials is not None or time_budget is not None or steps_budget is not None) else 20,
         time_budget=time_budget, steps_budget=steps_budget,
         seed=r.number(s.get("seed", 0), "search.seed", int, 0),

@@ -38,11 +38,14 @@ class TrialOutcome:
 
 
 def make_sampler(space: SearchSpace) -> optuna.samplers.BaseSampler:
-    """nsga2 | tpe | random, seeded; constraints reach them through `trial.set_constraint`."""
+    """nsga2 | tpe | gp | random, seeded; constraints reach them through `trial.set_constraint`.
+    TPE and GP model the objectives from `population` trials on (warm starts included)."""
     if space.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(population_size=space.population, seed=space.seed)
     if space.sampler == "tpe":
         return optuna.samplers.TPESampler(seed=space.seed, multivariate=True, n_startup_trials=space.population)
+    if space.sampler == "gp":
+        return optuna.samplers.GPSampler(seed=space.seed, n_startup_trials=space.population)
     return optuna.samplers.RandomSampler(seed=space.seed)
 
 

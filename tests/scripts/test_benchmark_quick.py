@@ -48,10 +48,10 @@ def test_front_and_spread(bench):
     assert bench.spread([1, 2], 3) == [1, 2]
 
 
-def _model(bench, name, family, method, rank, precision, val, test, size, params):
+def _model(bench, name, family, method, rank, precision, val, test, size, params, **extra):
     return bench.row(name, family, method, rank, precision,
                      {"accuracy": val, "size_bytes": size, "params": params, "macs": 40_000_000}, test, val - 0.1,
-                     config={"steps": 10, "val_limit": 500, "test_limit": 1000, "final_steps": 20})
+                     config={"steps": 10, "val_limit": 500, "test_limit": 1000, "final_steps": 20}, **extra)
 
 
 def _write_runs(bench, out: Path) -> None:
@@ -67,21 +67,31 @@ def _write_runs(bench, out: Path) -> None:
         ("ptq-int8", "INT8 only", "none", None, "int8", 0.925, 0.872, 260_000),
     ]:
         bench.write_json(runs / "baselines" / f"{name}.json",
-                         _model(bench, name, fam, method, rank, prec, val, test, size, size // 4))
+                         _model(bench, name, fam, method, rank, prec, val, test, size, size // 4,
+                                wall_s=10.0, finetuned=name != "ptq-int8"))
     trial = _model(bench, "search-3", "Search", "search", None, "mixed", 0.92, 0.871, 120_000, 100_000)
     trial.update(trial=3, summary="tucker2 x3 | int8 x3")
     bench.write_json(runs / "search" / "trial-3.json", trial)
     trials = [{"trial": i, "state": s, "val_accuracy": a, "size_bytes": z, "wall_s": 10.0}
               for i, s, a, z in [(0, "complete", 0.90, 300_000), (1, "failed", None, None), (2, "complete", 0.85, 100_000),
                                  (3, "complete", 0.92, 120_000)]]
-    bench.write_json(runs / "search" / "summary.json", {"trials": trials, "trials_budget": 4,
+    bench.write_json(runs / "search" / "summary.json", {"trials": trials, "trials_budget": 4, "elapsed_s": 95.0,
+                                                        "fine_tune_steps": 30, "table_s": 20.0,
+                                                        "time_budget_s": 100.0,
                                                         "reference": {"accuracy": 0.93, "size_bytes": 1_000_000}})
+    for name, fam, test, size in [("reference", "Reference", 0.885, 1_000_000), ("search-3", "Search", 0.876, 120_000),
+                                  ("tucker2-0.2-int8", "Tucker-2", 0.874, 60_000),
+                                  ("none-int8", "INT8 only", 0.880, 260_000)]:
+        final = _model(bench, f"final-{name}", fam, "none", None, "mixed", 0.9, test, size, size // 4)
+        final["wall_s"] = 7.0
+        bench.write_json(runs / "final" / f"{name}.json", final)
     other_seed = [{"trial": i, "state": s, "val_accuracy": a, "size_bytes": z, "wall_s": 10.0}
                   for i, s, a, z in [(0, "complete", 0.88, 200_000), (1, "complete", 0.90, 400_000),
                                      (2, "failed", None, None), (3, "failed", None, None)]]
     for seed, seed_trials in ((0, trials), (1, other_seed)):
-        bench.write_json(runs / "efficiency" / f"nsga2+evbmf-seed{seed}.json",
-                         {"trials": seed_trials, "sampler": "nsga2", "evbmf_seeds": True, "elapsed_s": 40.0,
+        bench.write_json(runs / "efficiency" / f"allocate+tpe+seeds-seed{seed}.json",
+                         {"trials": seed_trials, "sampler": "tpe", "evbmf_seeds": True, "mode": "allocate",
+                          "elapsed_s": 40.0,
                           "reference": {"accuracy": 0.93, "size_bytes": 1_000_000}})
     bench.write_json(runs / "findings" / "tucker2-int8-layers.json", {
         "ratio": 0.2, "base_val": 0.93, "config": {"layer_val_limit": 300},
@@ -116,15 +126,37 @@ def test_report_from_cached_json(bench, tmp_path):
     expected = bench.hypervolume([(0.3, 90.0), (0.1, 85.0), (0.12, 92.0)], (1.0, 83.0))
     assert expected == pytest.approx(0.9 * 2 + 0.88 * 7)  # (0.3, 90) is dominated by (0.12, 92)
     # Seed 1: (0.2, 88) and (0.4, 90) -> 0.8 * 5 + 0.6 * 2 = 5.2; mean and sample sd over the two seeds.
-    assert "| nsga2 | yes | 2 | 4 |" in eff and "| 6.580 ± 1.952 |" in eff
+    assert "| allocate+tpe+seeds | allocate | tpe | yes | 2 | 4 |" in eff and "| 6.580 ± 1.952 |" in eff
     assert "run --model resnet20 --quick --stages efficiency --eff-seeds 0,1`" in eff
-    assert f"| nsga2+evbmf | {expected:.3f} | 5.200 |" in eff
+    assert f"| allocate+tpe+seeds | {expected:.3f} | 5.200 |" in eff
     assert (docs / "benchmark_resnet20_quick_efficiency.png").is_file()
 
     findings = sections["findings"]
     # Tucker-2 + int8 whole network: drops 2.0 (fp32), 0.5 (int8 alone), sum 2.5, joint 3.0, residual +0.5.
     assert "| 0.2 | +2.00 | +0.50 | +2.50 | +3.00 | +0.50 |" in findings
     assert "| layer1.0.conv1 | [4, 4] | +1.00 | +0.20 | +1.50 | +1.20 |" in findings
+
+
+def test_summary_json_hypervolumes_smallest_within_and_compute(bench, tmp_path):
+    out = tmp_path / "bench"
+    _write_runs(bench, out)
+    summary = bench.summary_json(out)
+    reference = {"test_accuracy": 0.88, "size_bytes": 1_000_000}
+    assert summary["hypervolume"]["search"] == pytest.approx(
+        bench.hv_of([{"test_accuracy": 0.871, "size_bytes": 120_000}], "test_accuracy", reference), abs=1e-4)
+    assert summary["hypervolume"]["Tucker-2"] == pytest.approx(7.38)
+    assert set(summary["hypervolume"]) == {"search", "baselines", "INT8 only", "Tucker-2", "CP"}
+    assert summary["hypervolume"]["baselines"] >= max(summary["hypervolume"][k] for k in ("INT8 only", "Tucker-2", "CP"))
+    # After the final fine-tune the reference is 88.5%: within 1 point are the search model (87.6%, 120 KB)
+    # and int8 (88.0%, 260 KB); Tucker-2 + int8 (87.4%) is 1.1 points below and does not count.
+    assert summary["reference_test_accuracy"] == 0.885
+    within = summary["smallest_within_1pt"]
+    assert within["search"]["ratio"] == pytest.approx(1_000_000 / 120_000, abs=1e-3)
+    assert within["best_baseline"]["family"] == "INT8 only" and within["best_baseline"]["ratio"] == pytest.approx(
+        1_000_000 / 260_000, abs=1e-3)
+    # Steps: 30 trial steps + the search's reference (10) + one final model (20); baselines 4 x 10 + 2 x 20.
+    assert summary["compute"] == {"search_steps": 60, "baseline_steps": 80, "search_wall_s": 102.0,
+                                  "baseline_wall_s": 64.0, "search_table_s": 20.0, "search_trials": 4}
 
 
 def test_update_docs_replaces_only_marked_sections(bench, tmp_path):
