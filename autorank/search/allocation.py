@@ -9,6 +9,11 @@ add up only roughly (the table over-predicts at moderate ratios and under-predic
 are decomposed, docs/COMPRESSION.md), p > 1 spreads damage thinly and p < 1 concentrates it, and a
 fine-tune recovers decompositions (data-aware fit + distillation) far more than it recovers the
 table's zero-shot figure suggests, which w < 1 credits. The search learns both.
+
+The sampled ratio is kept even where the allowed families cannot reach it: the sample then plans with
+every candidate of the table (`widened`). Capping it at the smallest allowed size instead let a sampler
+that had learnt "no decomposition" (decomposed trials score lower at first) propose the same capped
+int4 plan again and again, and never reach the front beyond ~7x on ResNet-20 (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -35,19 +40,23 @@ def table_choices(space: SearchSpace, groups: Sequence[Group]) -> dict[str, tupl
     return choices
 
 
-def _allowed(space: SearchSpace, groups: Sequence[Group], params: Mapping[str, Any]) -> tuple[set[str], set[str]]:
-    """(decompositions, precisions) a sample allows; with one precision below fp32 there is nothing to sample."""
-    methods = {m for m in space.families(groups) if params[f"allow.{m}"]}
+def _allowed(space: SearchSpace, groups: Sequence[Group], params: Mapping[str, Any],
+             everything: bool = False) -> tuple[set[str], set[str]]:
+    """(decompositions, precisions) a sample allows (`everything`: all of the space's); with one
+    precision below fp32 there is nothing to sample."""
     reduced = space.reduced_precisions(groups)
+    if everything:
+        return set(space.families(groups)), {"fp32", *reduced}
+    methods = {m for m in space.families(groups) if params[f"allow.{m}"]}
     lowest = params["lowest_precision"] if len(reduced) > 1 else None
     return methods, {"fp32", *reduced[:reduced.index(lowest) + 1 if lowest else len(reduced)]}
 
 
 def weighted_table(table: SensitivityTable, space: SearchSpace, groups: Sequence[Group],
-                   params: Mapping[str, Any]) -> SensitivityTable:
-    """The table the allocator sees for `params`: only the allowed candidates (keep fp32 always), each
-    drop replaced by its weighted value (module docstring)."""
-    methods, precisions = _allowed(space, groups, params)
+                   params: Mapping[str, Any], everything: bool = False) -> SensitivityTable:
+    """The table the allocator sees for `params`: only the allowed candidates (keep fp32 always;
+    `everything`: every candidate), each drop replaced by its weighted value (module docstring)."""
+    methods, precisions = _allowed(space, groups, params, everything)
     sharpness = params.get("sharpness", space.allocate.sharpness[0])
     weight = params.get("decomposed_weight", space.allocate.decomposed_weight[0])
     layers = {}
@@ -66,13 +75,17 @@ def smallest_bytes(table: SensitivityTable) -> int:
 
 def allocated_plan(table: SensitivityTable, space: SearchSpace, groups: Sequence[Group],
                    params: Mapping[str, Any]) -> tuple[Plan, dict[str, float]]:
-    """The trial's plan and what the table says of it: `budget_bytes` (the target, raised to the smallest
-    reachable size when the allowed candidates cannot go that low), `predicted_drop` (the table's own
-    drops, unweighted) and `predicted_bytes` (exact)."""
+    """The trial's plan and what the table says of it: `budget_bytes` (the sampled target; raised to the
+    smallest reachable size only when no candidate of the table goes that low), `widened` (1.0 when the
+    allowed candidates could not reach the target and every candidate was allowed), `predicted_drop`
+    (the table's own drops, unweighted) and `predicted_bytes` (exact)."""
     seen = weighted_table(table, space, groups, params)
-    ratio = params.get("ratio", space.allocate.ratio[0])
-    budget = max(math.floor(table.model_bytes / ratio), smallest_bytes(seen))
+    target = math.floor(table.model_bytes / params.get("ratio", space.allocate.ratio[0]))
+    widened = smallest_bytes(seen) > target
+    if widened:
+        seen = weighted_table(table, space, groups, params, everything=True)
+    budget = max(target, smallest_bytes(seen))
     plan = allocate(seen, budget)  # the table's activations: the space's one
     predicted = table.predict(plan)
-    return plan, {"budget_bytes": float(budget), "predicted_drop": predicted.drop,
+    return plan, {"budget_bytes": float(budget), "widened": float(widened), "predicted_drop": predicted.drop,
                   "predicted_bytes": float(predicted.size_bytes)}

@@ -16,8 +16,10 @@ from autorank.compression import SensitivityTable
 from autorank.compression.ranks import attainable_ranks, full_ranks, method_params, ratio_ranks, scaled_ranks
 from autorank.export.api import export_onnx, rebuild_trial
 from autorank.search import best_trial, load_search
+from autorank.search.allocation import allocated_plan
 from autorank.search.run import run_search
 from autorank.search.seeds import EVBMF_TARGET
+from autorank.search.space import space_from_dict
 from autorank.tracking import pareto_front
 
 ALLOCATE_SPACE = {
@@ -108,12 +110,32 @@ def test_warm_starts_come_first_then_allocated_plans_within_their_budget(allocat
         m = t.metrics
         assert m["size_bytes"] == m["predicted_bytes"] <= m["budget_bytes"]
         assert m["budget_bytes"] >= math.floor(table.model_bytes / t.params["ratio"])
-        allowed = {"none"} | {name for name in ("tucker2", "svd") if t.params[f"allow.{name}"]}
-        precisions = {"fp32", "int8"} | ({"int4"} if t.params["lowest_precision"] == "int4" else set())
+        everything = bool(m["widened"])  # the allowed families could not reach the sampled ratio
+        allowed = {"none"} | {name for name in ("tucker2", "svd") if t.params[f"allow.{name}"] or everything}
+        precisions = {"fp32", "int8"} | ({"int4"} if t.params["lowest_precision"] == "int4" or everything else set())
         for name, lp in t.plan["layers"].items():
             assert lp["method"] in allowed and lp["precision"] in precisions
             assert any(c.method == lp["method"] and c.rank == lp["rank"] and c.precision == lp["precision"]
                        for c in table.layers[name])
+
+
+def test_a_ratio_the_allowed_families_cannot_reach_plans_with_every_candidate(allocate_search):
+    """The sampled ratio is kept: with every decomposition switched off and int8 as the lowest precision
+    a 12x target is out of reach, so the plan uses the whole table and meets the target; a reachable
+    target keeps to the allowed candidates."""
+    search = load_search(allocate_search.out_dir)
+    space = space_from_dict(search.info["space"])
+    groups = space.groups({name: layer["kind"] for name, layer in search.info["layers"].items()})
+    table = SensitivityTable.from_json((search.out_dir / "sensitivity.json").read_text())
+    narrow = {"sharpness": 1.0, "decomposed_weight": 1.0, "allow.tucker2": False, "allow.svd": False,
+              "lowest_precision": "int8"}
+    far, far_predicted = allocated_plan(table, space, groups, {**narrow, "ratio": 12.0})
+    assert far_predicted["widened"] == 1.0
+    assert far_predicted["predicted_bytes"] <= far_predicted["budget_bytes"] == math.floor(table.model_bytes / 12.0)
+    assert {lp.method for lp in far.layers.values()} - {"none"}  # only a decomposition reaches 12x here
+    near, near_predicted = allocated_plan(table, space, groups, {**narrow, "ratio": 2.0})
+    assert near_predicted["widened"] == 0.0 and near_predicted["predicted_bytes"] <= table.model_bytes / 2.0
+    assert all(lp.method == "none" and lp.precision in ("fp32", "int8") for lp in near.layers.values())
 
 
 def test_final_fine_tune_figures_are_preferred_by_front_best_export_and_mlflow(allocate_search, digits, capsys):
