@@ -448,11 +448,11 @@ class Bench:
 
     # ---- stage: search -------------------------------------------------------------------
     def search(self) -> dict[str, Any]:
-        """The search within the baselines' compute: at most as many fine-tuned trials (the same steps
-        each) and at most their summed wall time, counted from the search's first step (its own
+        """The search within the baselines' compute: at most as many fine-tune steps (its trials and its
+        own reference, the same steps each) and at most their summed wall time, counted from the search's first step (its own
         reference, sensitivity table and screening included) across resumes."""
         base = [r for r in self.baselines() if r.get("finetuned")]
-        trials = len(base)
+        trials = len(base) - 1  # the search fine-tunes its own reference first: one trial's steps
         wall = sum(r["wall_s"] for r in self.baselines())
         out = self.out / "search"
         space = self.load_space(steps=self.s.steps, trials=trials, steps_budget=trials * self.s.steps)
