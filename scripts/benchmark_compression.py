@@ -186,6 +186,17 @@ def spread(rows: Sequence[Any], k: int) -> list[Any]:
     return [rows[round(i * (len(rows) - 1) / (k - 1))] for i in range(k)]
 
 
+def final_choice(rows: Sequence[Mapping[str, Any]], reference_val: float, k: int) -> list[Mapping[str, Any]]:
+    """The k models of one side given the final fine-tune, chosen on val alike for both sides: the
+    smallest front member within WITHIN points of the reference, the next smaller one (the longer
+    fine-tune may bring it within), then members evenly spread along the front."""
+    members = front(rows, "val_accuracy")
+    within = [i for i, r in enumerate(members) if (reference_val - r["val_accuracy"]) * 100 <= WITHIN + 1e-9]
+    picked = [] if not within else [within[0]] + ([within[0] - 1] if within[0] > 0 else [])
+    picked += [members.index(r) for r in spread(members, k)]
+    return [members[i] for i in list(dict.fromkeys(picked))[:k]]
+
+
 def read_json(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text())
@@ -527,10 +538,11 @@ class Bench:
 
         runs = load_runs(self.out)
         config = dataclasses.replace(self.ctx.train_config(), steps=self.s.final_steps)
+        ref_val = runs["reference"][0]["val_accuracy"]
         chosen = [("reference", None)]
-        chosen += [(r["name"], r) for r in spread(front(runs["search"], "val_accuracy"), self.s.final_top)]
+        chosen += [(r["name"], r) for r in final_choice(runs["search"], ref_val, self.s.final_top)]
         base = [r for r in runs["baselines"] if r.get("finetuned")]
-        chosen += [(r["name"], r) for r in spread(front(base, "val_accuracy"), self.s.final_top)]
+        chosen += [(r["name"], r) for r in final_choice(base, ref_val, self.s.final_top)]
         rows = []
         for name, source in chosen:
             def compute(name=name, source=source) -> dict[str, Any]:

@@ -48,6 +48,18 @@ def test_front_and_spread(bench):
     assert bench.spread([1, 2], 3) == [1, 2]
 
 
+def test_final_choice_takes_the_one_point_boundary_then_spreads(bench):
+    rows = [{"name": n, "val_accuracy": a, "size_bytes": z} for n, a, z in
+            [("tiny", 0.60, 10), ("small", 0.88, 20), ("mid", 0.915, 40), ("big", 0.925, 80), ("dominated", 0.5, 90)]]
+    # reference 92.0% val: "mid" (-0.5 pt) is the smallest within 1 point, "small" the next smaller one
+    assert [r["name"] for r in bench.final_choice(rows, 0.92, 3)] == ["mid", "small", "tiny"]
+    assert [r["name"] for r in bench.final_choice(rows, 0.92, 2)] == ["mid", "small"]
+    # nothing within 1 point: an even spread of the front
+    assert [r["name"] for r in bench.final_choice(rows, 0.99, 3)] == ["tiny", "mid", "big"]
+    # the smallest model is already within: it and the spread
+    assert [r["name"] for r in bench.final_choice(rows, 0.61, 3)] == ["tiny", "mid", "big"]
+
+
 def _model(bench, name, family, method, rank, precision, val, test, size, params, **extra):
     return bench.row(name, family, method, rank, precision,
                      {"accuracy": val, "size_bytes": size, "params": params, "macs": 40_000_000}, test, val - 0.1,
