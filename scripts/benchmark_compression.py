@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from autorank.tracking.pareto import format_size
+from autorank.records import format_size
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("AUTORANK_SHARED", REPO.parent / "shared"))
@@ -143,7 +143,7 @@ def hypervolume(points: Iterable[tuple[float, float]], ref: tuple[float, float])
 
 def front(rows: Sequence[Mapping[str, Any]], acc_key: str) -> list[Mapping[str, Any]]:
     """Non-dominated rows (accuracy `acc_key` up, size_bytes down), smallest first."""
-    from autorank.tracking.pareto import dominates
+    from autorank.records import dominates
 
     def point(r: Mapping[str, Any]) -> dict[str, float]:
         return {"accuracy": r[acc_key], "size_bytes": r["size_bytes"]}

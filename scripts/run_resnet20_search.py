@@ -41,7 +41,7 @@ def main() -> int:
     from autorank.export.api import rebuild_trial
     from autorank.search.results import load_search
     from autorank.search.run import run_search
-    from autorank.tracking import format_front, pareto_front
+    from autorank.records import format_front, pareto_front
 
     data = load_data(DATA)
     if not args.test_only:

@@ -10,8 +10,7 @@ from autorank.errors import AutorankError
 from autorank._shipped import search_spaces
 from autorank.search import TrialRecord, best_trial, load_search
 from autorank.search.space import Constraints, parse_duration, parse_size, shipped_space
-from autorank.tracking import format_front, pareto_front
-from autorank.tracking.pareto import format_size
+from autorank.records import format_front, format_size, pareto_front
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

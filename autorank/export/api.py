@@ -245,7 +245,8 @@ def rebuild_trial(search_dir: str | Path, *, trial: int | None = None, max_size:
     Every user mistake (no search, no such trial, no weights) is an AutorankError before any compute.
     """
     from autorank.search import best_trial, load_search
-    from autorank.search.results import PLAN_FILE, WEIGHTS_FILE
+    from autorank.records import WEIGHTS_FILE
+    from autorank.search.results import PLAN_FILE
 
     search = load_search(search_dir)
     if not search.trials:

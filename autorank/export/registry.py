@@ -14,7 +14,8 @@ from autorank.errors import AutorankError
 
 if TYPE_CHECKING:
     from autorank.export.api import ExportResult
-    from autorank.search.results import SearchRecord, TrialRecord
+    from autorank.records import TrialRecord
+    from autorank.search.results import SearchRecord
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,8 @@ Public verbs: `load_space(path)`, `run_search(...)`, `load_search(out_dir)`, `be
 `run_demo(out_dir)`.
 """
 
-from autorank.search.results import SearchRecord, TrialRecord, best_trial, load_search
+from autorank.records import TrialRecord
+from autorank.search.results import SearchRecord, best_trial, load_search
 from autorank.search.space import SearchSpace, load_space
 
 __all__ = ["SearchRecord", "SearchResult", "SearchSpace", "TrialRecord", "best_trial", "load_search", "load_space",

@@ -1,4 +1,4 @@
-"""Reading a search back: its trials as typed records, and the best feasible one.
+"""Reading a search back: its trials as records (`autorank.records.TrialRecord`), and the best feasible one.
 
 The Optuna study is the source of truth (every finished trial is told to it before anything else
 happens); `search.json` says where the study lives and what the uncompressed reference scored.
@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,79 +19,16 @@ import sqlalchemy.exc
 from optuna.trial import FrozenTrial, TrialState
 
 from autorank.errors import AutorankError
+from autorank.records import TrialRecord
 from autorank.search.space import Constraints, SearchSpace, space_from_dict
 
 SEARCH_FILE = "search.json"
 TRIALS_DIR = "trials"
 PLAN_FILE = "plan.json"
 METRICS_FILE = "metrics.json"
-WEIGHTS_FILE = "model.pt"
-FINAL_WEIGHTS_FILE = "final.pt"    # a trial's weights after the search's final fine-tune
 FINAL_FILE = "final.json"
 FINAL_ATTR = "final:"              # study user attr `final:<n>`: trial n's final figures (finished trials are frozen)
 FINAL_REFERENCE_ATTR = "final_reference"
-
-
-@dataclass
-class TrialRecord:
-    """One trial as recorded in the study: its choices, figures and fate."""
-
-    number: int
-    state: str                        # complete | failed | screened | interrupted | running | waiting
-    params: dict[str, Any]
-    metrics: dict[str, float] = field(default_factory=dict)
-    constraints: dict[str, float] = field(default_factory=dict)
-    plan: dict[str, Any] | None = None
-    reason: str | None = None
-    summary: str = ""
-    started: float | None = None      # epoch seconds
-    finished: float | None = None
-    directory: Path | None = None
-    final: dict[str, Any] | None = None   # the final fine-tune: {"metrics", "constraints"} or {"reason"}
-    screen: dict[str, float] | None = None  # zero-shot figures of screening (autorank.search.screening)
-
-    @property
-    def finalized(self) -> bool:
-        """Has figures from the search's final fine-tune (a failed final fine-tune leaves the trial's own)."""
-        return self.final is not None and "metrics" in self.final
-
-    @property
-    def figures(self) -> dict[str, float]:
-        """The figures to compare trials by: the final fine-tune's where it ran, else the trial's own."""
-        return self.final["metrics"] if self.finalized else self.metrics
-
-    @property
-    def counted(self) -> bool:
-        """Counts towards --trials: finished, successfully or not, or screened out (interruptions do not)."""
-        return self.state in ("complete", "failed", "screened")
-
-    @property
-    def finished_ok(self) -> bool:
-        return self.state == "complete"
-
-    @property
-    def feasible(self) -> bool:
-        constraints = self.final["constraints"] if self.finalized else self.constraints
-        return self.finished_ok and all(v <= 0 for v in constraints.values())
-
-    @property
-    def weights(self) -> Path | None:
-        """The weights that give `figures` (the final fine-tune's where it ran), if kept."""
-        if self.directory is None:
-            return None
-        path = self.directory / (FINAL_WEIGHTS_FILE if self.finalized else WEIGHTS_FILE)
-        return path if path.is_file() else None
-
-    @property
-    def has_weights(self) -> bool:
-        return self.weights is not None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"trial": self.number, "state": self.state, "feasible": self.feasible, "metrics": self.metrics,
-                "constraints": self.constraints, "screen": self.screen, "final": self.final, "figures": self.figures,
-                "params": self.params, "reason": self.reason, "summary": self.summary,
-                "plan": self.plan, "dir": str(self.directory) if self.directory else None,
-                "weights": str(self.weights) if self.weights else None}
 
 
 def record_from_trial(trial: FrozenTrial, out_dir: Path | None = None,

@@ -22,15 +22,15 @@ from autorank.errors import AutorankError
 from autorank.models import create_model
 from autorank.search.executors import EXECUTORS, parse_resources, ray_session, run_local, run_ray, tell
 from autorank.search.final import run_final
-from autorank.search.results import (SEARCH_FILE, WEIGHTS_FILE, TrialRecord, best_trial, load_search, read_info,
-                                     storage_for)
+from autorank.records import WEIGHTS_FILE, TrialRecord, pareto_front
+from autorank.search.results import SEARCH_FILE, best_trial, load_search, read_info, storage_for
 from autorank.search.screening import run_screened
 from autorank.search.seeds import warm_starts
 from autorank.search.space import SearchSpace, load_space, space_from_dict
 from autorank.search.study import TrialOutcome, create_or_load_study, records, recover_interrupted
 from autorank.search.table import HEATMAP_FILE, TABLE_FILE, search_table, write_heatmap
 from autorank.search.trial import TrialContext, layer_table, reference_metrics
-from autorank.tracking import SearchTracker, pareto_front
+from autorank.tracking import SearchTracker
 from autorank.tracking.tracker import default_tracking_uri
 
 

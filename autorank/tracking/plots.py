@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from autorank.compression import SensitivityTable
-    from autorank.search.results import TrialRecord
+    from autorank.records import TrialRecord
 
 
 def _split(trials: Sequence[TrialRecord], front: Sequence[TrialRecord]):

@@ -20,13 +20,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from autorank.tracking.pareto import front_csv, front_json, pareto_front
+from autorank.records import TrialRecord, front_csv, front_json, pareto_front
 from autorank.tracking.plots import plot_html, plot_png, plotly_js_name
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
-
-    from autorank.search.results import TrialRecord
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from autorank.export.api import export_onnx, rebuild_trial
 from autorank.search import best_trial, load_search
 from autorank.search.run import run_search
 from autorank.search.seeds import EVBMF_TARGET
-from autorank.tracking import pareto_front
+from autorank.records import pareto_front
 
 ALLOCATE_SPACE = {
     "name": "tinyalloc",

@@ -10,7 +10,7 @@ import yaml
 from autorank.search import load_search
 from autorank.search.run import run_search
 from autorank.search.screening import nondominated_ranks, promotion_order, promotions
-from autorank.tracking.pareto import dominates
+from autorank.records import dominates
 
 OBJECTIVES = ("accuracy", "size_bytes")
 

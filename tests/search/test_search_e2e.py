@@ -17,7 +17,7 @@ from autorank.search import best_trial, load_search
 from autorank.export.api import rebuild_trial
 from autorank.search.run import run_search
 from autorank.search.space import load_space
-from autorank.tracking import pareto_front
+from autorank.records import pareto_front
 
 def mlflow_trial_runs(out_dir, search_id):
     from mlflow import MlflowClient

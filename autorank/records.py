@@ -1,4 +1,9 @@
-"""The Pareto front of a search and its tabular forms (pareto.json / pareto.csv)."""
+"""Ground level: a search's trials as one record type, and their Pareto front.
+
+Search writes these records (from its Optuna study), tracking mirrors them to MLflow and export
+picks one; none of them needs the others to read a record, so the type and the front live beneath
+them all (docs/ARCHITECTURE.md). Nothing here imports torch, Optuna or MLflow.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,76 @@ import csv
 import io
 import json
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-if TYPE_CHECKING:
-    from autorank.search.results import TrialRecord
+WEIGHTS_FILE = "model.pt"
+FINAL_WEIGHTS_FILE = "final.pt"    # a trial's weights after the search's final fine-tune
+
+
+@dataclass
+class TrialRecord:
+    """One trial as recorded in the study: its choices, figures and fate."""
+
+    number: int
+    state: str                        # complete | failed | screened | interrupted | running | waiting
+    params: dict[str, Any]
+    metrics: dict[str, float] = field(default_factory=dict)
+    constraints: dict[str, float] = field(default_factory=dict)
+    plan: dict[str, Any] | None = None
+    reason: str | None = None
+    summary: str = ""
+    started: float | None = None      # epoch seconds
+    finished: float | None = None
+    directory: Path | None = None
+    final: dict[str, Any] | None = None   # the final fine-tune: {"metrics", "constraints"} or {"reason"}
+    screen: dict[str, float] | None = None  # zero-shot figures of screening (autorank.search.screening)
+
+    @property
+    def finalized(self) -> bool:
+        """Has figures from the search's final fine-tune (a failed final fine-tune leaves the trial's own)."""
+        return self.final is not None and "metrics" in self.final
+
+    @property
+    def figures(self) -> dict[str, float]:
+        """The figures to compare trials by: the final fine-tune's where it ran, else the trial's own."""
+        return self.final["metrics"] if self.finalized else self.metrics
+
+    @property
+    def counted(self) -> bool:
+        """Counts towards --trials: finished, successfully or not, or screened out (interruptions do not)."""
+        return self.state in ("complete", "failed", "screened")
+
+    @property
+    def finished_ok(self) -> bool:
+        return self.state == "complete"
+
+    @property
+    def feasible(self) -> bool:
+        constraints = self.final["constraints"] if self.finalized else self.constraints
+        return self.finished_ok and all(v <= 0 for v in constraints.values())
+
+    @property
+    def weights(self) -> Path | None:
+        """The weights that give `figures` (the final fine-tune's where it ran), if kept."""
+        if self.directory is None:
+            return None
+        path = self.directory / (FINAL_WEIGHTS_FILE if self.finalized else WEIGHTS_FILE)
+        return path if path.is_file() else None
+
+    @property
+    def has_weights(self) -> bool:
+        return self.weights is not None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"trial": self.number, "state": self.state, "feasible": self.feasible, "metrics": self.metrics,
+                "constraints": self.constraints, "screen": self.screen, "final": self.final, "figures": self.figures,
+                "params": self.params, "reason": self.reason, "summary": self.summary,
+                "plan": self.plan, "dir": str(self.directory) if self.directory else None,
+                "weights": str(self.weights) if self.weights else None}
+
+
 
 # objective -> Optuna direction; a search's first objective is always accuracy
 OBJECTIVES = {"accuracy": "maximize", "size_bytes": "minimize", "params": "minimize", "macs": "minimize",
