@@ -1,8 +1,9 @@
-"""Ground level: a search's trials as one record type, and their Pareto front.
+"""Ground level: a search's trials as one record type, their Pareto front, and the search's callbacks.
 
 Search writes these records (from its Optuna study), tracking mirrors them to MLflow and export
-picks one; none of them needs the others to read a record, so the type and the front live beneath
-them all (docs/ARCHITECTURE.md). Nothing here imports torch, Optuna or MLflow.
+picks one; none of them needs the others to read a record, so the type, the front and the hooks
+through which a search hands its records on live beneath them all (docs/ARCHITECTURE.md). Nothing
+here imports torch, Optuna or MLflow.
 """
 
 from __future__ import annotations
@@ -80,6 +81,41 @@ class TrialRecord:
                 "plan": self.plan, "dir": str(self.directory) if self.directory else None,
                 "weights": str(self.weights) if self.weights else None}
 
+
+
+@dataclass
+class SearchStart:
+    """What a search tells its callbacks once its study is open, before the first trial (also on --resume)."""
+
+    out_dir: Path                       # the search folder, as the caller named it
+    info: dict[str, Any]                # search.json so far: search_id, model, weights, data, study, space, ...
+    name: str                           # the search space's name
+    space: dict[str, Any]               # the resolved search space (SearchSpace.to_dict())
+    executor: str                       # local | ray
+    objectives: tuple[str, ...]
+    reference: dict[str, float]         # the uncompressed model, fine-tuned as the trials are
+    limits: dict[str, float | None]     # max_size, max_drop
+
+
+class SearchCallback:
+    """Hooks a running search calls, as Optuna's optimize(callbacks=...) does; each is a no-op here.
+
+    The search has told its study before it calls a hook, so a callback that falls behind (a
+    tracking server that is down) catches up from a later snapshot or on --resume.
+    """
+
+    def start(self, search: SearchStart) -> dict[str, Any]:
+        """The search (re)starts; returns entries to record in search.json (e.g. where it logs)."""
+        return {}
+
+    def files(self, paths: Sequence[Path]) -> None:
+        """Search-level files were written (the sensitivity table and its heatmap)."""
+
+    def trials(self, records: Sequence[TrialRecord]) -> None:
+        """A snapshot of every trial: at start (what a resume replays) and after each finished trial."""
+
+    def finish(self, records: Sequence[TrialRecord], status: str) -> None:
+        """The last snapshot; `status` is FINISHED, or KILLED when the search was interrupted."""
 
 
 # objective -> Optuna direction; a search's first objective is always accuracy

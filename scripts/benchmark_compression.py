@@ -440,13 +440,15 @@ class Bench:
     def searched(self, out: Path, space, trials: int, data) -> dict[str, Any]:
         """Run (or resume) one search; its trial records as plain JSON."""
         from autorank.search import load_search, run_search
+        from autorank.tracking import MlflowCallback
 
         started = time.perf_counter()
         if (out / "search.json").exists():
-            run_search(out_dir=out, resume=True, trials=trials, data=data, device=self.device, progress=False)
+            run_search(out_dir=out, resume=True, trials=trials, data=data, device=self.device, progress=False,
+                       callbacks=[MlflowCallback()])
         else:
             run_search(space, self.s.model, self.weights, self.data_spec, out, trials=trials, data=data,
-                       device=self.device, progress=False)
+                       device=self.device, progress=False, callbacks=[MlflowCallback()])
         record = load_search(out)
         rows = [{"trial": t.number, "state": t.state, "val_accuracy": t.metrics.get("accuracy"),
                  "size_bytes": t.metrics.get("size_bytes"), "params": t.metrics.get("params"),

@@ -41,13 +41,15 @@ def main() -> int:
     from autorank.export.api import rebuild_trial
     from autorank.search.results import load_search
     from autorank.search.run import run_search
+    from autorank.tracking import MlflowCallback
     from autorank.records import format_front, pareto_front
 
     data = load_data(DATA)
     if not args.test_only:
         start = time.time()
         run_search(REPO / "search_spaces" / "resnet_cifar.yaml", "resnet20", WEIGHTS, DATA, args.out,
-                   trials=args.trials, resume=(args.out / "search.json").exists(), data=data)
+                   trials=args.trials, resume=(args.out / "search.json").exists(), data=data,
+                   callbacks=[MlflowCallback()])
         print(f"search wall time: {(time.time() - start) / 60:.1f} min", flush=True)
 
     search = load_search(args.out)

@@ -21,7 +21,9 @@ def search_store(search_dir: Path) -> tuple[ServerConfig, str]:
     """A loopback server config and backend URI for a finished search's local MLflow store."""
     from autorank.search.results import read_info  # Optuna and SQLAlchemy: only when browsing
 
-    uri = read_info(search_dir)["mlflow_uri"]
+    uri = read_info(search_dir).get("mlflow_uri")
+    if uri is None:
+        raise AutorankError(f"the search in {search_dir} was not tracked in MLflow: nothing to browse")
     if not uri.startswith("sqlite:///"):
         raise AutorankError(f"the search in {search_dir} logged to {uri}: browse that server instead")
     if not Path(uri.removeprefix("sqlite:///")).is_file():

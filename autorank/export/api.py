@@ -322,7 +322,7 @@ def export_onnx(search_dir: str | Path, out: str | Path, precision: str = "int8"
     if failure:
         raise TrackingFailed(
             f"{out} is written and verified (card {result.card}), but logging it to MLflow at "
-            f"{mlflow_uri or search.info['mlflow_uri']} failed ({failure}); retry with --no-register, "
+            f"{mlflow_uri or search.info.get('mlflow_uri')} failed ({failure}); retry with --no-register, "
             "or with --mlflow-uri of a reachable tracking server")
     return result
 

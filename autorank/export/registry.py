@@ -92,7 +92,10 @@ def register_model(result: ExportResult, search: SearchRecord, record: TrialReco
     for key, value in MLFLOW_HTTP_DEFAULTS.items():  # an unreachable server fails in seconds, not minutes
         os.environ.setdefault(key, value)
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)  # its retries are no news to a user
-    uri = uri or search.info["mlflow_uri"]
+    uri = uri or search.info.get("mlflow_uri")
+    if uri is None:
+        raise AutorankError(f"the search at {search.out_dir} was not tracked in MLflow: register with --mlflow-uri, "
+                            "or export with --no-register")
     name = registered_name or default_registered_name(search.info["model"])
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)

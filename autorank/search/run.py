@@ -2,7 +2,8 @@
 
 Order matters for "nothing is lost": all inputs are checked (space, data, model, weights) and
 the reference is measured before the output folder exists; each trial is told to the study before
-its files are pruned or MLflow hears of it; MLflow is replayed from the study on every resume.
+its files are pruned or the callbacks hear of it (the CLI's MLflow tracker, `autorank.tracking`),
+and the callbacks get every trial again on each resume.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import os
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from autorank.errors import AutorankError
 from autorank.models import create_model
 from autorank.search.executors import EXECUTORS, parse_resources, ray_session, run_local, run_ray, tell
 from autorank.search.final import run_final
-from autorank.records import WEIGHTS_FILE, TrialRecord, pareto_front
+from autorank.records import WEIGHTS_FILE, SearchCallback, SearchStart, TrialRecord, pareto_front
 from autorank.search.results import SEARCH_FILE, best_trial, load_search, read_info, storage_for
 from autorank.search.screening import run_screened
 from autorank.search.seeds import warm_starts
@@ -30,23 +32,23 @@ from autorank.search.space import SearchSpace, load_space, space_from_dict
 from autorank.search.study import TrialOutcome, create_or_load_study, records, recover_interrupted
 from autorank.search.table import HEATMAP_FILE, TABLE_FILE, search_table, write_heatmap
 from autorank.search.trial import TrialContext, layer_table, reference_metrics
-from autorank.tracking import SearchTracker
-from autorank.tracking.tracker import default_tracking_uri
+
+
+Callback = SearchCallback | Callable[[list[TrialRecord]], None]
 
 
 @dataclass
 class SearchResult:
-    """A finished (or stopped) search: its trials, front and where to browse it."""
+    """A finished (or stopped) search: its trials, front and settings (search.json, with what the
+    callbacks recorded there: where MLflow logged it)."""
 
     out_dir: Path
     study_name: str
     trials: list[TrialRecord]
     front: list[TrialRecord]
     reference: dict[str, float]
-    mlflow_uri: str
-    parent_run_id: str | None
+    info: dict[str, Any]
     elapsed_s: float
-    unlogged: list[int] = field(default_factory=list)   # trials MLflow has not received (replayed on resume)
 
     @property
     def best(self) -> TrialRecord | None:
@@ -68,8 +70,7 @@ def run_search(
     time_budget: float | None = None,
     executor: str = "local",
     resume: bool = False,
-    mlflow_uri: str | None = None,
-    experiment: str = "autorank",
+    callbacks: Sequence[Callback] = (),
     storage: str | None = None,
     study_name: str | None = None,
     device: str = "auto",
@@ -83,6 +84,8 @@ def run_search(
 
     `trials` / `time_budget` override the space's; with `resume`, settings left as None come from
     the folder's search.json and the study continues until `trials` trials have finished in total.
+    `callbacks` hear of the search's start, files and every trial snapshot (`records.SearchCallback`, or a
+    function called with each snapshot); `tracking.MlflowCallback()` logs the search to MLflow.
     """
     started = time.monotonic()
     out = Path(out_dir)
@@ -102,8 +105,6 @@ def run_search(
                 raise AutorankError("--resume: the search space differs from the one the search started with")
         space = stored
         storage, study_name = info["storage"], info["study_name"]
-        mlflow_uri = mlflow_uri or info["mlflow_uri"]
-        experiment = info.get("experiment", experiment)
     else:
         if (out / SEARCH_FILE).exists():
             raise AutorankError(f"{out} already holds a search: pass --resume to continue it, or choose another --out")
@@ -138,13 +139,11 @@ def run_search(
         ctx.out_dir = out.resolve()
         study_name = study_name or space.name
         storage = storage or f"sqlite:///{(out / 'study.db').resolve()}"
-        mlflow_uri = mlflow_uri or default_tracking_uri(out)
         info = {"version": 1, "search_id": uuid.uuid4().hex, "model": model_name,
                 "weights": str(weights) if weights is not None else None, "data": data_spec,
-                "study_name": study_name, "storage": storage, "mlflow_uri": mlflow_uri, "experiment": experiment,
-                "space": space.to_dict(), "reference": ctx.reference,
+                "study_name": study_name, "storage": storage, "space": space.to_dict(), "reference": ctx.reference,
                 "layers": {n: {"kind": li.kind, "shape": list(li.shape), "evbmf": li.evbmf} for n, li in layers.items()},
-                "parent_run_id": None, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         _write_info(out, info)
     else:
         ctx.reference = info["reference"]
@@ -157,15 +156,16 @@ def run_search(
     if lost:
         _say(progress, f"resume: trials {lost} were interrupted; their choices run again")
 
-    tracker = SearchTracker(mlflow_uri, experiment=experiment, search_id=info["search_id"],
-                            run_name=f"{space.name}-{out.resolve().name}", out_dir=ctx.out_dir,
-                            objectives=space.objectives, reference=ctx.reference,
-                            limits={"max_size": space.constraints.max_size, "max_drop": space.constraints.max_drop},
-                            parent_params=_parent_params(info, space, executor, ctx.out_dir))
-    info["parent_run_id"] = tracker.start()
+    hooks = [c if isinstance(c, SearchCallback) else _SnapshotCallback(c) for c in callbacks]
+    start = SearchStart(out_dir=out, info=dict(info), name=space.name, space=space.to_dict(), executor=executor,
+                        objectives=tuple(space.objectives), reference=dict(ctx.reference),
+                        limits={"max_size": space.constraints.max_size, "max_drop": space.constraints.max_drop})
+    for hook in hooks:
+        info.update(hook.start(start))
     _write_info(out, info)
     current = records(study, ctx.out_dir)
-    tracker.submit(current)  # replays whatever a previous run could not log
+    for hook in hooks:
+        hook.trials(current)  # replays whatever a previous run could not hand on
 
     done_before = sum(1 for r in current if r.counted)
     bar = _ProgressBar(progress, trials, done_before, time_budget)
@@ -192,7 +192,8 @@ def run_search(
     def refresh() -> list[TrialRecord]:
         snapshot = records(study, ctx.out_dir)
         prune_weights(snapshot, space.objectives)
-        tracker.submit(snapshot)
+        for hook in hooks:
+            hook.trials(snapshot)
         return snapshot
 
     def on_done(outcome: TrialOutcome) -> None:
@@ -212,8 +213,10 @@ def run_search(
                 heatmap = ctx.out_dir / HEATMAP_FILE
                 if table_due or not heatmap.is_file():
                     write_heatmap(ctx.table, ctx.out_dir)
-                tracker.add_files([ctx.out_dir / TABLE_FILE, heatmap])
-                tracker.submit(records(study, ctx.out_dir))
+                snapshot = records(study, ctx.out_dir)
+                for hook in hooks:
+                    hook.files([ctx.out_dir / TABLE_FILE, heatmap])
+                    hook.trials(snapshot)
             if space.screening is not None:
                 run_screened(study, ctx, data, budget_left, fine_tune_left,
                              lambda trial, outcome: (tell(study, trial, ctx, outcome), on_done(outcome)))
@@ -232,13 +235,10 @@ def run_search(
         bar.close()
         final = records(study, ctx.out_dir)
         prune_weights(final, space.objectives)
-        unlogged = tracker.close(final, status=status)
-        if unlogged:
-            print(f"autorank: MLflow at {mlflow_uri} did not receive trials {unlogged} ({tracker.last_error}); "
-                  f"they are safe in the study: `autorank search --resume --out {out}` logs them", file=sys.stderr)
+        for hook in hooks:
+            hook.finish(final, status)
     return SearchResult(out_dir=out, study_name=study_name, trials=final, front=pareto_front(final, space.objectives),
-                        reference=ctx.reference, mlflow_uri=mlflow_uri, parent_run_id=info["parent_run_id"],
-                        elapsed_s=time.monotonic() - started, unlogged=unlogged)
+                        reference=ctx.reference, info=info, elapsed_s=time.monotonic() - started)
 
 
 def _absolute_paths(weights: str | Path | None, data_spec: str | None) -> tuple[str | Path | None, str | None]:
@@ -269,20 +269,19 @@ def _write_info(out: Path, info: dict[str, Any]) -> None:
     os.replace(tmp, out / SEARCH_FILE)
 
 
-def _parent_params(info: dict[str, Any], space: SearchSpace, executor: str, out_dir: Path) -> dict[str, Any]:
-    flat = {"model": info["model"], "weights": info["weights"], "data": info["data"], "study": info["study_name"],
-            "storage": info["storage"], "executor": executor, "out_dir": str(out_dir)}
-    for key, value in space.to_dict().items():
-        if isinstance(value, dict):
-            flat.update({f"space.{key}.{k}": v for k, v in value.items()})
-        else:
-            flat[f"space.{key}"] = value
-    return flat
-
-
 def _say(enabled: bool, message: str) -> None:
     if enabled:
         print(f"autorank: {message}", file=sys.stderr)
+
+
+class _SnapshotCallback(SearchCallback):
+    """A plain function as a callback: called with every trial snapshot."""
+
+    def __init__(self, function: Callable[[list[TrialRecord]], None]):
+        self.function = function
+
+    def trials(self, records: Sequence[TrialRecord]) -> None:
+        self.function(list(records))
 
 
 class _ProgressBar:

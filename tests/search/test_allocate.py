@@ -18,6 +18,7 @@ from autorank.export.api import export_onnx, rebuild_trial
 from autorank.search import best_trial, load_search
 from autorank.search.run import run_search
 from autorank.search.seeds import EVBMF_TARGET
+from autorank.tracking import MlflowCallback
 from autorank.records import pareto_front
 
 ALLOCATE_SPACE = {
@@ -50,7 +51,7 @@ def allocate_search(tmp_path_factory, pretrained_digits, digits):
     space = folder / "alloc.yaml"
     space.write_text(yaml.safe_dump(ALLOCATE_SPACE))
     return run_search(space, "small_cnn", pretrained_digits, "digits", folder / "search", data=digits,
-                      progress=False)
+                      progress=False, callbacks=[MlflowCallback()])
 
 
 def test_sensitivity_table_is_kept_in_the_folder_and_logged_to_mlflow(allocate_search):
@@ -162,7 +163,8 @@ def test_ray_executor_measures_the_table_in_ray_tasks(tmp_path, pretrained_digit
     space = tmp_path / "alloc.yaml"
     space.write_text(yaml.safe_dump({**ALLOCATE_SPACE, "final": {"top": 0}}))
     run_search(space, "small_cnn", pretrained_digits, "digits", tmp_path / "search", trials=1, executor="ray",
-               trial_resources={"cpu": 1.0, "gpu": 0.0}, max_concurrent=2, data=digits, progress=False)
+               trial_resources={"cpu": 1.0, "gpu": 0.0}, max_concurrent=2, data=digits, progress=False,
+               callbacks=[MlflowCallback()])
     ray_table = SensitivityTable.from_json((tmp_path / "search" / "sensitivity.json").read_text())
     local = SensitivityTable.from_json((allocate_search.out_dir / "sensitivity.json").read_text())
     assert list(ray_table.layers) == list(local.layers)

@@ -17,6 +17,7 @@ from autorank.search import best_trial, load_search
 from autorank.export.api import rebuild_trial
 from autorank.search.run import run_search
 from autorank.search.space import load_space
+from autorank.tracking import MlflowCallback
 from autorank.records import pareto_front
 
 def mlflow_trial_runs(out_dir, search_id):
@@ -33,7 +34,7 @@ def mlflow_trial_runs(out_dir, search_id):
 def local_search(tmp_path_factory, pretrained_digits, tiny_space, digits):
     out = tmp_path_factory.mktemp("local") / "search"
     result = run_search(tiny_space, "small_cnn", pretrained_digits, "digits", out, trials=6, data=digits,
-                        progress=False)
+                        progress=False, callbacks=[MlflowCallback()])
     return result
 
 
@@ -137,14 +138,16 @@ def test_interrupted_search_resumes_to_exactly_the_requested_trials(tmp_path, pr
     monkeypatch.setattr(trial_module.engine, "train", flaky_train)
     out = tmp_path / "search"
     with pytest.raises(KeyboardInterrupt):
-        run_search(tiny_space, "small_cnn", pretrained_digits, "digits", out, trials=5, data=digits, progress=False)
+        run_search(tiny_space, "small_cnn", pretrained_digits, "digits", out, trials=5, data=digits, progress=False,
+                   callbacks=[MlflowCallback()])
     monkeypatch.setattr(trial_module.engine, "train", real_train)
     info = json.loads((out / "search.json").read_text())
     study = optuna.load_study(study_name=info["study_name"], storage=info["storage"])
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "FAIL", "RUNNING"]
     interrupted_params = study.trials[3].params
 
-    result = run_search(None, out_dir=out, resume=True, trials=5, data=digits, progress=False)
+    result = run_search(None, out_dir=out, resume=True, trials=5, data=digits, progress=False,
+                        callbacks=[MlflowCallback()])
     study = optuna.load_study(study_name=info["study_name"], storage=info["storage"])
     counted = [t for t in result.trials if t.counted]
     assert len(counted) == 5 and len({t.number for t in counted}) == 5
@@ -160,7 +163,8 @@ def test_interrupted_search_resumes_to_exactly_the_requested_trials(tmp_path, pr
 def test_ray_executor_gives_the_same_records(tmp_path, pretrained_digits, tiny_space, digits, local_search):
     out = tmp_path / "search"
     result = run_search(tiny_space, "small_cnn", pretrained_digits, "digits", out, trials=3, executor="ray",
-                        trial_resources={"cpu": 1.0, "gpu": 0.0}, max_concurrent=2, data=digits, progress=False)
+                        trial_resources={"cpu": 1.0, "gpu": 0.0}, max_concurrent=2, data=digits, progress=False,
+                        callbacks=[MlflowCallback()])
     info = json.loads((out / "search.json").read_text())
     study = optuna.load_study(study_name=info["study_name"], storage=info["storage"])
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
