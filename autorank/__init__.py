@@ -27,6 +27,7 @@ _STAGES = {
     "sensitivity_table": "autorank.compression", "allocate": "autorank.compression",
     "SearchSpace": "autorank.search", "load_space": "autorank.search", "run_search": "autorank.search",
     "load_search": "autorank.search", "best_trial": "autorank.search", "run_demo": "autorank.search",
+    "rebuild_trial": "autorank.search", "MlflowCallback": "autorank.tracking",
     "export_onnx": "autorank.export", "export_model": "autorank.export",
     "AutorankError": "autorank.errors",
 }

@@ -462,15 +462,16 @@ class Bench:
     def search_test(self, out: Path, summary: dict[str, Any]) -> list[dict[str, Any]]:
         """Test accuracy of the search's unconstrained Pareto models (their saved weights, no retraining)."""
         from autorank.compression import profile
-        from autorank.export.api import rebuild_trial
+        from autorank.search import rebuild_trial
 
         done = [t for t in summary["trials"] if t["state"] == "complete"]
         rows = []
         for t in front(done, "val_accuracy"):
             def compute(t=t) -> dict[str, Any]:
-                _, record, _, _, plan, model = rebuild_trial(out, trial=t["trial"])
+                rebuilt = rebuild_trial(out, trial=t["trial"])
+                model, plan = rebuilt.model, rebuilt.plan
                 stats = profile(model, self.data.input_shape)
-                metrics = {"accuracy": record.metrics["accuracy"], "size_bytes": stats.size_bytes,
+                metrics = {"accuracy": rebuilt.record.metrics["accuracy"], "size_bytes": stats.size_bytes,
                            "params": stats.params, "macs": stats.macs}
                 result = row(f"search-{t['trial']}", "Search", "search", None, "mixed", metrics,
                              self.evaluate(model, "test"), None, plan=json.loads(plan.to_json()))
@@ -487,7 +488,7 @@ class Bench:
 
         from autorank import engine
         from autorank.compression import Plan, compress, profile
-        from autorank.export.api import rebuild_trial
+        from autorank.search import rebuild_trial
 
         runs = load_runs(self.out)
         config = dataclasses.replace(self.ctx.train_config(), steps=self.s.final_steps)
@@ -501,7 +502,7 @@ class Bench:
                 if source is None:
                     model, family = self.reference_model(), "Reference"
                 elif source["family"] == "Search":
-                    model, family = rebuild_trial(self.out / "search", trial=source["trial"])[-1], "Search"
+                    model, family = rebuild_trial(self.out / "search", trial=source["trial"]).model, "Search"
                 else:
                     model = compress(self.pretrained, Plan.from_json(json.dumps(source["plan"])), decompose=False)
                     model.load_state_dict(torch.load(self.weights_path(name), weights_only=True))

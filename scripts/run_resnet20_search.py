@@ -38,8 +38,7 @@ def main() -> int:
     from autorank import engine
     from autorank.data import load_data
     from autorank.models import create_model
-    from autorank.export.api import rebuild_trial
-    from autorank.search.results import load_search
+    from autorank.search import load_search, rebuild_trial
     from autorank.search.run import run_search
     from autorank.tracking import MlflowCallback
     from autorank.records import format_front, pareto_front
@@ -65,7 +64,7 @@ def main() -> int:
     reference_test = engine.evaluate(create_model("resnet20", data, WEIGHTS), data, "test")
     rows = [{"trial": "pretrained (no fine-tune)", "test_accuracy": reference_test}]
     for t in front:
-        model = rebuild_trial(args.out, trial=t.number)[-1]
+        model = rebuild_trial(args.out, trial=t.number).model
         rows.append({"trial": t.number, "summary": t.summary, "feasible": t.feasible, "final": t.finalized,
                      "val_accuracy": t.figures["accuracy"], "test_accuracy": engine.evaluate(model, data, "test"),
                      "size_bytes": t.figures["size_bytes"], "ratio": t.figures["ratio"], "macs": t.figures["macs"]})

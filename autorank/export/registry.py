@@ -13,7 +13,7 @@ from autorank.compression import Plan
 from autorank.errors import AutorankError
 
 if TYPE_CHECKING:
-    from autorank.export.api import ExportResult
+    from autorank.export.result import ExportResult
     from autorank.records import TrialRecord
     from autorank.search.results import SearchRecord
 
@@ -92,10 +92,7 @@ def register_model(result: ExportResult, search: SearchRecord, record: TrialReco
     for key, value in MLFLOW_HTTP_DEFAULTS.items():  # an unreachable server fails in seconds, not minutes
         os.environ.setdefault(key, value)
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)  # its retries are no news to a user
-    uri = uri or search.info.get("mlflow_uri")
-    if uri is None:
-        raise AutorankError(f"the search at {search.out_dir} was not tracked in MLflow: register with --mlflow-uri, "
-                            "or export with --no-register")
+    uri = uri or search.info["mlflow_uri"]
     name = registered_name or default_registered_name(search.info["model"])
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)

@@ -12,15 +12,21 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 import sqlalchemy.exc
 from optuna.trial import FrozenTrial, TrialState
 
 from autorank.errors import AutorankError
-from autorank.records import TrialRecord
+from autorank.records import WEIGHTS_FILE, TrialRecord
 from autorank.search.space import Constraints, SearchSpace, space_from_dict
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from autorank.compression import Plan
+    from autorank.data import Dataset
 
 SEARCH_FILE = "search.json"
 TRIALS_DIR = "trials"
@@ -159,6 +165,62 @@ def best_trial(
     if not feasible:
         raise AutorankError(f"none of the {len(done)} completed trials meets {limits.describe()}")
     return max(feasible, key=lambda t: (t.figures["accuracy"], -t.figures["size_bytes"], -t.number))
+
+
+@dataclass
+class RebuiltTrial:
+    """A trial's compressed model rebuilt from its saved weights, and what it was built from."""
+
+    search: SearchRecord
+    record: TrialRecord
+    data: Dataset
+    pretrained: nn.Module          # the search's model with its pretrained weights (eval mode)
+    plan: Plan                     # the trial's resolved plan (integer ranks)
+    model: nn.Module               # compressed by `plan`, holding the trial's weights (eval mode)
+
+
+def rebuild_trial(search_dir: str | Path, *, trial: int | None = None, max_size: int | None = None,
+                  min_ratio: float | None = None, max_drop: float | None = None) -> RebuiltTrial:
+    """A trial of the search at `search_dir` rebuilt without retraining (what export and scripts start from).
+
+    The weights are the final fine-tune's where the search ran one for the trial (`record.weights`).
+    With `trial=None` the most accurate feasible trial is chosen by `best_trial` within the limits.
+    Every user mistake (no search, no such trial, no weights) is an AutorankError before any compute.
+    """
+    search = load_search(search_dir)
+    if not search.trials:
+        raise AutorankError(f"the search at {search_dir} has no trials: nothing to export")
+    if trial is not None:
+        record = search.trial(trial)
+        if not record.finished_ok:
+            raise AutorankError(f"trial {trial} did not complete ({record.state}"
+                                + (f": {record.reason}" if record.reason else "") + "): nothing to export")
+    else:
+        record = best_trial(search, max_size=max_size, min_ratio=min_ratio, max_drop=max_drop)
+    if not record.has_weights or not (record.directory / PLAN_FILE).is_file():
+        kept = sorted(t.number for t in search.trials if t.has_weights)
+        raise AutorankError(
+            f"trial {record.number} has no saved weights in {record.directory} (only Pareto-front trials keep "
+            f"{WEIGHTS_FILE}); trials with weights: {', '.join(map(str, kept)) or 'none'}")
+    # torch and the pipeline only from here: reading a search (`autorank best`) stays light
+    import torch
+
+    from autorank.compression import Plan, compress
+    from autorank.data import load_data
+    from autorank.models import create_model
+
+    info = search.info
+    data = load_data(info["data"], seed=search.space.seed)
+    pretrained = create_model(info["model"], data, info["weights"]).eval()
+    plan = Plan.from_json((record.directory / PLAN_FILE).read_text())
+    model = compress(pretrained, plan, decompose=False)
+    state = torch.load(record.weights, map_location="cpu", weights_only=True)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise AutorankError(f"trial {record.number}'s weights do not fit its plan: {first}") from None
+    return RebuiltTrial(search, record, data, pretrained, plan, model.eval())
 
 
 def _finite(metrics: dict[str, float]) -> bool:

@@ -14,8 +14,8 @@ from autorank import engine
 from autorank.cli import main
 from autorank.compression import SensitivityTable
 from autorank.compression.ranks import attainable_ranks, full_ranks, method_params, ratio_ranks, scaled_ranks
-from autorank.export.api import export_onnx, rebuild_trial
-from autorank.search import best_trial, load_search
+from autorank.export.api import export_onnx
+from autorank.search import best_trial, load_search, rebuild_trial
 from autorank.search.run import run_search
 from autorank.search.seeds import EVBMF_TARGET
 from autorank.tracking import MlflowCallback
@@ -126,7 +126,7 @@ def test_final_fine_tune_figures_are_preferred_by_front_best_export_and_mlflow(a
         assert (t.directory / "final.pt").is_file() and (t.directory / "final.json").is_file()
         assert t.figures["drop_points"] == pytest.approx(
             (search.final_reference["accuracy"] - t.figures["accuracy"]) * 100)
-        model = rebuild_trial(search.out_dir, trial=t.number)[-1]
+        model = rebuild_trial(search.out_dir, trial=t.number).model
         assert engine.evaluate(model, digits, "val") == pytest.approx(t.figures["accuracy"])
     best = best_trial(search)
     front = pareto_front(search.trials, search.space.objectives)

@@ -13,8 +13,7 @@ from autorank import engine
 from autorank.cli import main
 from autorank.compression.ranks import method_params, ratio_ranks
 from autorank.errors import AutorankError, TrialDiverged
-from autorank.search import best_trial, load_search
-from autorank.export.api import rebuild_trial
+from autorank.search import best_trial, load_search, rebuild_trial
 from autorank.search.run import run_search
 from autorank.search.space import load_space
 from autorank.tracking import MlflowCallback
@@ -93,7 +92,7 @@ def test_front_members_keep_weights_that_rebuild_the_measured_model(local_search
     for t in search.trials:
         assert t.has_weights == (t.number in unconstrained)
     member = local_search.front[0]
-    model = rebuild_trial(local_search.out_dir, trial=member.number)[-1]
+    model = rebuild_trial(local_search.out_dir, trial=member.number).model
     assert engine.evaluate(model, digits, "val") == pytest.approx(member.metrics["accuracy"])
 
 
