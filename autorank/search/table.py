@@ -1,7 +1,7 @@
 """The search's sensitivity table: measured once per search, before the first trial, kept in its folder.
 
 Each layer's row (its candidates, each measured with only that layer compressed: see
-`autorank.compression.sensitivity`) is appended to `OUT/sensitivity.rows.jsonl` as soon as it is
+`autorank.engine.sensitivity`) is appended to `OUT/sensitivity.rows.jsonl` as soon as it is
 measured, so a search killed while measuring resumes without measuring finished rows again; the
 finished table is `OUT/sensitivity.json` (and the heatmap `OUT/sensitivity.png`), which a resumed
 search reuses as it is. With the Ray executor the rows are Ray tasks, one per layer, spread over the
@@ -27,8 +27,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from autorank.compression import Candidate, SensitivityTable
-from autorank.compression.sensitivity import TableJob, measure_layer, plan_table
 from autorank.data import Dataset
+from autorank.engine.sensitivity import TableJob, measure_layer, plan_table
 from autorank.errors import AutorankError
 from autorank.search.allocation import table_choices
 from autorank.search.trial import TrialContext
