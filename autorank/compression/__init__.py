@@ -13,7 +13,7 @@ from .apply import compress, mixed_plan, resolve_plan
 from .layers import find_layers
 from .plan import METHODS, LayerPlan, Plan, make_plan
 from .quantize import PRECISIONS, calibrate, layer_precisions, strip_fake_quant
-from .ranks import EVBMFResult, evbmf, vbmf_ranks
+from .vbmf import EVBMFResult, evbmf, vbmf_ranks
 from .sensitivity import Candidate, Prediction, SensitivityTable
 
 __all__ = [

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from autorank.compression import LayerPlan, Plan, calibrate, compress, make_plan, profile, resolve_plan
-from autorank.compression.decompose import decompose_layer
+from autorank.compression.methods import decompose_layer
 from autorank.compression.quantize import ActivationFakeQuant
 from autorank.compression.quantize import quantize_weights_
 from autorank.compression.ranks import ratio_ranks
