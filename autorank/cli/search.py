@@ -6,11 +6,11 @@ import argparse
 import json
 from pathlib import Path
 
-from autorank.errors import AutorankError
 from autorank._shipped import search_spaces
+from autorank.errors import AutorankError
+from autorank.records import format_front, format_size, pareto_front
 from autorank.search import TrialRecord, best_trial, load_search
 from autorank.search.space import Constraints, parse_duration, parse_size, shipped_space
-from autorank.records import format_front, format_size, pareto_front
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

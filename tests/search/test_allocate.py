@@ -15,11 +15,11 @@ from autorank.cli import main
 from autorank.compression import SensitivityTable
 from autorank.compression.ranks import attainable_ranks, full_ranks, method_params, ratio_ranks, scaled_ranks
 from autorank.export.api import export_onnx
+from autorank.records import pareto_front
 from autorank.search import best_trial, load_search, rebuild_trial
 from autorank.search.run import run_search
 from autorank.search.seeds import EVBMF_TARGET
 from autorank.tracking import MlflowCallback
-from autorank.records import pareto_front
 
 ALLOCATE_SPACE = {
     "name": "tinyalloc",

@@ -7,11 +7,11 @@ import random
 import pytest
 import yaml
 
+from autorank.records import dominates
 from autorank.search import load_search
 from autorank.search.run import run_search
-from autorank.tracking import MlflowCallback
 from autorank.search.screening import nondominated_ranks, promotion_order, promotions
-from autorank.records import dominates
+from autorank.tracking import MlflowCallback
 
 OBJECTIVES = ("accuracy", "size_bytes")
 

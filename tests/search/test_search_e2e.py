@@ -13,11 +13,11 @@ from autorank import engine
 from autorank.cli import main
 from autorank.compression.ranks import method_params, ratio_ranks
 from autorank.errors import AutorankError, TrialDiverged
+from autorank.records import pareto_front
 from autorank.search import best_trial, load_search, rebuild_trial
 from autorank.search.run import run_search
 from autorank.search.space import load_space
 from autorank.tracking import MlflowCallback
-from autorank.records import pareto_front
 
 def mlflow_trial_runs(out_dir, search_id):
     from mlflow import MlflowClient
