@@ -141,12 +141,12 @@ def test_int8_breaks_unstabilised_cp_but_not_stabilised(resnet20, images):
 
 
 def test_bad_plans_fail_before_any_compute(resnet20, monkeypatch):
-    import autorank.compression.ranks as ranks
+    import autorank.compression.vbmf as vbmf
 
     def no_compute(*_args, **_kwargs):
         raise AssertionError("EVBMF ran before the plan was validated")
 
-    monkeypatch.setattr(ranks, "evbmf", no_compute)
+    monkeypatch.setattr(vbmf, "evbmf", no_compute)
     good = {"layer1.0.conv1": LayerPlan("cp", "vbmf")}
     cases = {
         "unknown layer": {"layer9.conv": LayerPlan("tucker2", 4)},
