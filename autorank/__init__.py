@@ -24,9 +24,10 @@ _STAGES = {
     "measure": "autorank.engine",
     "Plan": "autorank.compression", "LayerPlan": "autorank.compression", "make_plan": "autorank.compression",
     "compress": "autorank.compression", "profile": "autorank.compression",
-    "sensitivity_table": "autorank.compression", "allocate": "autorank.compression",
+    "sensitivity_table": "autorank.engine", "allocate": "autorank.compression",
     "SearchSpace": "autorank.search", "load_space": "autorank.search", "run_search": "autorank.search",
     "load_search": "autorank.search", "best_trial": "autorank.search", "run_demo": "autorank.search",
+    "rebuild_trial": "autorank.search", "MlflowCallback": "autorank.tracking",
     "export_onnx": "autorank.export", "export_model": "autorank.export",
     "AutorankError": "autorank.errors",
 }

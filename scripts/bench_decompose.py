@@ -20,7 +20,7 @@ from torch import nn
 
 from autorank.cli.compress import parse_rank
 from autorank.compression import find_layers
-from autorank.compression.decompose import decompose_layer
+from autorank.compression.methods import decompose_layer
 from autorank.compression.ranks import method_params, resolve_rank, vbmf_method_ranks
 from autorank.models import load_weights
 from autorank.models.cifar_resnet import cifar_resnet

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from autorank.cli.compress import parse_rank
-from autorank.compression import SensitivityTable, allocate, compress, profile, sensitivity_table
+from autorank.compression import SensitivityTable, allocate, compress, profile
 from autorank.data import load_data
-from autorank.engine import evaluate
+from autorank.engine import evaluate, sensitivity_table
 from autorank.models import create_model
 
 SHARED = Path(os.environ.get("AUTORANK_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))

@@ -39,6 +39,7 @@ def main() -> int:
     from autorank.engine import TrainConfig, train
     from autorank.models import create_model
     from autorank.search.run import run_search
+    from autorank.tracking import MlflowCallback
 
     data = load_data(args.data)
     with tempfile.TemporaryDirectory() as tmp:
@@ -49,7 +50,7 @@ def main() -> int:
             weights = Path(tmp) / "pretrained.pt"
             torch.save({"state_dict": model.state_dict()}, weights)
         result = run_search(args.config, args.model, weights, args.data, Path(tmp) / "search", trials=args.trials,
-                            data=data, progress=False)
+                            data=data, progress=False, callbacks=[MlflowCallback()])
         trials = [t for t in result.trials if t.finished_ok]
         print(f"{args.model} on {args.data}, {args.config.name}, {len(trials)} trials, torch threads "
               f"{torch.get_num_threads()}")

@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from autorank.tracking.pareto import format_size
+from autorank.records import format_size
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("AUTORANK_SHARED", REPO.parent / "shared"))
@@ -158,7 +158,7 @@ def hypervolume(points: Iterable[tuple[float, float]], ref: tuple[float, float])
 
 def front(rows: Sequence[Mapping[str, Any]], acc_key: str) -> list[Mapping[str, Any]]:
     """Non-dominated rows (accuracy `acc_key` up, size_bytes down), smallest first."""
-    from autorank.tracking.pareto import dominates
+    from autorank.records import dominates
 
     def point(r: Mapping[str, Any]) -> dict[str, float]:
         return {"accuracy": r[acc_key], "size_bytes": r["size_bytes"]}
@@ -478,6 +478,7 @@ class Bench:
         every sitting: each one's wall time is added to OUT/benchmark-wall.json when it ends, and a
         sitting killed before that is counted by its trials' own wall times."""
         from autorank.search import load_search, run_search
+        from autorank.tracking import MlflowCallback
 
         started = time.perf_counter()
         ledger = out / "benchmark-wall.json"
@@ -487,10 +488,10 @@ class Bench:
         left = None if time_budget is None else max(time_budget - spent, 1.0)
         if (out / "search.json").exists():
             run_search(out_dir=out, resume=True, trials=trials, time_budget=left, data=data, device=self.device,
-                       progress=False)
+                       progress=False, callbacks=[MlflowCallback()])
         else:
             run_search(space, self.s.model, self.weights, self.data_spec, out, trials=trials, time_budget=left,
-                       data=data, device=self.device, progress=False)
+                       data=data, device=self.device, progress=False, callbacks=[MlflowCallback()])
         elapsed = spent + time.perf_counter() - started
         write_json(ledger, {"elapsed_s": elapsed})
         record = load_search(out)
@@ -509,15 +510,16 @@ class Bench:
     def search_test(self, out: Path, summary: dict[str, Any]) -> list[dict[str, Any]]:
         """Test accuracy of the search's unconstrained Pareto models (their saved weights, no retraining)."""
         from autorank.compression import profile
-        from autorank.export.api import rebuild_trial
+        from autorank.search import rebuild_trial
 
         done = [t for t in summary["trials"] if t["state"] == "complete"]
         rows = []
         for t in front(done, "val_accuracy"):
             def compute(t=t) -> dict[str, Any]:
-                _, record, _, _, plan, model = rebuild_trial(out, trial=t["trial"])
+                rebuilt = rebuild_trial(out, trial=t["trial"])
+                model, plan = rebuilt.model, rebuilt.plan
                 stats = profile(model, self.data.input_shape)
-                metrics = {"accuracy": record.metrics["accuracy"], "size_bytes": stats.size_bytes,
+                metrics = {"accuracy": rebuilt.record.metrics["accuracy"], "size_bytes": stats.size_bytes,
                            "params": stats.params, "macs": stats.macs}
                 result = row(f"search-{t['trial']}", "Search", "search", None, "mixed", metrics,
                              self.evaluate(model, "test"), None, plan=json.loads(plan.to_json()))
@@ -534,7 +536,7 @@ class Bench:
 
         from autorank import engine
         from autorank.compression import Plan, compress, profile
-        from autorank.export.api import rebuild_trial
+        from autorank.search import rebuild_trial
 
         runs = load_runs(self.out)
         config = dataclasses.replace(self.ctx.train_config(), steps=self.s.final_steps)
@@ -549,7 +551,7 @@ class Bench:
                 if source is None:
                     model, family = self.reference_model(), "Reference"
                 elif source["family"] == "Search":
-                    model, family = rebuild_trial(self.out / "search", trial=source["trial"])[-1], "Search"
+                    model, family = rebuild_trial(self.out / "search", trial=source["trial"]).model, "Search"
                 else:
                     model = compress(self.pretrained, Plan.from_json(json.dumps(source["plan"])), decompose=False)
                     model.load_state_dict(torch.load(self.weights_path(name), weights_only=True))

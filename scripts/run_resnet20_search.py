@@ -38,16 +38,17 @@ def main() -> int:
     from autorank import engine
     from autorank.data import load_data
     from autorank.models import create_model
-    from autorank.export.api import rebuild_trial
-    from autorank.search.results import load_search
+    from autorank.search import load_search, rebuild_trial
     from autorank.search.run import run_search
-    from autorank.tracking import format_front, pareto_front
+    from autorank.tracking import MlflowCallback
+    from autorank.records import format_front, pareto_front
 
     data = load_data(DATA)
     if not args.test_only:
         start = time.time()
         run_search(REPO / "search_spaces" / "resnet_cifar.yaml", "resnet20", WEIGHTS, DATA, args.out,
-                   trials=args.trials, resume=(args.out / "search.json").exists(), data=data)
+                   trials=args.trials, resume=(args.out / "search.json").exists(), data=data,
+                   callbacks=[MlflowCallback()])
         print(f"search wall time: {(time.time() - start) / 60:.1f} min", flush=True)
 
     search = load_search(args.out)
@@ -63,7 +64,7 @@ def main() -> int:
     reference_test = engine.evaluate(create_model("resnet20", data, WEIGHTS), data, "test")
     rows = [{"trial": "pretrained (no fine-tune)", "test_accuracy": reference_test}]
     for t in front:
-        model = rebuild_trial(args.out, trial=t.number)[-1]
+        model = rebuild_trial(args.out, trial=t.number).model
         rows.append({"trial": t.number, "summary": t.summary, "feasible": t.feasible, "final": t.finalized,
                      "val_accuracy": t.figures["accuracy"], "test_accuracy": engine.evaluate(model, data, "test"),
                      "size_bytes": t.figures["size_bytes"], "ratio": t.figures["ratio"], "macs": t.figures["macs"]})

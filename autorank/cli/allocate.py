@@ -9,8 +9,9 @@ from typing import Any
 
 from torch import nn
 
-from autorank.compression import Candidate, Plan, SensitivityTable, allocate, find_layers, sensitivity_table
+from autorank.compression import Candidate, Plan, SensitivityTable, allocate, find_layers
 from autorank.data import Dataset
+from autorank.engine import sensitivity_table
 from autorank.errors import AutorankError
 
 # --method -> the decompositions the table measures (linear layers: SVD); "none" = precisions only

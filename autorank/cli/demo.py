@@ -33,9 +33,10 @@ def free_folder(base: Path) -> Path:
 
 def run_demo_command(args: argparse.Namespace) -> int:
     from autorank.search.demo import run_demo
+    from autorank.tracking import MlflowCallback
 
     out = args.out if args.out is not None else free_folder(DEFAULT_OUT)
-    result = run_demo(out, trials=args.trials, progress=not args.no_progress)
+    result = run_demo(out, trials=args.trials, progress=not args.no_progress, callbacks=[MlflowCallback()])
     print(summary_text(result))
     if result.best is not None:  # issue 5: the deployable artefact of the best feasible trial
         from autorank.export import export_onnx

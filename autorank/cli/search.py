@@ -6,12 +6,11 @@ import argparse
 import json
 from pathlib import Path
 
-from autorank.errors import AutorankError
 from autorank._shipped import search_spaces
+from autorank.errors import AutorankError
+from autorank.records import format_front, format_size, pareto_front
 from autorank.search import TrialRecord, best_trial, load_search
 from autorank.search.space import Constraints, parse_duration, parse_size, shipped_space
-from autorank.tracking import format_front, pareto_front
-from autorank.tracking.pareto import format_size
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -73,6 +72,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_search_command(args: argparse.Namespace) -> int:
     from autorank.search.executors import parse_resources
     from autorank.search.run import run_search
+    from autorank.tracking import MlflowCallback
     if not args.resume and (args.config is None or args.model is None or args.data is None):
         raise AutorankError("search needs --config, --model and --data (or --resume with --out of a search)")
     if args.trials is not None and args.trials < 1:
@@ -81,7 +81,7 @@ def run_search_command(args: argparse.Namespace) -> int:
     resources = parse_resources(args.trial_resources) if args.trial_resources else None
     result = run_search(
         args.config, args.model, args.weights, args.data, args.out, trials=args.trials, time_budget=time_budget,
-        executor=args.executor, resume=args.resume, mlflow_uri=args.mlflow_uri, experiment=args.experiment,
+        executor=args.executor, resume=args.resume, callbacks=[MlflowCallback(args.mlflow_uri, args.experiment)],
         storage=args.storage, study_name=args.study_name, device=args.device, ray_address=args.ray_address,
         trial_resources=resources, max_concurrent=args.max_concurrent, progress=not args.no_progress,
     )
@@ -113,11 +113,13 @@ def summary_text(result) -> str:
                  f"{best.figures['size_bytes'] / 1e3:.1f} KB{', after the final fine-tune' if best.finalized else ''})"
                  if best else "no feasible trial yet")
     lines.append(f"front: {result.out_dir / 'pareto.html'} (interactive), {result.out_dir / 'pareto.csv'}")
-    if result.mlflow_uri.startswith("sqlite"):
-        lines.append(f"browse: autorank ui --search {result.out_dir}   "
-                     f"(or: mlflow ui --backend-store-uri {result.mlflow_uri})")
+    uri = result.info.get("mlflow_uri")
+    if uri is None:
+        pass  # not tracked (a Python caller passed no MlflowCallback)
+    elif uri.startswith("sqlite"):
+        lines.append(f"browse: autorank ui --search {result.out_dir}   (or: mlflow ui --backend-store-uri {uri})")
     else:
-        lines.append(f"browse: {result.mlflow_uri} (run {result.parent_run_id})")
+        lines.append(f"browse: {uri} (run {result.info.get('parent_run_id')})")
     return "\n".join(lines)
 
 

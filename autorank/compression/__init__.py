@@ -2,7 +2,8 @@
 
 Public API (see docs/ARCHITECTURE.md and docs/COMPRESSION.md):
 find_layers, LayerPlan, Plan, make_plan, mixed_plan, resolve_plan, compress, profile, evbmf,
-vbmf_ranks, strip_fake_quant, calibrate, layer_precisions, sensitivity_table (SensitivityTable), allocate.
+vbmf_ranks, strip_fake_quant, calibrate, layer_precisions, SensitivityTable (measured by
+`autorank.engine.sensitivity_table`), allocate.
 The building blocks (decompose_layer, quantize_weight, resolve_rank, ...) stay in their modules.
 """
 
@@ -12,11 +13,11 @@ from .apply import compress, mixed_plan, resolve_plan
 from .layers import find_layers
 from .plan import METHODS, LayerPlan, Plan, make_plan
 from .quantize import PRECISIONS, calibrate, layer_precisions, strip_fake_quant
-from .ranks import EVBMFResult, evbmf, vbmf_ranks
-from .sensitivity import Candidate, Prediction, SensitivityTable, sensitivity_table
+from .vbmf import EVBMFResult, evbmf, vbmf_ranks
+from .sensitivity import Candidate, Prediction, SensitivityTable
 
 __all__ = [
     "METHODS", "PRECISIONS", "Candidate", "EVBMFResult", "LayerPlan", "LayerProfile", "Plan", "Prediction", "Profile",
     "SensitivityTable", "allocate", "calibrate", "compress", "evbmf", "find_layers", "layer_precisions", "make_plan",
-    "mixed_plan", "profile", "resolve_plan", "sensitivity_table", "strip_fake_quant", "vbmf_ranks",
+    "mixed_plan", "profile", "resolve_plan", "strip_fake_quant", "vbmf_ranks",
 ]

@@ -11,9 +11,9 @@ from torch import Tensor, nn
 
 from autorank.errors import AutorankError
 
-from .decompose import build_chain, decompose_layer
 from .fit import FIT_MODES, fit_chains
 from .layers import find_layers, is_candidate
+from .methods import build_chain, decompose_layer
 from .plan import CONV_METHODS, LINEAR_METHODS, LayerPlan, Plan, RankSpec
 from .quantize import INT_BITS, ActivationFakeQuant, calibrate, quantize_weights_
 from .ranks import method_params, parse_vbmf, ratio_ranks, resolve_rank

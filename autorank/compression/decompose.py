@@ -9,6 +9,8 @@ Chains (kernel K of shape T x C x kh x kw):
 - Tucker-2: 1x1 (C->R1) -> kh x kw (R1->R2) -> 1x1 (R2->T)
 - TT over (C, kh, kw, T): 1x1 (C->r1) -> kh x 1 (r1->r2) -> 1 x kw (r2->r3) -> 1x1 (r3->T)
 - SVD:      Linear (in->r) -> Linear (r->out)
+
+Which function serves which method is the registry's (`methods.py`: `build_chain`, `decompose_layer`).
 """
 
 from __future__ import annotations
@@ -273,15 +275,6 @@ def svd_chain(layer: nn.Linear, rank: int) -> nn.Sequential:
                          nn.Linear(rank, layer.out_features, bias=layer.bias is not None, **kw))
 
 
-def build_chain(layer: nn.Module, method: str, ranks: tuple[int, ...]) -> nn.Sequential:
-    """The decomposed layer's structure without computing factors (for loading a saved state_dict)."""
-    builders = {"cp": lambda: cp_chain(layer, ranks[0]), "tucker2": lambda: tucker2_chain(layer, ranks),
-                "tt": lambda: tt_chain(layer, ranks), "svd": lambda: svd_chain(layer, ranks[0])}
-    if method not in builders:
-        raise AutorankError(f"unknown decomposition method {method!r}")
-    return builders[method]()
-
-
 def cp_conv(layer: nn.Conv2d, rank: int, *, stabilize: str = "epc", n_iter_max: int = 100,
             seed: int = 0) -> nn.Sequential:
     """CP-4 decomposition of a conv into 1x1 -> kx1 dw -> 1xk dw -> 1x1."""
@@ -331,17 +324,3 @@ def svd_linear(layer: nn.Linear, rank: int) -> nn.Sequential:
     _set_weight(chain[0], layer, root[:, None] * vh[:rank])
     _set_weight(chain[1], layer, u[:, :rank] * root[None, :])
     return _finish(chain, layer)
-
-
-def decompose_layer(layer: nn.Module, method: str, ranks: tuple[int, ...], *, stabilize: str = "epc",
-                    n_iter_max: int = 100, seed: int = 0) -> nn.Sequential:
-    """Decompose one layer at integer `ranks` (validated by the caller)."""
-    if method == "cp":
-        return cp_conv(layer, ranks[0], stabilize=stabilize, n_iter_max=n_iter_max, seed=seed)
-    if method == "tucker2":
-        return tucker2_conv(layer, ranks, n_iter_max=n_iter_max)
-    if method == "tt":
-        return tt_conv(layer, ranks)
-    if method == "svd":
-        return svd_linear(layer, ranks[0])
-    raise AutorankError(f"unknown decomposition method {method!r}")

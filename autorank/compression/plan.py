@@ -11,11 +11,13 @@ from autorank.errors import AutorankError
 
 from .decompose import CP_STABILIZE
 from .layers import find_layers
+from .methods import DECOMPOSITIONS
 from .quantize import PRECISIONS
 
-METHODS = ("none", "cp", "tucker2", "tt", "svd")
-CONV_METHODS = ("none", "cp", "tucker2", "tt")
-LINEAR_METHODS = ("none", "svd")
+# "none" keeps a layer whole; the others are the registry's, by the layer type they decompose
+METHODS = ("none", *DECOMPOSITIONS)
+CONV_METHODS = ("none", *(name for name, m in DECOMPOSITIONS.items() if m.layer is nn.Conv2d))
+LINEAR_METHODS = ("none", *(name for name, m in DECOMPOSITIONS.items() if m.layer is nn.Linear))
 ACTIVATIONS = ("fp32", "int8")
 
 RankSpec = int | float | str | list[int] | None

@@ -5,7 +5,8 @@ Public verb: `export_onnx(search_dir, out, precision, trial=... | max_size=..., 
 `export_model(model, data, out, precision)` does the same for a model in memory.
 """
 
-from autorank.export.api import EXPORT_PRECISIONS, ExportResult, export_model, export_onnx
+from autorank.export.api import EXPORT_PRECISIONS, export_model, export_onnx
+from autorank.export.result import ExportResult
 from autorank.export.verify import Verification
 
 __all__ = ["EXPORT_PRECISIONS", "ExportResult", "Verification", "export_model", "export_onnx"]

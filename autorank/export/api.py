@@ -13,69 +13,28 @@ import io
 import json
 import logging
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
 import torch
 from torch import nn
 
-from autorank.compression import Plan, compress, layer_precisions, profile, strip_fake_quant
-from autorank.compression.quantize import ActivationFakeQuant
-from autorank.compression.quantize import QMAX
-from autorank.data import Dataset, load_data
+from autorank.compression import layer_precisions, profile, strip_fake_quant
+from autorank.compression.quantize import QMAX, ActivationFakeQuant
+from autorank.data import Dataset
 from autorank.errors import AutorankError, TrackingFailed
-from autorank.export.bench import Speed, benchmark
+from autorank.export.bench import benchmark
 from autorank.export.graph import to_onnx
-from autorank.export.host import host_report
 from autorank.export.precision import (CALIBRATION_METHODS, INT8_SCOPES, compact, payload_bytes, round_biases, to_fp16,
                                      to_int8)
-from autorank.export.verify import Verification, onnx_accuracy, verify
+from autorank.export.registry import check_registered_name, register_model, write_card
+from autorank.export.result import ExportResult
+from autorank.export.verify import onnx_accuracy, verify
+from autorank.search.results import rebuild_trial
 
 EXPORT_PRECISIONS = ("fp32", "fp16", "int8")
-
-
-@dataclass
-class ExportResult:
-    """What was written and how it measured; `to_dict()` is the CLI's --json."""
-
-    path: Path
-    precision: str
-    file_bytes: int
-    size_bytes: int                    # the compression core's accounting of the same model
-    payload_bytes: int                 # tensor data in the file (weights, scales, biases); the rest is graph
-    verification: Verification         # ONNX Runtime vs the PyTorch (quantization-aware) model
-    speed: dict[str, Speed] = field(default_factory=dict)   # "exported" and "baseline" (uncompressed fp32)
-    layer_precisions: dict[str, str] = field(default_factory=dict)
-    trial: int | None = None
-    search_dir: Path | None = None
-    recorded_accuracy: float | None = None   # what the search measured for the trial (val split)
-    onnx_val_accuracy: float | None = None   # the ONNX model on the same split
-    card: Path | None = None
-    mlflow: dict[str, Any] = field(default_factory=dict)
-    host: dict[str, Any] = field(default_factory=host_report)   # the verifying CPU and its int8 kernel
-
-    @property
-    def size_ratio(self) -> float:
-        """File size over the computed size: ~1 when the file holds what the plan promised."""
-        return self.file_bytes / self.size_bytes
-
-    @property
-    def accuracy_gap(self) -> float | None:
-        """ONNX minus recorded accuracy on the split the search used, in points."""
-        if self.recorded_accuracy is None or self.onnx_val_accuracy is None:
-            return None
-        return (self.onnx_val_accuracy - self.recorded_accuracy) * 100
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {k: v for k, v in asdict(self).items() if k not in ("verification", "speed")}
-        out.update(path=str(self.path), search_dir=str(self.search_dir) if self.search_dir else None,
-                   card=str(self.card) if self.card else None, size_ratio=self.size_ratio,
-                   accuracy_gap=self.accuracy_gap, verification=self.verification.to_dict(),
-                   speed={k: s.to_dict() for k, s in self.speed.items()})
-        return out
 
 
 def _check_options(precision: str, calibration_batches: int, calibration_method: str, threads: int | None,
@@ -236,48 +195,6 @@ def export_model(model: nn.Module, data: Dataset, out: str | Path, precision: st
     return result
 
 
-def rebuild_trial(search_dir: str | Path, *, trial: int | None = None, max_size: int | None = None,
-                  min_ratio: float | None = None, max_drop: float | None = None):
-    """(search, trial record, data, pretrained model, plan, compressed model holding the trial's weights).
-
-    The weights are the final fine-tune's where the search ran one for the trial (`record.weights`).
-    With `trial=None` the most accurate feasible trial is chosen by the search's own `best_trial`.
-    Every user mistake (no search, no such trial, no weights) is an AutorankError before any compute.
-    """
-    from autorank.search import best_trial, load_search
-    from autorank.search.results import PLAN_FILE, WEIGHTS_FILE
-
-    search = load_search(search_dir)
-    if not search.trials:
-        raise AutorankError(f"the search at {search_dir} has no trials: nothing to export")
-    if trial is not None:
-        record = search.trial(trial)
-        if not record.finished_ok:
-            raise AutorankError(f"trial {trial} did not complete ({record.state}"
-                                + (f": {record.reason}" if record.reason else "") + "): nothing to export")
-    else:
-        record = best_trial(search, max_size=max_size, min_ratio=min_ratio, max_drop=max_drop)
-    if not record.has_weights or not (record.directory / PLAN_FILE).is_file():
-        kept = sorted(t.number for t in search.trials if t.has_weights)
-        raise AutorankError(
-            f"trial {record.number} has no saved weights in {record.directory} (only Pareto-front trials keep "
-            f"{WEIGHTS_FILE}); trials with weights: {', '.join(map(str, kept)) or 'none'}")
-    info = search.info
-    data = load_data(info["data"], seed=search.space.seed)
-    from autorank.models import create_model
-
-    pretrained = create_model(info["model"], data, info["weights"]).eval()
-    plan = Plan.from_json((record.directory / PLAN_FILE).read_text())
-    model = compress(pretrained, plan, decompose=False)
-    state = torch.load(record.weights, map_location="cpu", weights_only=True)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise AutorankError(f"trial {record.number}'s weights do not fit its plan: {first}") from None
-    return search, record, data, pretrained, plan, model.eval()
-
-
 def export_onnx(search_dir: str | Path, out: str | Path, precision: str = "int8", *, trial: int | None = None,
                 max_size: int | None = None, min_ratio: float | None = None, max_drop: float | None = None,
                 calibration_batches: int = 8, calibration_method: str = "minmax", activation_type: str = "uint8",
@@ -292,8 +209,6 @@ def export_onnx(search_dir: str | Path, out: str | Path, precision: str = "int8"
     search's store if given), and described by a model card written beside it (`<out>.card.md`).
     If MLflow fails, the verified file and its card stay and TrackingFailed says how to retry.
     """
-    from autorank.export.registry import check_registered_name, register_model, write_card
-
     _check_options(precision, calibration_batches, calibration_method, threads, int8_scope)
     if registered_name is not None:
         check_registered_name(registered_name)
@@ -302,9 +217,12 @@ def export_onnx(search_dir: str | Path, out: str | Path, precision: str = "int8"
     out = Path(out)
     if out.suffix != ".onnx":
         raise AutorankError(f"output {out} should end in .onnx")
-    search, record, data, pretrained, plan, model = rebuild_trial(
-        search_dir, trial=trial, max_size=max_size, min_ratio=min_ratio, max_drop=max_drop)
-    result = export_model(model, data, out, precision, baseline=pretrained, verify_limit=verify_limit,
+    rebuilt = rebuild_trial(search_dir, trial=trial, max_size=max_size, min_ratio=min_ratio, max_drop=max_drop)
+    search, record, data = rebuilt.search, rebuilt.record, rebuilt.data
+    if register and mlflow_uri is None and "mlflow_uri" not in search.info:
+        raise AutorankError(f"the search at {search_dir} was not tracked in MLflow (no MlflowCallback): register "
+                            "in a tracking server with --mlflow-uri, or export with --no-register")
+    result = export_model(rebuilt.model, data, out, precision, baseline=rebuilt.pretrained, verify_limit=verify_limit,
                           calibration_batches=calibration_batches, calibration_method=calibration_method,
                           activation_type=activation_type, int8_scope=int8_scope, threads=threads, bench=bench,
                           seed=seed)
@@ -317,7 +235,7 @@ def export_onnx(search_dir: str | Path, out: str | Path, precision: str = "int8"
             result.mlflow = register_model(result, search, record, registered_name=registered_name, uri=mlflow_uri)
         except Exception as exc:  # noqa: BLE001 - whatever MLflow raises, the verified file is kept
             failure = _innermost(exc)
-    result.card = write_card(result, search, record, plan)
+    result.card = write_card(result, search, record, rebuilt.plan)
     if failure:
         raise TrackingFailed(
             f"{out} is written and verified (card {result.card}), but logging it to MLflow at "

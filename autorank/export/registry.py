@@ -13,8 +13,9 @@ from autorank.compression import Plan
 from autorank.errors import AutorankError
 
 if TYPE_CHECKING:
-    from autorank.export.api import ExportResult
-    from autorank.search.results import SearchRecord, TrialRecord
+    from autorank.export.result import ExportResult
+    from autorank.records import TrialRecord
+    from autorank.search.results import SearchRecord
 
 log = logging.getLogger(__name__)
 

@@ -1,14 +1,15 @@
 """Search stage: YAML spaces -> Optuna study seeded by EVBMF -> trials (local or Ray) -> the front.
 
 Public verbs: `load_space(path)`, `run_search(...)`, `load_search(out_dir)`, `best_trial(search, ...)`,
-`run_demo(out_dir)`.
+`rebuild_trial(out_dir, trial=...)`, `run_demo(out_dir)`.
 """
 
-from autorank.search.results import SearchRecord, TrialRecord, best_trial, load_search
+from autorank.records import TrialRecord
+from autorank.search.results import RebuiltTrial, SearchRecord, best_trial, load_search, rebuild_trial
 from autorank.search.space import SearchSpace, load_space
 
-__all__ = ["SearchRecord", "SearchResult", "SearchSpace", "TrialRecord", "best_trial", "load_search", "load_space",
-           "run_demo", "run_search"]
+__all__ = ["RebuiltTrial", "SearchRecord", "SearchResult", "SearchSpace", "TrialRecord", "best_trial", "load_search",
+           "load_space", "rebuild_trial", "run_demo", "run_search"]
 
 
 def __getattr__(name: str):

@@ -8,6 +8,7 @@ search in the shipped `default` space (search_spaces/default.yaml, about 20 tria
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -15,7 +16,7 @@ import torch
 from autorank.data import load_data
 from autorank.engine import TrainConfig, evaluate, train
 from autorank.models import create_model
-from autorank.search.run import SearchResult, run_search
+from autorank.search.run import Callback, SearchResult, run_search
 from autorank.search.space import load_space
 
 DEFAULT_SPACE = "default"  # a shipped space's name: the demo runs wherever autorank is installed
@@ -23,8 +24,9 @@ PRETRAIN = TrainConfig(steps=150, batch_size=64, lr=0.05, schedule="onecycle", s
 
 
 def run_demo(out_dir: str | Path, *, trials: int | None = None, progress: bool = True,
-             space: str | Path = DEFAULT_SPACE) -> SearchResult:
-    """Pretrain the digits CNN into OUT/pretrained.pt, then search into OUT (a new folder)."""
+             space: str | Path = DEFAULT_SPACE, callbacks: Sequence[Callback] = ()) -> SearchResult:
+    """Pretrain the digits CNN into OUT/pretrained.pt, then search into OUT (a new folder), telling
+    `callbacks` (as `run_search`; the CLI's demo attaches the MLflow tracker)."""
     out = Path(out_dir)
     space_ = load_space(space)
     data = load_data("digits", seed=space_.seed)
@@ -39,4 +41,5 @@ def run_demo(out_dir: str | Path, *, trials: int | None = None, progress: bool =
     torch.save({"state_dict": model.state_dict()}, weights)
     if progress:
         print(f"autorank demo: pretrained val accuracy {accuracy * 100:.2f}%; searching", file=sys.stderr)
-    return run_search(space_, "small_cnn", weights, "digits", out, trials=trials, data=data, progress=progress)
+    return run_search(space_, "small_cnn", weights, "digits", out, trials=trials, data=data, progress=progress,
+                      callbacks=callbacks)

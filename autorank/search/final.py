@@ -28,10 +28,9 @@ import torch
 from autorank import engine
 from autorank.compression import Plan, compress
 from autorank.data import Dataset
-from autorank.search.results import (FINAL_ATTR, FINAL_FILE, FINAL_REFERENCE_ATTR, FINAL_WEIGHTS_FILE, PLAN_FILE,
-                                     WEIGHTS_FILE, TrialRecord)
+from autorank.records import FINAL_WEIGHTS_FILE, WEIGHTS_FILE, TrialRecord, pareto_front
+from autorank.search.results import FINAL_ATTR, FINAL_FILE, FINAL_REFERENCE_ATTR, PLAN_FILE
 from autorank.search.trial import TrialContext, finetune_and_measure
-from autorank.tracking import pareto_front
 
 
 def final_candidates(trials: Sequence[TrialRecord], objectives: Sequence[str], top: int) -> list[TrialRecord]:

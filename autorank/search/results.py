@@ -1,4 +1,4 @@
-"""Reading a search back: its trials as typed records, and the best feasible one.
+"""Reading a search back: its trials as records (`autorank.records.TrialRecord`), and the best feasible one.
 
 The Optuna study is the source of truth (every finished trial is told to it before anything else
 happens); `search.json` says where the study lives and what the uncompressed reference scored.
@@ -10,88 +10,31 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 import sqlalchemy.exc
 from optuna.trial import FrozenTrial, TrialState
 
 from autorank.errors import AutorankError
+from autorank.records import WEIGHTS_FILE, TrialRecord
 from autorank.search.space import Constraints, SearchSpace, space_from_dict
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from autorank.compression import Plan
+    from autorank.data import Dataset
 
 SEARCH_FILE = "search.json"
 TRIALS_DIR = "trials"
 PLAN_FILE = "plan.json"
 METRICS_FILE = "metrics.json"
-WEIGHTS_FILE = "model.pt"
-FINAL_WEIGHTS_FILE = "final.pt"    # a trial's weights after the search's final fine-tune
 FINAL_FILE = "final.json"
 FINAL_ATTR = "final:"              # study user attr `final:<n>`: trial n's final figures (finished trials are frozen)
 FINAL_REFERENCE_ATTR = "final_reference"
-
-
-@dataclass
-class TrialRecord:
-    """One trial as recorded in the study: its choices, figures and fate."""
-
-    number: int
-    state: str                        # complete | failed | screened | interrupted | running | waiting
-    params: dict[str, Any]
-    metrics: dict[str, float] = field(default_factory=dict)
-    constraints: dict[str, float] = field(default_factory=dict)
-    plan: dict[str, Any] | None = None
-    reason: str | None = None
-    summary: str = ""
-    started: float | None = None      # epoch seconds
-    finished: float | None = None
-    directory: Path | None = None
-    final: dict[str, Any] | None = None   # the final fine-tune: {"metrics", "constraints"} or {"reason"}
-    screen: dict[str, float] | None = None  # zero-shot figures of screening (autorank.search.screening)
-
-    @property
-    def finalized(self) -> bool:
-        """Has figures from the search's final fine-tune (a failed final fine-tune leaves the trial's own)."""
-        return self.final is not None and "metrics" in self.final
-
-    @property
-    def figures(self) -> dict[str, float]:
-        """The figures to compare trials by: the final fine-tune's where it ran, else the trial's own."""
-        return self.final["metrics"] if self.finalized else self.metrics
-
-    @property
-    def counted(self) -> bool:
-        """Counts towards --trials: finished, successfully or not, or screened out (interruptions do not)."""
-        return self.state in ("complete", "failed", "screened")
-
-    @property
-    def finished_ok(self) -> bool:
-        return self.state == "complete"
-
-    @property
-    def feasible(self) -> bool:
-        constraints = self.final["constraints"] if self.finalized else self.constraints
-        return self.finished_ok and all(v <= 0 for v in constraints.values())
-
-    @property
-    def weights(self) -> Path | None:
-        """The weights that give `figures` (the final fine-tune's where it ran), if kept."""
-        if self.directory is None:
-            return None
-        path = self.directory / (FINAL_WEIGHTS_FILE if self.finalized else WEIGHTS_FILE)
-        return path if path.is_file() else None
-
-    @property
-    def has_weights(self) -> bool:
-        return self.weights is not None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"trial": self.number, "state": self.state, "feasible": self.feasible, "metrics": self.metrics,
-                "constraints": self.constraints, "screen": self.screen, "final": self.final, "figures": self.figures,
-                "params": self.params, "reason": self.reason, "summary": self.summary,
-                "plan": self.plan, "dir": str(self.directory) if self.directory else None,
-                "weights": str(self.weights) if self.weights else None}
 
 
 def record_from_trial(trial: FrozenTrial, out_dir: Path | None = None,
@@ -222,6 +165,62 @@ def best_trial(
     if not feasible:
         raise AutorankError(f"none of the {len(done)} completed trials meets {limits.describe()}")
     return max(feasible, key=lambda t: (t.figures["accuracy"], -t.figures["size_bytes"], -t.number))
+
+
+@dataclass
+class RebuiltTrial:
+    """A trial's compressed model rebuilt from its saved weights, and what it was built from."""
+
+    search: SearchRecord
+    record: TrialRecord
+    data: Dataset
+    pretrained: nn.Module          # the search's model with its pretrained weights (eval mode)
+    plan: Plan                     # the trial's resolved plan (integer ranks)
+    model: nn.Module               # compressed by `plan`, holding the trial's weights (eval mode)
+
+
+def rebuild_trial(search_dir: str | Path, *, trial: int | None = None, max_size: int | None = None,
+                  min_ratio: float | None = None, max_drop: float | None = None) -> RebuiltTrial:
+    """A trial of the search at `search_dir` rebuilt without retraining (what export and scripts start from).
+
+    The weights are the final fine-tune's where the search ran one for the trial (`record.weights`).
+    With `trial=None` the most accurate feasible trial is chosen by `best_trial` within the limits.
+    Every user mistake (no search, no such trial, no weights) is an AutorankError before any compute.
+    """
+    search = load_search(search_dir)
+    if not search.trials:
+        raise AutorankError(f"the search at {search_dir} has no trials: nothing to export")
+    if trial is not None:
+        record = search.trial(trial)
+        if not record.finished_ok:
+            raise AutorankError(f"trial {trial} did not complete ({record.state}"
+                                + (f": {record.reason}" if record.reason else "") + "): nothing to export")
+    else:
+        record = best_trial(search, max_size=max_size, min_ratio=min_ratio, max_drop=max_drop)
+    if not record.has_weights or not (record.directory / PLAN_FILE).is_file():
+        kept = sorted(t.number for t in search.trials if t.has_weights)
+        raise AutorankError(
+            f"trial {record.number} has no saved weights in {record.directory} (only Pareto-front trials keep "
+            f"{WEIGHTS_FILE}); trials with weights: {', '.join(map(str, kept)) or 'none'}")
+    # torch and the pipeline only from here: reading a search (`autorank best`) stays light
+    import torch
+
+    from autorank.compression import Plan, compress
+    from autorank.data import load_data
+    from autorank.models import create_model
+
+    info = search.info
+    data = load_data(info["data"], seed=search.space.seed)
+    pretrained = create_model(info["model"], data, info["weights"]).eval()
+    plan = Plan.from_json((record.directory / PLAN_FILE).read_text())
+    model = compress(pretrained, plan, decompose=False)
+    state = torch.load(record.weights, map_location="cpu", weights_only=True)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise AutorankError(f"trial {record.number}'s weights do not fit its plan: {first}") from None
+    return RebuiltTrial(search, record, data, pretrained, plan, model.eval())
 
 
 def _finite(metrics: dict[str, float]) -> bool:

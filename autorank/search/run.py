@@ -2,7 +2,8 @@
 
 Order matters for "nothing is lost": all inputs are checked (space, data, model, weights) and
 the reference is measured before the output folder exists; each trial is told to the study before
-its files are pruned or MLflow hears of it; MLflow is replayed from the study on every resume.
+its files are pruned or the callbacks hear of it (the CLI's MLflow tracker, `autorank.tracking`),
+and the callbacks get every trial again on each resume.
 """
 
 from __future__ import annotations
@@ -13,40 +14,43 @@ import os
 import sys
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import optuna
+
 from autorank.data import Dataset, load_data
 from autorank.errors import AutorankError
 from autorank.models import create_model
+from autorank.records import WEIGHTS_FILE, SearchCallback, SearchStart, TrialRecord, pareto_front
 from autorank.search.executors import EXECUTORS, parse_resources, ray_session, run_local, run_ray, tell
 from autorank.search.final import run_final
-from autorank.search.results import (SEARCH_FILE, WEIGHTS_FILE, TrialRecord, best_trial, load_search, read_info,
-                                     storage_for)
+from autorank.search.results import SEARCH_FILE, best_trial, load_search, read_info, storage_for
 from autorank.search.screening import run_screened
 from autorank.search.seeds import warm_starts
 from autorank.search.space import SearchSpace, load_space, space_from_dict
 from autorank.search.study import TrialOutcome, create_or_load_study, records, recover_interrupted
 from autorank.search.table import HEATMAP_FILE, TABLE_FILE, search_table, write_heatmap
 from autorank.search.trial import TrialContext, layer_table, reference_metrics
-from autorank.tracking import SearchTracker, pareto_front
-from autorank.tracking.tracker import default_tracking_uri
+
+
+Callback = SearchCallback | Callable[[list[TrialRecord]], None]
 
 
 @dataclass
 class SearchResult:
-    """A finished (or stopped) search: its trials, front and where to browse it."""
+    """A finished (or stopped) search: its trials, front and settings (search.json, with what the
+    callbacks recorded there: where MLflow logged it)."""
 
     out_dir: Path
     study_name: str
     trials: list[TrialRecord]
     front: list[TrialRecord]
     reference: dict[str, float]
-    mlflow_uri: str
-    parent_run_id: str | None
+    info: dict[str, Any]
     elapsed_s: float
-    unlogged: list[int] = field(default_factory=list)   # trials MLflow has not received (replayed on resume)
 
     @property
     def best(self) -> TrialRecord | None:
@@ -68,8 +72,7 @@ def run_search(
     time_budget: float | None = None,
     executor: str = "local",
     resume: bool = False,
-    mlflow_uri: str | None = None,
-    experiment: str = "autorank",
+    callbacks: Sequence[Callback] = (),
     storage: str | None = None,
     study_name: str | None = None,
     device: str = "auto",
@@ -83,9 +86,68 @@ def run_search(
 
     `trials` / `time_budget` override the space's; with `resume`, settings left as None come from
     the folder's search.json and the study continues until `trials` trials have finished in total.
+    `callbacks` hear of the search's start, files and every trial snapshot (`records.SearchCallback`, or a
+    function called with each snapshot); `tracking.MlflowCallback()` logs the search to MLflow.
+    Five steps: prepare (settings, checked), reference (model, data, the uncompressed figures, the
+    folder), study (open it, tell the callbacks), execute (the table, the trials, the final fine-tune),
+    finish (the last snapshot to the callbacks, the result).
     """
-    started = time.monotonic()
-    out = Path(out_dir)
+    run = _prepare(space, model_name, weights, data_spec, Path(out_dir), trials=trials, time_budget=time_budget,
+                   executor=executor, resume=resume, callbacks=callbacks, storage=storage, study_name=study_name,
+                   device=device, ray_address=ray_address, trial_resources=trial_resources,
+                   max_concurrent=max_concurrent, progress=progress)
+    _reference(run, data)
+    current = _study(run)
+    status = "FINISHED"
+    try:
+        _execute(run, current)
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        result = _finish(run, status)
+    return result
+
+
+@dataclass
+class _Run:
+    """One call of run_search: the settings `_prepare` resolved, then what each later step adds."""
+
+    out: Path
+    space: SearchSpace
+    model_name: str
+    weights: str | Path | None
+    data_spec: str
+    trials: int | None
+    time_budget: float | None
+    executor: str
+    resources: dict[str, float]
+    max_concurrent: int
+    ray_address: str | None
+    device: str
+    progress: bool
+    storage: str | None
+    study_name: str | None
+    hooks: list[SearchCallback]
+    resume: bool
+    info: dict[str, Any] | None          # search.json; read back on --resume, written by `_reference` otherwise
+    started: float = field(default_factory=time.monotonic)
+    data: Dataset | None = None
+    ctx: TrialContext | None = None
+    study: optuna.Study | None = None
+    rdb: optuna.storages.BaseStorage | None = None
+    bar: _ProgressBar | None = None
+
+    def say(self, message: str) -> None:
+        _say(self.progress, message)
+
+
+def _prepare(space: SearchSpace | str | Path | None, model_name: str | None, weights: str | Path | None,
+             data_spec: str | None, out: Path, *, trials: int | None, time_budget: float | None, executor: str,
+             resume: bool, callbacks: Sequence[Callback], storage: str | None, study_name: str | None, device: str,
+             ray_address: str | None, trial_resources: dict[str, float] | None, max_concurrent: int,
+             progress: bool) -> _Run:
+    """Resolve the settings (from search.json on --resume) and check them; nothing is written yet."""
     weights, data_spec = _absolute_paths(weights, data_spec)
     info: dict[str, Any] | None = None
     if resume:
@@ -102,8 +164,6 @@ def run_search(
                 raise AutorankError("--resume: the search space differs from the one the search started with")
         space = stored
         storage, study_name = info["storage"], info["study_name"]
-        mlflow_uri = mlflow_uri or info["mlflow_uri"]
-        experiment = info.get("experiment", experiment)
     else:
         if (out / SEARCH_FILE).exists():
             raise AutorankError(f"{out} already holds a search: pass --resume to continue it, or choose another --out")
@@ -122,53 +182,70 @@ def run_search(
         raise AutorankError(f"unknown executor {executor!r}: choose from {', '.join(EXECUTORS)}")
     if max_concurrent < 1:
         raise AutorankError(f"--max-concurrent must be >= 1, got {max_concurrent}")
-    resources = trial_resources or parse_resources(None)
+    return _Run(out=out, space=space, model_name=model_name, weights=weights, data_spec=data_spec, trials=trials,
+                time_budget=time_budget, executor=executor, resources=trial_resources or parse_resources(None),
+                max_concurrent=max_concurrent, ray_address=ray_address, device=device, progress=progress,
+                storage=storage, study_name=study_name, resume=resume, info=info,
+                hooks=[c if isinstance(c, SearchCallback) else _SnapshotCallback(c) for c in callbacks])
 
-    # Everything the user can get wrong is checked before the folder exists.
-    data = data if data is not None else load_data(data_spec, seed=space.seed)
-    model = create_model(model_name, data, weights)
+
+def _reference(run: _Run, data: Dataset | None) -> None:
+    """Load the data and the model (the last user input checked), then for a new search measure the
+    uncompressed reference and only then create the folder and its search.json."""
+    space, out = run.space, run.out
+    run.data = data if data is not None else load_data(run.data_spec, seed=space.seed)
+    model = create_model(run.model_name, run.data, run.weights)
     layers = layer_table(model, space)
     groups = space.groups({name: info_.kind for name, info_ in layers.items()})
-    ctx = TrialContext(space=space, groups=groups, layers=layers, model=model.cpu().eval(), reference={},
-                       out_dir=out.resolve(), device=device)
-    if info is None:
-        _say(progress, f"reference: fine-tuning the uncompressed {model_name} for {space.finetune.steps} steps")
-        ctx.reference = reference_metrics(ctx, data)
-        out.mkdir(parents=True, exist_ok=True)
-        ctx.out_dir = out.resolve()
-        study_name = study_name or space.name
-        storage = storage or f"sqlite:///{(out / 'study.db').resolve()}"
-        mlflow_uri = mlflow_uri or default_tracking_uri(out)
-        info = {"version": 1, "search_id": uuid.uuid4().hex, "model": model_name,
-                "weights": str(weights) if weights is not None else None, "data": data_spec,
-                "study_name": study_name, "storage": storage, "mlflow_uri": mlflow_uri, "experiment": experiment,
-                "space": space.to_dict(), "reference": ctx.reference,
+    run.ctx = ctx = TrialContext(space=space, groups=groups, layers=layers, model=model.cpu().eval(), reference={},
+                                 out_dir=out.resolve(), device=run.device)
+    if run.info is not None:
+        ctx.reference = run.info["reference"]
+        return
+    run.say(f"reference: fine-tuning the uncompressed {run.model_name} for {space.finetune.steps} steps")
+    ctx.reference = reference_metrics(ctx, run.data)
+    out.mkdir(parents=True, exist_ok=True)
+    ctx.out_dir = out.resolve()
+    run.study_name = run.study_name or space.name
+    run.storage = run.storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    run.info = {"version": 1, "search_id": uuid.uuid4().hex, "model": run.model_name,
+                "weights": str(run.weights) if run.weights is not None else None, "data": run.data_spec,
+                "study_name": run.study_name, "storage": run.storage, "space": space.to_dict(),
+                "reference": ctx.reference,
                 "layers": {n: {"kind": li.kind, "shape": list(li.shape), "evbmf": li.evbmf} for n, li in layers.items()},
-                "parent_run_id": None, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        _write_info(out, info)
-    else:
-        ctx.reference = info["reference"]
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    _write_info(out, run.info)
 
-    rdb = storage_for(storage)
-    seed_limit = max(1, trials // 2) if trials is not None else None
-    study = create_or_load_study(space, rdb, study_name, resume=resume, warm_starts=lambda: warm_starts(
-        space, groups, layers, ctx.model, data.input_shape, limit=seed_limit))
-    lost = recover_interrupted(study, rdb, ctx.out_dir)
+
+def _study(run: _Run) -> list[TrialRecord]:
+    """Open the study (a new one gets the warm starts), recover interrupted trials, and start the
+    callbacks on the current snapshot (what a resume replays); returns that snapshot."""
+    space, ctx, info = run.space, run.ctx, run.info
+    run.rdb = storage_for(run.storage)
+    seed_limit = max(1, run.trials // 2) if run.trials is not None else None
+    run.study = create_or_load_study(space, run.rdb, run.study_name, resume=run.resume, warm_starts=lambda: warm_starts(
+        space, ctx.groups, ctx.layers, ctx.model, run.data.input_shape, limit=seed_limit))
+    lost = recover_interrupted(run.study, run.rdb, ctx.out_dir)
     if lost:
-        _say(progress, f"resume: trials {lost} were interrupted; their choices run again")
+        run.say(f"resume: trials {lost} were interrupted; their choices run again")
+    start = SearchStart(out_dir=run.out, info=dict(info), name=space.name, space=space.to_dict(),
+                        executor=run.executor, objectives=tuple(space.objectives), reference=dict(ctx.reference),
+                        limits={"max_size": space.constraints.max_size, "max_drop": space.constraints.max_drop})
+    for hook in run.hooks:
+        info.update(hook.start(start))
+    _write_info(run.out, info)
+    current = records(run.study, ctx.out_dir)
+    for hook in run.hooks:
+        hook.trials(current)  # replays whatever a previous run could not hand on
+    return current
 
-    tracker = SearchTracker(mlflow_uri, experiment=experiment, search_id=info["search_id"],
-                            run_name=f"{space.name}-{out.resolve().name}", out_dir=ctx.out_dir,
-                            objectives=space.objectives, reference=ctx.reference,
-                            limits={"max_size": space.constraints.max_size, "max_drop": space.constraints.max_drop},
-                            parent_params=_parent_params(info, space, executor, ctx.out_dir))
-    info["parent_run_id"] = tracker.start()
-    _write_info(out, info)
-    current = records(study, ctx.out_dir)
-    tracker.submit(current)  # replays whatever a previous run could not log
 
+def _execute(run: _Run, current: list[TrialRecord]) -> None:
+    """The sensitivity table (once per search), the trials on the executor within the budgets, then the
+    final fine-tune of the best front members; the callbacks get a snapshot after each trial."""
+    space, ctx, study, data = run.space, run.ctx, run.study, run.data
     done_before = sum(1 for r in current if r.counted)
-    bar = _ProgressBar(progress, trials, done_before, time_budget)
+    run.bar = bar = _ProgressBar(run.progress, run.trials, done_before, run.time_budget)
     durations: list[float] = []
 
     def fine_tune_left() -> bool:
@@ -179,66 +256,65 @@ def run_search(
         return (tuned + 1) * space.finetune.steps <= space.steps_budget
 
     def budget_left(started_here: int) -> bool:
-        if trials is not None and done_before + started_here >= trials:
+        if run.trials is not None and done_before + started_here >= run.trials:
             return False
         if not fine_tune_left():
             return False
-        if time_budget is not None:
-            elapsed = time.monotonic() - started
+        if run.time_budget is not None:
+            elapsed = time.monotonic() - run.started
             expected = sum(durations) / len(durations) if durations else 0.0
-            return elapsed + expected <= time_budget
+            return elapsed + expected <= run.time_budget
         return True
 
     def refresh() -> list[TrialRecord]:
         snapshot = records(study, ctx.out_dir)
         prune_weights(snapshot, space.objectives)
-        tracker.submit(snapshot)
+        for hook in run.hooks:
+            hook.trials(snapshot)
         return snapshot
 
     def on_done(outcome: TrialOutcome) -> None:
         durations.append(outcome.metrics.get("wall_s", 0.0))
         bar.update(refresh(), outcome)
 
-    status = "FINISHED"
-    remaining = (trials - done_before) if trials is not None else -1
-    try:
-        with contextlib.ExitStack() as session:
-            table_due = space.sensitivity is not None and not (ctx.out_dir / TABLE_FILE).is_file()
-            if executor == "ray" and (table_due or remaining != 0):
-                session.enter_context(ray_session(ray_address, resources, max_concurrent))
-            if space.sensitivity is not None:
-                ctx.table = search_table(ctx, data, executor=executor, resources=resources,
-                                         say=lambda message: _say(progress, message))
-                heatmap = ctx.out_dir / HEATMAP_FILE
-                if table_due or not heatmap.is_file():
-                    write_heatmap(ctx.table, ctx.out_dir)
-                tracker.add_files([ctx.out_dir / TABLE_FILE, heatmap])
-                tracker.submit(records(study, ctx.out_dir))
-            if space.screening is not None:
-                run_screened(study, ctx, data, budget_left, fine_tune_left,
-                             lambda trial, outcome: (tell(study, trial, ctx, outcome), on_done(outcome)))
-            elif executor == "local":
-                run_local(study, ctx, data, budget_left, on_done)
-            elif remaining != 0:
-                run_ray(study, rdb, ctx, data, budget_left, on_done, num_samples=remaining, resources=resources,
-                        max_concurrent=max_concurrent)
-        if space.final.top > 0:
-            run_final(study, ctx, data, lambda: records(study, ctx.out_dir), refresh,
-                      lambda message: _say(progress, message))
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        bar.close()
-        final = records(study, ctx.out_dir)
-        prune_weights(final, space.objectives)
-        unlogged = tracker.close(final, status=status)
-        if unlogged:
-            print(f"autorank: MLflow at {mlflow_uri} did not receive trials {unlogged} ({tracker.last_error}); "
-                  f"they are safe in the study: `autorank search --resume --out {out}` logs them", file=sys.stderr)
-    return SearchResult(out_dir=out, study_name=study_name, trials=final, front=pareto_front(final, space.objectives),
-                        reference=ctx.reference, mlflow_uri=mlflow_uri, parent_run_id=info["parent_run_id"],
-                        elapsed_s=time.monotonic() - started, unlogged=unlogged)
+    remaining = (run.trials - done_before) if run.trials is not None else -1
+    with contextlib.ExitStack() as session:
+        table_due = space.sensitivity is not None and not (ctx.out_dir / TABLE_FILE).is_file()
+        if run.executor == "ray" and (table_due or remaining != 0):
+            session.enter_context(ray_session(run.ray_address, run.resources, run.max_concurrent))
+        if space.sensitivity is not None:
+            ctx.table = search_table(ctx, data, executor=run.executor, resources=run.resources, say=run.say)
+            heatmap = ctx.out_dir / HEATMAP_FILE
+            if table_due or not heatmap.is_file():
+                write_heatmap(ctx.table, ctx.out_dir)
+            snapshot = records(study, ctx.out_dir)
+            for hook in run.hooks:
+                hook.files([ctx.out_dir / TABLE_FILE, heatmap])
+                hook.trials(snapshot)
+        if space.screening is not None:
+            run_screened(study, ctx, data, budget_left, fine_tune_left,
+                         lambda trial, outcome: (tell(study, trial, ctx, outcome), on_done(outcome)))
+        elif run.executor == "local":
+            run_local(study, ctx, data, budget_left, on_done)
+        elif remaining != 0:
+            run_ray(study, run.rdb, ctx, data, budget_left, on_done, num_samples=remaining, resources=run.resources,
+                    max_concurrent=run.max_concurrent)
+    if space.final.top > 0:
+        run_final(study, ctx, data, lambda: records(study, ctx.out_dir), refresh, run.say)
+
+
+def _finish(run: _Run, status: str) -> SearchResult:
+    """Prune the weights off the front and hand the last snapshot to the callbacks (also when the
+    search failed or was interrupted: everything told to the study is kept and handed on)."""
+    if run.bar is not None:
+        run.bar.close()
+    final = records(run.study, run.ctx.out_dir)
+    prune_weights(final, run.space.objectives)
+    for hook in run.hooks:
+        hook.finish(final, status)
+    return SearchResult(out_dir=run.out, study_name=run.study_name, trials=final,
+                        front=pareto_front(final, run.space.objectives), reference=run.ctx.reference, info=run.info,
+                        elapsed_s=time.monotonic() - run.started)
 
 
 def _absolute_paths(weights: str | Path | None, data_spec: str | None) -> tuple[str | Path | None, str | None]:
@@ -269,20 +345,19 @@ def _write_info(out: Path, info: dict[str, Any]) -> None:
     os.replace(tmp, out / SEARCH_FILE)
 
 
-def _parent_params(info: dict[str, Any], space: SearchSpace, executor: str, out_dir: Path) -> dict[str, Any]:
-    flat = {"model": info["model"], "weights": info["weights"], "data": info["data"], "study": info["study_name"],
-            "storage": info["storage"], "executor": executor, "out_dir": str(out_dir)}
-    for key, value in space.to_dict().items():
-        if isinstance(value, dict):
-            flat.update({f"space.{key}.{k}": v for k, v in value.items()})
-        else:
-            flat[f"space.{key}"] = value
-    return flat
-
-
 def _say(enabled: bool, message: str) -> None:
     if enabled:
         print(f"autorank: {message}", file=sys.stderr)
+
+
+class _SnapshotCallback(SearchCallback):
+    """A plain function as a callback: called with every trial snapshot."""
+
+    def __init__(self, function: Callable[[list[TrialRecord]], None]):
+        self.function = function
+
+    def trials(self, records: Sequence[TrialRecord]) -> None:
+        self.function(list(records))
 
 
 class _ProgressBar:

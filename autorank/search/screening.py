@@ -36,9 +36,9 @@ from torch import nn
 from autorank import engine
 from autorank.compression import Plan, profile
 from autorank.data import Dataset
+from autorank.records import dominates
 from autorank.search.study import TrialOutcome
 from autorank.search.trial import TrialContext, compress_trial, failed_outcome, run_trial, summarize, trial_plan
-from autorank.tracking.pareto import dominates
 
 SCREEN_ATTR = "screen"
 

@@ -27,7 +27,7 @@ from autorank._shipped import search_spaces
 from autorank.compression.plan import ACTIVATIONS, CONV_METHODS, LINEAR_METHODS, METHODS
 from autorank.compression.quantize import PRECISIONS
 from autorank.errors import AutorankError
-from autorank.tracking.pareto import OBJECTIVES
+from autorank.records import OBJECTIVES
 
 MODES = ("layers", "allocate")
 REDUCED_PRECISIONS = ("fp16", "int8", "int4")  # below fp32, widest first

@@ -15,7 +15,8 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from autorank.search.results import TRIALS_DIR, TrialRecord, record_from_trial
+from autorank.records import TrialRecord
+from autorank.search.results import TRIALS_DIR, record_from_trial
 from autorank.search.space import SearchSpace
 
 

@@ -1,7 +1,7 @@
 """The search's sensitivity table: measured once per search, before the first trial, kept in its folder.
 
 Each layer's row (its candidates, each measured with only that layer compressed: see
-`autorank.compression.sensitivity`) is appended to `OUT/sensitivity.rows.jsonl` as soon as it is
+`autorank.engine.sensitivity`) is appended to `OUT/sensitivity.rows.jsonl` as soon as it is
 measured, so a search killed while measuring resumes without measuring finished rows again; the
 finished table is `OUT/sensitivity.json` (and the heatmap `OUT/sensitivity.png`), which a resumed
 search reuses as it is. With the Ray executor the rows are Ray tasks, one per layer, spread over the
@@ -27,8 +27,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from autorank.compression import Candidate, SensitivityTable
-from autorank.compression.sensitivity import TableJob, measure_layer, plan_table
 from autorank.data import Dataset
+from autorank.engine.sensitivity import TableJob, measure_layer, plan_table
 from autorank.errors import AutorankError
 from autorank.search.allocation import table_choices
 from autorank.search.trial import TrialContext
@@ -132,11 +132,41 @@ def search_table(ctx: TrialContext, data: Dataset, *, executor: str, resources: 
 
 
 def write_heatmap(table: SensitivityTable, out_dir: Path) -> Path:
-    from autorank.tracking.plots import plot_sensitivity
-
     path = out_dir / HEATMAP_FILE
     plot_sensitivity(path, table)
     return path
+
+
+def plot_sensitivity(path: Path, table: SensitivityTable) -> None:
+    """Heatmap of a sensitivity table: layers x candidate kinds, colour = accuracy drop in points
+    (negative drops, the subset's noise, shown as 0; blank where a layer has no such candidate)."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    kinds = list(dict.fromkeys(c.kind for cands in table.layers.values() for c in cands))
+    names = list(table.layers)
+    drops = np.full((len(names), len(kinds)), np.nan)
+    for i, cands in enumerate(table.layers.values()):
+        for c in cands:
+            drops[i, kinds.index(c.kind)] = max(c.drop, 0.0)
+    fig = Figure(figsize=(2.5 + 0.6 * len(kinds), 1.5 + 0.3 * len(names)), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    image = ax.imshow(np.ma.masked_invalid(drops), cmap="magma_r", aspect="auto", vmin=0.0)
+    fig.colorbar(image, ax=ax, label="accuracy drop (points)")
+    if drops.size <= 600:
+        top = np.nanmax(drops) if np.isfinite(drops).any() else 0.0
+        for (i, j), value in np.ndenumerate(drops):
+            if np.isfinite(value):
+                ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=6,
+                        color="white" if value > 0.6 * top else "black")
+    ax.set_xticks(range(len(kinds)), kinds, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.set_title(f"one layer compressed at a time, no fine-tune: drop vs {100 * table.reference_accuracy:.2f}% "
+                 f"on {table.images:,} {table.split} images", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
 
 
 def _measure_task(job: TableJob, name: str) -> list[Candidate]:

@@ -28,8 +28,9 @@ from autorank.compression.quantize import quantize_weights_
 from autorank.compression.ranks import full_ranks, resolve_rank, scaled_ranks
 from autorank.data import Dataset
 from autorank.errors import AutorankError
+from autorank.records import WEIGHTS_FILE
 from autorank.search.allocation import allocated_plan
-from autorank.search.results import METRICS_FILE, PLAN_FILE, TRIALS_DIR, WEIGHTS_FILE
+from autorank.search.results import METRICS_FILE, PLAN_FILE, TRIALS_DIR
 from autorank.search.seeds import Recipe, recipe_plan
 from autorank.search.space import Group, SearchSpace
 from autorank.search.study import TrialOutcome

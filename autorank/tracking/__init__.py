@@ -1,6 +1,8 @@
-"""Tracking stage: the MLflow mirror of a search and its live Pareto front."""
+"""Tracking stage: the MLflow mirror of a search and its live Pareto front, and MLflow servers.
 
-from autorank.tracking.pareto import format_front, pareto_front
-from autorank.tracking.tracker import SearchTracker
+`MlflowCallback` is what a caller hands `run_search(callbacks=[...])` to track a search (the CLI does).
+"""
 
-__all__ = ["SearchTracker", "format_front", "pareto_front"]
+from autorank.tracking.tracker import MlflowCallback, SearchTracker
+
+__all__ = ["MlflowCallback", "SearchTracker"]

@@ -1,5 +1,4 @@
-"""Plots of a search: accuracy versus size as a PNG (matplotlib) and an interactive HTML (plotly), and
-the sensitivity table as a heatmap PNG."""
+"""Plots of a search: accuracy versus size as a PNG (matplotlib) and an interactive HTML (plotly)."""
 
 from __future__ import annotations
 
@@ -8,8 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from autorank.compression import SensitivityTable
-    from autorank.search.results import TrialRecord
+    from autorank.records import TrialRecord
 
 
 def _split(trials: Sequence[TrialRecord], front: Sequence[TrialRecord]):
@@ -128,35 +126,3 @@ def plot_html(path: Path, trials: Sequence[TrialRecord], front: Sequence[TrialRe
     figure = fig.to_html(include_plotlyjs=False, full_html=False)
     path.write_text(_PAGE.format(title=html.escape(title), js=js.name, run_id=run_id, figure=figure))
     return js
-
-
-def plot_sensitivity(path: Path, table: SensitivityTable) -> None:
-    """Heatmap of a sensitivity table: layers x candidate kinds, colour = accuracy drop in points
-    (negative drops, the subset's noise, shown as 0; blank where a layer has no such candidate)."""
-    import numpy as np
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    kinds = list(dict.fromkeys(c.kind for cands in table.layers.values() for c in cands))
-    names = list(table.layers)
-    drops = np.full((len(names), len(kinds)), np.nan)
-    for i, cands in enumerate(table.layers.values()):
-        for c in cands:
-            drops[i, kinds.index(c.kind)] = max(c.drop, 0.0)
-    fig = Figure(figsize=(2.5 + 0.6 * len(kinds), 1.5 + 0.3 * len(names)), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    image = ax.imshow(np.ma.masked_invalid(drops), cmap="magma_r", aspect="auto", vmin=0.0)
-    fig.colorbar(image, ax=ax, label="accuracy drop (points)")
-    if drops.size <= 600:
-        top = np.nanmax(drops) if np.isfinite(drops).any() else 0.0
-        for (i, j), value in np.ndenumerate(drops):
-            if np.isfinite(value):
-                ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=6,
-                        color="white" if value > 0.6 * top else "black")
-    ax.set_xticks(range(len(kinds)), kinds, rotation=60, ha="right", fontsize=7)
-    ax.set_yticks(range(len(names)), names, fontsize=7)
-    ax.set_title(f"one layer compressed at a time, no fine-tune: drop vs {100 * table.reference_accuracy:.2f}% "
-                 f"on {table.images:,} {table.split} images", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)

@@ -14,19 +14,18 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from autorank.tracking.pareto import front_csv, front_json, pareto_front
+from autorank.records import SearchCallback, SearchStart, TrialRecord, front_csv, front_json, pareto_front
 from autorank.tracking.plots import plot_html, plot_png, plotly_js_name
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
-
-    from autorank.search.results import TrialRecord
 
 log = logging.getLogger(__name__)
 
@@ -328,3 +327,57 @@ def _search_all(client: MlflowClient, experiment_id: str, filter_string: str, vi
         token = page.token
         if not token:
             return runs
+
+
+class MlflowCallback(SearchCallback):
+    """The search callback that mirrors a search to MLflow through a `SearchTracker` (the CLI attaches it).
+
+    `uri` defaults to the one search.json records, else the search folder's own sqlite store;
+    a resumed search keeps the experiment it started in. Trials MLflow has not received by the end
+    are listed in `unlogged` (and on stderr): `--resume` replays them.
+    """
+
+    def __init__(self, uri: str | None = None, experiment: str = "autorank"):
+        self.uri, self.experiment = uri, experiment
+        self.tracker: SearchTracker | None = None
+        self.out_dir: Path | None = None
+        self.unlogged: list[int] = []
+
+    def start(self, search: SearchStart) -> dict[str, Any]:
+        info, out = search.info, search.out_dir.resolve()
+        uri = self.uri or info.get("mlflow_uri") or default_tracking_uri(out)
+        experiment = info.get("experiment", self.experiment)
+        self.out_dir = search.out_dir
+        self.tracker = SearchTracker(uri, experiment=experiment, search_id=info["search_id"],
+                                     run_name=f"{search.name}-{out.name}", out_dir=out, objectives=search.objectives,
+                                     reference=search.reference, limits=search.limits,
+                                     parent_params=parent_params(info, search.space, search.executor, out))
+        recorded: dict[str, Any] = {"parent_run_id": self.tracker.start()}
+        if "mlflow_uri" not in info:  # a new search: where it logs (a resume's --mlflow-uri is for this run only)
+            recorded.update(mlflow_uri=uri, experiment=experiment)
+        return recorded
+
+    def files(self, paths: Sequence[Path]) -> None:
+        self.tracker.add_files(paths)
+
+    def trials(self, records: Sequence[TrialRecord]) -> None:
+        self.tracker.submit(records)
+
+    def finish(self, records: Sequence[TrialRecord], status: str) -> None:
+        self.unlogged = self.tracker.close(records, status=status)
+        if self.unlogged:
+            print(f"autorank: MLflow at {self.tracker.uri} did not receive trials {self.unlogged} "
+                  f"({self.tracker.last_error}); they are safe in the study: "
+                  f"`autorank search --resume --out {self.out_dir}` logs them", file=sys.stderr)
+
+
+def parent_params(info: Mapping[str, Any], space: Mapping[str, Any], executor: str, out_dir: Path) -> dict[str, Any]:
+    """The parent run's params: the search's settings and its resolved space, flattened."""
+    flat = {"model": info["model"], "weights": info["weights"], "data": info["data"], "study": info["study_name"],
+            "storage": info["storage"], "executor": executor, "out_dir": str(out_dir)}
+    for key, value in space.items():
+        if isinstance(value, dict):
+            flat.update({f"space.{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[f"space.{key}"] = value
+    return flat

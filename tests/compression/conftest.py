@@ -25,6 +25,6 @@ def digits_cnn(digits):
 
 @pytest.fixture(scope="session")
 def digits_table(digits_cnn, digits):
-    from autorank.compression import sensitivity_table
+    from autorank.engine import sensitivity_table
 
     return sensitivity_table(digits_cnn, digits, **TABLE_OPTIONS)

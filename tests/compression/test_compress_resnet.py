@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from autorank.compression import LayerPlan, Plan, calibrate, compress, make_plan, profile, resolve_plan
-from autorank.compression.decompose import decompose_layer
+from autorank.compression.methods import decompose_layer
 from autorank.compression.quantize import ActivationFakeQuant
 from autorank.compression.quantize import quantize_weights_
 from autorank.compression.ranks import ratio_ranks
@@ -141,12 +141,12 @@ def test_int8_breaks_unstabilised_cp_but_not_stabilised(resnet20, images):
 
 
 def test_bad_plans_fail_before_any_compute(resnet20, monkeypatch):
-    import autorank.compression.ranks as ranks
+    import autorank.compression.vbmf as vbmf
 
     def no_compute(*_args, **_kwargs):
         raise AssertionError("EVBMF ran before the plan was validated")
 
-    monkeypatch.setattr(ranks, "evbmf", no_compute)
+    monkeypatch.setattr(vbmf, "evbmf", no_compute)
     good = {"layer1.0.conv1": LayerPlan("cp", "vbmf")}
     cases = {
         "unknown layer": {"layer9.conv": LayerPlan("tucker2", 4)},

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from autorank.compression.decompose import balance_cp, build_chain, decompose_cp, decompose_layer
+from autorank.compression.decompose import balance_cp, decompose_cp
+from autorank.compression.methods import build_chain, decompose_layer
 from autorank.compression.ranks import full_ranks, method_params
 from autorank.compression.decompose import _cp_tensor
 from autorank.errors import AutorankError

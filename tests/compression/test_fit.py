@@ -12,7 +12,7 @@ from torch import nn
 
 from autorank.compression import LayerPlan, Plan, compress, resolve_plan
 from autorank.compression import fit as fit_module
-from autorank.compression.decompose import decompose_layer
+from autorank.compression.methods import decompose_layer
 from autorank.compression.fit import fit_chains
 from autorank.engine import TrainConfig, distillation_loss, train
 from autorank.errors import AutorankError

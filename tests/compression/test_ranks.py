@@ -11,7 +11,8 @@ from torch import nn
 
 from autorank.compression import evbmf, vbmf_ranks
 from autorank.compression.ranks import full_ranks, method_params, resolve_rank, vbmf_method_ranks
-from autorank.compression.ranks import ratio_ranks, weaken
+from autorank.compression.ranks import ratio_ranks
+from autorank.compression.vbmf import weaken
 from autorank.errors import AutorankError
 
 
@@ -109,7 +110,7 @@ def test_tt_ranks_are_clamped_to_what_tt_svd_returns():
     conv = nn.Conv2d(16, 16, 3, bias=False)
     # r2 <= r1 * kh and r3 <= r2 * kw: (2, 16, 16) becomes (2, 6, 16)
     assert resolve_rank("tt", conv, [2, 16, 16]) == (2, 6, 16)
-    from autorank.compression.decompose import decompose_layer
+    from autorank.compression.methods import decompose_layer
     chain = decompose_layer(conv, "tt", resolve_rank("tt", conv, [2, 16, 16]))
     assert [m.out_channels for m in chain] == [2, 6, 16, 16]
 
@@ -122,7 +123,7 @@ def test_tucker2_ranks_are_clamped_to_what_the_core_can_hold():
     assert resolve_rank("tucker2", conv, [2, 32]) == (2, 18)
     assert resolve_rank("tucker2", conv, [32, 1]) == (9, 1)
     assert resolve_rank("tucker2", nn.Conv2d(32, 32, 1), [4, 12]) == (4, 4)
-    from autorank.compression.decompose import decompose_layer
+    from autorank.compression.methods import decompose_layer
     # the clamp loses nothing: the unclamped and clamped chains compute the same function
     x = torch.randn(2, 32, 8, 8)
     wide = decompose_layer(conv, "tucker2", (2, 32))

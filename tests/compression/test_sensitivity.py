@@ -6,7 +6,8 @@ import dataclasses
 
 import pytest
 
-from autorank.compression import LayerPlan, Plan, SensitivityTable, compress, profile, sensitivity_table
+from autorank.compression import LayerPlan, Plan, SensitivityTable, compress, profile
+from autorank.engine import sensitivity_table
 from autorank.errors import AutorankError
 from tests.compression.conftest import TABLE_OPTIONS
 
@@ -105,7 +106,7 @@ def test_evbmf_multiple_levels_scale_each_layers_evbmf_ranks(digits_cnn, digits)
 def test_layer_by_layer_measurement_equals_the_whole_table(digits_table, digits_cnn, digits):
     """What a search spreads over workers (plan_table, then measure_layer per layer, in any order)
     assembles into the same table as sensitivity_table; per-layer choices restrict each layer."""
-    from autorank.compression.sensitivity import measure_layer, plan_table
+    from autorank.engine.sensitivity import measure_layer, plan_table
 
     options = {k: v for k, v in TABLE_OPTIONS.items() if k not in ("include", "methods", "precisions",
                                                                     "decomposed_precisions")}

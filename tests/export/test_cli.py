@@ -31,6 +31,7 @@ def search_dir(tmp_path_factory, digits) -> Path:
     from autorank.engine import TrainConfig, train
     from autorank.models import create_model
     from autorank.search import run_search
+    from autorank.tracking import MlflowCallback
 
     root = tmp_path_factory.mktemp("export-search")
     torch.manual_seed(0)
@@ -41,7 +42,7 @@ def search_dir(tmp_path_factory, digits) -> Path:
     space = root / "space.yaml"
     space.write_text(yaml.safe_dump(SPACE))
     run_search(space, "small_cnn", weights, "digits", root / "search", executor="local", progress=False,
-               data=digits)
+               data=digits, callbacks=[MlflowCallback()])
     return root / "search"
 
 

@@ -105,7 +105,7 @@ def mlflow_trial_runs(uri: str, search_id: str) -> list:
 def assert_study_and_mlflow_agree(out: Path, expected_trials: int, mlflow_uri: str | None = None) -> list:
     """Every finished trial is in the study once and in MLflow exactly once, with the same figures."""
     from autorank.search import load_search
-    from autorank.tracking import pareto_front
+    from autorank.records import pareto_front
 
     search = load_search(out)
     counted = [t for t in search.trials if t.counted]

@@ -105,6 +105,7 @@ def test_kill9_while_measuring_the_sensitivity_table_then_resume_keeps_the_finis
     import autorank.search.table as table_module
     from autorank.compression import SensitivityTable
     from autorank.search.run import run_search
+    from autorank.tracking import MlflowCallback
 
     weights, _ = train_checkpoint("small_cnn", digits, tmp_path, steps=30)
     space = tmp_path / "table.yaml"
@@ -139,7 +140,7 @@ def test_kill9_while_measuring_the_sensitivity_table_then_resume_keeps_the_finis
         return real(job, name, **options)
 
     monkeypatch.setattr(table_module, "measure_layer", counting)
-    run_search(out_dir=out, resume=True, data=digits, progress=False)
+    run_search(out_dir=out, resume=True, data=digits, progress=False, callbacks=[MlflowCallback()])
     table = SensitivityTable.from_json((out / "sensitivity.json").read_text())
     assert sorted(measured) == sorted(set(table.layers) - set(kept))
     for name, candidates in kept.items():

@@ -9,13 +9,15 @@ from tests.reliability.searches import POISONED, assert_study_and_mlflow_agree, 
 
 def test_raising_and_nan_trials_are_recorded_failed_and_the_search_goes_on(tmp_path):
     from autorank.search import run_search
+    from autorank.tracking import MlflowCallback
 
     space = tmp_path / "poison.yaml"
     # retention ratios that always shrink a layer, so a sampled decomposition is never resolved away
     space.write_text(write_space(tmp_path, trials=8).read_text().replace(
         "precisions: [fp32, int8]", "precisions: [fp32]\nrank:\n  mode: ratio\n  ratio: [0.1, 0.3]"))
-    result = run_search(space, POISONED, None, "digits", tmp_path / "search", progress=False)
-    assert result.unlogged == []
+    tracker = MlflowCallback()
+    result = run_search(space, POISONED, None, "digits", tmp_path / "search", progress=False, callbacks=[tracker])
+    assert tracker.unlogged == []
     trials = assert_study_and_mlflow_agree(tmp_path / "search", 8)
 
     for trial in trials:

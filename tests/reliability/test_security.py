@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from autorank.cli import build_parser, main
-from autorank.cli.ui import LOOPBACK, ServerConfig, load_server_config
+from autorank.tracking.server import LOOPBACK, ServerConfig, load_server_config
 from tests.reliability.searches import REPO, write_space
 
 

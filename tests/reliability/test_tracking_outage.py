@@ -16,7 +16,7 @@ import signal
 
 import pytest
 
-from autorank.cli.ui import ServerConfig, start_server, stop_server
+from autorank.tracking.server import ServerConfig, start_server, stop_server
 from tests.reliability.searches import (assert_study_and_mlflow_agree, mlflow_trial_runs, run_cli, start_cli,
                                         trial_states, wait_for, write_space)
 

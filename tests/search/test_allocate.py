@@ -14,13 +14,14 @@ from autorank import engine
 from autorank.cli import main
 from autorank.compression import SensitivityTable
 from autorank.compression.ranks import attainable_ranks, full_ranks, method_params, ratio_ranks, scaled_ranks
-from autorank.export.api import export_onnx, rebuild_trial
-from autorank.search import best_trial, load_search
+from autorank.export.api import export_onnx
+from autorank.records import pareto_front
+from autorank.search import best_trial, load_search, rebuild_trial
 from autorank.search.allocation import allocated_plan
 from autorank.search.run import run_search
 from autorank.search.seeds import EVBMF_TARGET
 from autorank.search.space import space_from_dict
-from autorank.tracking import pareto_front
+from autorank.tracking import MlflowCallback
 
 ALLOCATE_SPACE = {
     "name": "tinyalloc",
@@ -52,7 +53,7 @@ def allocate_search(tmp_path_factory, pretrained_digits, digits):
     space = folder / "alloc.yaml"
     space.write_text(yaml.safe_dump(ALLOCATE_SPACE))
     return run_search(space, "small_cnn", pretrained_digits, "digits", folder / "search", data=digits,
-                      progress=False)
+                      progress=False, callbacks=[MlflowCallback()])
 
 
 def test_sensitivity_table_is_kept_in_the_folder_and_logged_to_mlflow(allocate_search):
@@ -147,7 +148,7 @@ def test_final_fine_tune_figures_are_preferred_by_front_best_export_and_mlflow(a
         assert (t.directory / "final.pt").is_file() and (t.directory / "final.json").is_file()
         assert t.figures["drop_points"] == pytest.approx(
             (search.final_reference["accuracy"] - t.figures["accuracy"]) * 100)
-        model = rebuild_trial(search.out_dir, trial=t.number)[-1]
+        model = rebuild_trial(search.out_dir, trial=t.number).model
         assert engine.evaluate(model, digits, "val") == pytest.approx(t.figures["accuracy"])
     best = best_trial(search)
     front = pareto_front(search.trials, search.space.objectives)
@@ -184,7 +185,8 @@ def test_ray_executor_measures_the_table_in_ray_tasks(tmp_path, pretrained_digit
     space = tmp_path / "alloc.yaml"
     space.write_text(yaml.safe_dump({**ALLOCATE_SPACE, "final": {"top": 0}}))
     run_search(space, "small_cnn", pretrained_digits, "digits", tmp_path / "search", trials=1, executor="ray",
-               trial_resources={"cpu": 1.0, "gpu": 0.0}, max_concurrent=2, data=digits, progress=False)
+               trial_resources={"cpu": 1.0, "gpu": 0.0}, max_concurrent=2, data=digits, progress=False,
+               callbacks=[MlflowCallback()])
     ray_table = SensitivityTable.from_json((tmp_path / "search" / "sensitivity.json").read_text())
     local = SensitivityTable.from_json((allocate_search.out_dir / "sensitivity.json").read_text())
     assert list(ray_table.layers) == list(local.layers)

@@ -10,10 +10,9 @@ import yaml
 
 from autorank.cli import main
 from autorank.cli.search import closest_text
+from autorank.records import format_size, pareto_front
 from autorank.search import TrialRecord, load_search
 from autorank.search.space import Constraints
-from autorank.tracking import pareto_front
-from autorank.tracking.pareto import format_size
 from tests.search.conftest import TINY_SPACE
 
 REPO = Path(__file__).resolve().parents[2]

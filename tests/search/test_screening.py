@@ -7,10 +7,11 @@ import random
 import pytest
 import yaml
 
+from autorank.records import dominates
 from autorank.search import load_search
 from autorank.search.run import run_search
 from autorank.search.screening import nondominated_ranks, promotion_order, promotions
-from autorank.tracking.pareto import dominates
+from autorank.tracking import MlflowCallback
 
 OBJECTIVES = ("accuracy", "size_bytes")
 
@@ -71,7 +72,8 @@ def test_screened_search_records_both_fidelities_and_respects_the_steps_budget(t
     space = tmp_path / "screen.yaml"
     space.write_text(yaml.safe_dump(SCREEN_SPACE))
     out = tmp_path / "search"
-    run_search(space, "small_cnn", pretrained_digits, "digits", out, data=digits, progress=False)
+    run_search(space, "small_cnn", pretrained_digits, "digits", out, data=digits, progress=False,
+               callbacks=[MlflowCallback()])
     search = load_search(out)
     trials = [t for t in search.trials if t.counted]
     warm = trials[:3]  # int8, the EVBMF target, Tucker-2 at 50%: fine-tuned without a screen

@@ -13,11 +13,11 @@ from autorank import engine
 from autorank.cli import main
 from autorank.compression.ranks import method_params, ratio_ranks
 from autorank.errors import AutorankError, TrialDiverged
-from autorank.search import best_trial, load_search
-from autorank.export.api import rebuild_trial
+from autorank.records import pareto_front
+from autorank.search import best_trial, load_search, rebuild_trial
 from autorank.search.run import run_search
 from autorank.search.space import load_space
-from autorank.tracking import pareto_front
+from autorank.tracking import MlflowCallback
 
 def mlflow_trial_runs(out_dir, search_id):
     from mlflow import MlflowClient
@@ -33,7 +33,7 @@ def mlflow_trial_runs(out_dir, search_id):
 def local_search(tmp_path_factory, pretrained_digits, tiny_space, digits):
     out = tmp_path_factory.mktemp("local") / "search"
     result = run_search(tiny_space, "small_cnn", pretrained_digits, "digits", out, trials=6, data=digits,
-                        progress=False)
+                        progress=False, callbacks=[MlflowCallback()])
     return result
 
 
@@ -92,7 +92,7 @@ def test_front_members_keep_weights_that_rebuild_the_measured_model(local_search
     for t in search.trials:
         assert t.has_weights == (t.number in unconstrained)
     member = local_search.front[0]
-    model = rebuild_trial(local_search.out_dir, trial=member.number)[-1]
+    model = rebuild_trial(local_search.out_dir, trial=member.number).model
     assert engine.evaluate(model, digits, "val") == pytest.approx(member.metrics["accuracy"])
 
 
@@ -137,14 +137,16 @@ def test_interrupted_search_resumes_to_exactly_the_requested_trials(tmp_path, pr
     monkeypatch.setattr(trial_module.engine, "train", flaky_train)
     out = tmp_path / "search"
     with pytest.raises(KeyboardInterrupt):
-        run_search(tiny_space, "small_cnn", pretrained_digits, "digits", out, trials=5, data=digits, progress=False)
+        run_search(tiny_space, "small_cnn", pretrained_digits, "digits", out, trials=5, data=digits, progress=False,
+                   callbacks=[MlflowCallback()])
     monkeypatch.setattr(trial_module.engine, "train", real_train)
     info = json.loads((out / "search.json").read_text())
     study = optuna.load_study(study_name=info["study_name"], storage=info["storage"])
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "FAIL", "RUNNING"]
     interrupted_params = study.trials[3].params
 
-    result = run_search(None, out_dir=out, resume=True, trials=5, data=digits, progress=False)
+    result = run_search(None, out_dir=out, resume=True, trials=5, data=digits, progress=False,
+                        callbacks=[MlflowCallback()])
     study = optuna.load_study(study_name=info["study_name"], storage=info["storage"])
     counted = [t for t in result.trials if t.counted]
     assert len(counted) == 5 and len({t.number for t in counted}) == 5
@@ -160,7 +162,8 @@ def test_interrupted_search_resumes_to_exactly_the_requested_trials(tmp_path, pr
 def test_ray_executor_gives_the_same_records(tmp_path, pretrained_digits, tiny_space, digits, local_search):
     out = tmp_path / "search"
     result = run_search(tiny_space, "small_cnn", pretrained_digits, "digits", out, trials=3, executor="ray",
-                        trial_resources={"cpu": 1.0, "gpu": 0.0}, max_concurrent=2, data=digits, progress=False)
+                        trial_resources={"cpu": 1.0, "gpu": 0.0}, max_concurrent=2, data=digits, progress=False,
+                        callbacks=[MlflowCallback()])
     info = json.loads((out / "search.json").read_text())
     study = optuna.load_study(study_name=info["study_name"], storage=info["storage"])
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3

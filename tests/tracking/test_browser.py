@@ -1,6 +1,6 @@
 """End to end in a real browser: a search logs to a tracking server; headless Chromium shows it.
 
-Starts the MLflow server (autorank.cli.ui), runs `autorank search --mlflow-uri` on digits, then
+Starts the MLflow server (autorank.tracking.server), runs `autorank search --mlflow-uri` on digits, then
 drives Debian's Chromium through Selenium to the experiment and checks what a user must see: the
 parent run, every trial nested under it, exactly the Pareto-tagged trials under the `pareto`
 filter, the Pareto plot artifact rendered as an image, and the interactive one drawn by plotly.js. Set AUTORANK_SCREENSHOTS=docs to
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from autorank.cli.ui import ServerConfig, classic_runs_page, start_server, stop_server
+from autorank.tracking.server import ServerConfig, classic_runs_page, start_server, stop_server
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)

@@ -6,10 +6,7 @@ import csv
 import io
 import json
 
-from autorank.search.results import TrialRecord
-from autorank.tracking import format_front, pareto_front
-from autorank.tracking.pareto import front_csv, front_json
-from autorank.tracking.pareto import dominates
+from autorank.records import TrialRecord, dominates, format_front, front_csv, front_json, pareto_front
 
 OBJ = ("accuracy", "size_bytes")
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from autorank.cli import main
-from autorank.cli.ui import LocalPostgres, ServerConfig, health, load_server_config, start_server, stop_server
+from autorank.tracking.server import LocalPostgres, ServerConfig, health, load_server_config, start_server, stop_server
 from autorank.errors import AutorankError
 
 REPO = Path(__file__).resolve().parents[2]

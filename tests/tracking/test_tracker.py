@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from autorank.search.results import TrialRecord
+from autorank.records import TrialRecord
 from autorank.tracking import SearchTracker
 from autorank.tracking.plots import plotly_js_name
 from autorank.tracking.tracker import EXPERIMENT_KIND_TAG, default_tracking_uri, experiment_id_for

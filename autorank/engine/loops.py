@@ -1,4 +1,4 @@
-"""Engine: the fit and evaluate loops every stage uses.
+"""The fit and evaluate loops every later stage uses.
 
 One place decides the device, memory format and mixed precision, and detects divergence, so a
 search trial, `autorank train` and a benchmark all run the same loop.
@@ -16,10 +16,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from autorank.compression import profile
 from autorank.data import Dataset
 from autorank.errors import AutorankError, TrialDiverged
-
-__all__ = ["TrainConfig", "TrainResult", "evaluate", "measure", "train"]
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "onecycle", "constant")
@@ -314,8 +313,6 @@ def measure(
     """Accuracy (on a stratified sample of `limit` images when given) plus the deployment figures: params,
     size_bytes, MACs at the data's input size, latency (skipped with `latency=False` where only the
     accounting matters)."""
-    from autorank.compression import profile
-
     accuracy = evaluate(
         model, data, split, batch_size=batch_size, device=device, limit=limit, seed=seed,
         channels_last=channels_last, bf16=bf16,
