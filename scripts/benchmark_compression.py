@@ -188,11 +188,11 @@ def spread(rows: Sequence[Any], k: int) -> list[Any]:
 
 def final_choice(rows: Sequence[Mapping[str, Any]], reference_val: float, k: int) -> list[Mapping[str, Any]]:
     """The k models of one side given the final fine-tune, chosen on val alike for both sides: the
-    smallest front member within WITHIN points of the reference, the next smaller one (the longer
-    fine-tune may bring it within), then members evenly spread along the front."""
+    smallest front member within WITHIN points of the reference, then the next smaller ones (the
+    longer fine-tune may bring them within), then members evenly spread along the front."""
     members = front(rows, "val_accuracy")
     within = [i for i, r in enumerate(members) if (reference_val - r["val_accuracy"]) * 100 <= WITHIN + 1e-9]
-    picked = [] if not within else [within[0]] + ([within[0] - 1] if within[0] > 0 else [])
+    picked = list(range(within[0], max(within[0] - k, -1), -1)) if within else []
     picked += [members.index(r) for r in spread(members, k)]
     return [members[i] for i in list(dict.fromkeys(picked))[:k]]
 

@@ -51,9 +51,11 @@ def test_front_and_spread(bench):
 def test_final_choice_takes_the_one_point_boundary_then_spreads(bench):
     rows = [{"name": n, "val_accuracy": a, "size_bytes": z} for n, a, z in
             [("tiny", 0.60, 10), ("small", 0.88, 20), ("mid", 0.915, 40), ("big", 0.925, 80), ("dominated", 0.5, 90)]]
-    # reference 92.0% val: "mid" (-0.5 pt) is the smallest within 1 point, "small" the next smaller one
+    # reference 92.0% val: "mid" (-0.5 pt) is the smallest within 1 point, "small" and "tiny" the next smaller
     assert [r["name"] for r in bench.final_choice(rows, 0.92, 3)] == ["mid", "small", "tiny"]
     assert [r["name"] for r in bench.final_choice(rows, 0.92, 2)] == ["mid", "small"]
+    # reference 93.0%: only "big" is within; then "mid" and "small" below it
+    assert [r["name"] for r in bench.final_choice(rows, 0.93, 3)] == ["big", "mid", "small"]
     # nothing within 1 point: an even spread of the front
     assert [r["name"] for r in bench.final_choice(rows, 0.99, 3)] == ["tiny", "mid", "big"]
     # the smallest model is already within: it and the spread
