@@ -14,7 +14,9 @@ TINY_SPACE = {
     "rank": {"multiplier": [0.5, 12.0]},
     "constraints": {"max_drop": 5.0},
     "finetune": {"steps": 8, "lr": 0.05, "batch_size": 64, "decompose_iters": 5},
-    "search": {"trials": 6, "population": 4, "seed": 0},
+    # NSGA-II pinned: these tests check recording and resuming on a known sequence of trials (all six
+    # finish); the default sampler (TPE) proposes a trial that diverges at lr 0.05 on this tiny space.
+    "search": {"sampler": "nsga2", "trials": 6, "population": 4, "seed": 0},
 }
 
 
