@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import random
-import time
 
 import pytest
 
@@ -103,10 +102,13 @@ def test_infeasible_budget_names_the_smallest_reachable_size():
         allocate(table)
 
 
-def test_allocation_takes_milliseconds_on_a_resnet56_sized_table():
-    table = synthetic_table(55, 13, 1)  # ResNet-56: 54 searchable convs + the classifier
-    allocate(table, ratio=4)  # warm-up (imports)
-    start = time.perf_counter()
-    for ratio in (2, 4, 6):
-        allocate(table, ratio=ratio)
-    assert (time.perf_counter() - start) / 3 < 0.25  # measured ~0.05 s on a busy 2-core machine
+def test_a_resnet56_sized_table_gets_plans_within_budget_that_improve_with_budget():
+    """55 layers x 13 candidates (ResNet-56's searchable convs + classifier): every ratio's plan fits
+    its budget, and a larger budget never predicts a larger drop (speed is a benchmark's business)."""
+    table = synthetic_table(55, 13, 1)
+    drops = []
+    for ratio in (6, 4, 2):
+        predicted = table.predict(allocate(table, ratio=ratio))
+        assert predicted.size_bytes <= table.model_bytes // ratio
+        drops.append(predicted.drop)
+    assert drops[0] >= drops[1] >= drops[2]
