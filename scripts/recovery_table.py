@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--lr", type=float, default=0.003)
     parser.add_argument("--warmup", type=int, default=0)
+    parser.add_argument("--guard", type=int, default=0, help="val images the fine-tune must not score below its start on")
     parser.add_argument("--distill", type=float, default=0.9)
     parser.add_argument("--temperature", type=float, default=4.0)
     parser.add_argument("--fit-mode", default="als")
@@ -73,8 +74,8 @@ def main() -> None:
     def tuned(start: torch.nn.Module, distill: float) -> torch.nn.Module:
         student = copy.deepcopy(start)
         train(student, data, TrainConfig(steps=args.steps, batch_size=128, lr=args.lr, warmup=args.warmup,
-                                         distill=distill, temperature=args.temperature, channels_last=True,
-                                         seed=args.seed), teacher=model)
+                                         guard=args.guard, distill=distill, temperature=args.temperature,
+                                         channels_last=True, seed=args.seed), teacher=model)
         return student
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -83,7 +84,8 @@ def main() -> None:
     for ratio in (float(r) for r in args.ratios.split(",")):
         for method in args.methods.split(","):
             key = (f"{args.model}-{method}-{ratio:g}-{args.precision}-{args.fit_mode}-n{args.calibration_images}"
-                   f"-s{args.steps}-lr{args.lr:g}-w{args.warmup}-d{args.distill:g}-T{args.temperature:g}")
+                   f"-s{args.steps}-lr{args.lr:g}-w{args.warmup}-d{args.distill:g}-T{args.temperature:g}"
+                   + (f"-g{args.guard}" if args.guard else ""))
             path = args.out / f"{key}.json"
             cells = json.loads(path.read_text()) if path.exists() else {}
             if all(c in cells for c in columns):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -69,6 +71,33 @@ def test_a_nan_loss_raises_trial_diverged(digits):
         train(model, digits, TrainConfig(steps=50, lr=1e38, momentum=0.0, weight_decay=0.0))
 
 
+def test_the_guard_restores_a_start_that_the_fine_tune_made_worse(digits):
+    torch.manual_seed(0)
+    model = create_model("small_cnn", digits)
+    train(model, digits, TrainConfig(epochs=2, batch_size=64, lr=0.05))
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    good = evaluate(model, digits, "val")
+    # a constant LR far too high for a trained model: finite losses, but the weights are wrecked
+    harmful = TrainConfig(steps=5, batch_size=64, lr=2.0, schedule="constant", guard=200)
+    wrecked = copy.deepcopy(model)
+    unguarded = train(wrecked, digits, replace(harmful, guard=0))
+    assert evaluate(wrecked, digits, "val") < good - 0.1 and unguarded.guard is None and not unguarded.kept_start
+
+    result = train(model, digits, harmful)
+    assert result.kept_start and result.guard[1] < result.guard[0]
+    assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())
+    assert evaluate(model, digits, "val") == good
+
+
+def test_the_guard_keeps_a_fine_tune_that_helped(digits):
+    torch.manual_seed(0)
+    model = create_model("small_cnn", digits)
+    # channels_last: the guard's first evaluation converts the parameters, which must stay trainable
+    result = train(model, digits, TrainConfig(epochs=2, batch_size=64, lr=0.05, guard=200, channels_last=True))
+    assert not result.kept_start and result.guard[1] > result.guard[0] + 0.3
+    assert evaluate(model, digits, "val", limit=200) == result.guard[1]
+
+
 @pytest.mark.parametrize(
     "settings, message",
     [
@@ -80,6 +109,7 @@ def test_a_nan_loss_raises_trial_diverged(digits):
         (dict(steps=5, schedule="step"), "unknown schedule"),
         (dict(steps=5, lr=0.0), "learning rate"),
         (dict(steps=5, device="tpu"), "unknown device"),
+        (dict(steps=5, guard=-1), "guard images"),
     ],
 )
 def test_bad_settings_are_rejected_before_training(digits, settings, message):

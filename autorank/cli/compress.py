@@ -111,7 +111,8 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.limit is not None and args.limit < 1:
         raise AutorankError("--limit must be >= 1")
     check_allocate_args(args)
-    TrainConfig(steps=1, warmup=args.warmup, distill=args.distill, temperature=args.temperature).validate()
+    TrainConfig(steps=1, warmup=args.warmup, distill=args.distill, temperature=args.temperature,
+                guard=args.guard).validate()
 
 
 def _measure(model: nn.Module, data, args: argparse.Namespace) -> dict[str, float]:
@@ -134,7 +135,7 @@ def run_compress(args: argparse.Namespace) -> int:
     if args.finetune_steps > 0:
         train(compressed, data, TrainConfig(steps=args.finetune_steps, batch_size=args.batch_size, lr=args.lr,
                                             warmup=args.warmup, distill=args.distill, temperature=args.temperature,
-                                            device=args.device, seed=args.seed, progress=not args.json),
+                                            guard=args.guard, device=args.device, seed=args.seed, progress=not args.json),
               teacher=model)
         result["finetuned"] = _measure(compressed, data, args)
     final = result.get("finetuned", after)

@@ -61,6 +61,9 @@ def add_recipe_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--distill", type=float, default=defaults.distill, metavar="ALPHA",
                         help="weight of the KL to the logits of the model as loaded (the teacher); 0 = plain CE")
     parser.add_argument("--temperature", type=float, default=defaults.temperature, help="distillation temperature")
+    parser.add_argument("--guard", type=int, default=1000, metavar="N",
+                        help="score the model on N stratified val images before and after training; keep the start "
+                             "if the result is worse (0 = off; default 1000)")
 
 
 def add_model_data_args(parser: argparse.ArgumentParser) -> None:
@@ -102,7 +105,7 @@ def run_train(args: argparse.Namespace) -> int:
         epochs=None if args.steps is not None else (10.0 if args.epochs is None else args.epochs),
         batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
         weight_decay=args.weight_decay, schedule=args.schedule, warmup=args.warmup, distill=args.distill,
-        temperature=args.temperature, device=args.device,
+        temperature=args.temperature, guard=args.guard, device=args.device,
         channels_last=args.channels_last, bf16=args.bf16, amp=args.amp, seed=args.seed,
         progress=not args.no_progress and not args.json,
     )

@@ -39,6 +39,7 @@ class TrainConfig:
     warmup: int = 0  # steps of linear LR warm-up (cosine/constant): a good start is not thrown away
     distill: float = 0.0  # weight of the teacher's KL term (needs `teacher` in `train`); 0 = plain CE
     temperature: float = 4.0  # distillation temperature T (the KL term is scaled by T^2)
+    guard: int = 0  # val images (stratified) the result must not score below the start on; 0 = off
     device: str = "auto"
     channels_last: bool = False
     bf16: bool = False  # bf16 autocast (CPU or GPU)
@@ -68,6 +69,8 @@ class TrainConfig:
             raise AutorankError(f"distillation weight must be in [0, 1], got {self.distill}")
         if not self.temperature > 0:
             raise AutorankError(f"distillation temperature must be > 0, got {self.temperature}")
+        if self.guard < 0:
+            raise AutorankError(f"guard images must be >= 0, got {self.guard}")
 
 
 @dataclass
@@ -78,6 +81,8 @@ class TrainResult:
     seconds: float
     final_loss: float  # mean training loss over the last steps (up to 50)
     losses: list[float] = field(repr=False, default_factory=list)  # per-step training loss
+    guard: tuple[float, float] | None = None  # (start, end) val accuracy on the guard images
+    kept_start: bool = False  # the fine-tune scored below its start there, so the start was restored
 
     @property
     def images_per_second(self) -> float:
@@ -155,6 +160,9 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig, teacher: nn.Modu
 
     With `config.distill > 0` the loss is (1 - distill) * CE + distill * `distillation_loss` against
     `teacher` (e.g. the uncompressed model; a copy runs in eval mode, the original is left alone).
+    With `config.guard` > 0 the model is scored on that many stratified val images before and after;
+    if it ends lower, its starting weights are put back: a brief fine-tune of a well-fitted start
+    (a data-aware CP chain) can lose more than it repairs (docs/COMPRESSION.md, "Fine-tune recipe").
     Raises TrialDiverged as soon as the loss is NaN or infinite.
     """
     config.validate()
@@ -166,6 +174,11 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig, teacher: nn.Modu
     batches_per_epoch = max(1, n_train // batch_size)  # incomplete last batches are dropped
     steps = config.steps if config.steps is not None else max(1, round(config.epochs * batches_per_epoch))
 
+    guard_start = None
+    if config.guard:
+        start_state = copy.deepcopy(model.state_dict())
+        guard_start = evaluate(model, data, "val", limit=config.guard, seed=config.seed, device=config.device,
+                               channels_last=config.channels_last)
     torch.manual_seed(config.seed)  # dropout and other in-model randomness
     generator = torch.Generator().manual_seed(config.seed)
     model.to(device)
@@ -220,10 +233,17 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig, teacher: nn.Modu
     if progress is not None:
         progress.close()
     history = torch.stack(losses).float().cpu().tolist()
-    return TrainResult(
+    result = TrainResult(
         steps=steps, epochs=steps * batch_size / n_train, images=steps * batch_size, seconds=seconds,
         final_loss=statistics.fmean(history[-50:]), losses=history,
     )
+    if guard_start is not None:
+        guard_end = evaluate(model, data, "val", limit=config.guard, seed=config.seed, device=config.device,
+                             channels_last=config.channels_last)
+        result.guard, result.kept_start = (guard_start, guard_end), guard_end < guard_start
+        if result.kept_start:
+            model.load_state_dict(start_state)
+    return result
 
 
 def _check_finite(recent: list[torch.Tensor], step: int) -> None:
@@ -240,7 +260,6 @@ def _progress_bar(total: int, enabled: bool):
     return tqdm(total=total, desc="train", unit="step", dynamic_ncols=True)
 
 
-@torch.inference_mode()
 def evaluate(
     model: nn.Module,
     data: Dataset,
@@ -258,22 +277,30 @@ def evaluate(
     target = resolve_device(device)
     data = data.sample(split, limit, seed=seed)  # also a clear error for an unknown split before moving the model
     was_training = model.training
+    # moved outside inference mode: parameters re-created inside it could not be trained afterwards
     model.to(target).eval()
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    correct = torch.zeros((), dtype=torch.int64, device=target)
-    seen = 0
     try:
-        for x, y in data.batches(split, batch_size, device=target, channels_last=channels_last):
-            with autocast(target, bf16=bf16):
-                logits = model(x)
-            correct += (logits.argmax(1) == y).sum()
-            seen += len(y)
+        correct, seen = _count_correct(model, data, split, batch_size, target, channels_last, bf16)
     finally:
         model.train(was_training)
     if seen == 0:
         raise AutorankError(f"split {split!r} of {data.name} is empty")
-    return correct.item() / seen
+    return correct / seen
+
+
+@torch.inference_mode()
+def _count_correct(model: nn.Module, data: Dataset, split: str, batch_size: int, target: torch.device,
+                   channels_last: bool, bf16: bool) -> tuple[int, int]:
+    correct = torch.zeros((), dtype=torch.int64, device=target)
+    seen = 0
+    for x, y in data.batches(split, batch_size, device=target, channels_last=channels_last):
+        with autocast(target, bf16=bf16):
+            logits = model(x)
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(y)
+    return correct.item(), seen
 
 
 @torch.inference_mode()

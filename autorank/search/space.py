@@ -138,6 +138,7 @@ class Finetune:
     distill: float = 0.0              # weight of the KL to the uncompressed model's logits (0 = plain CE)
     temperature: float = 4.0          # distillation temperature
     warmup: int = 0                   # linear LR warm-up steps
+    guard: int = 1000                 # val images the fine-tuned trial must not score below its start on (0 = off)
 
 
 @dataclass(frozen=True)
@@ -530,6 +531,7 @@ def parse_space(raw: Any, source: str = "<dict>", default_name: str = "search") 
         distill=r.number(ft.get("distill", d.distill), "finetune.distill", float, 0.0, 1.0),
         temperature=r.number(ft.get("temperature", d.temperature), "finetune.temperature", float, 0.01, 100.0),
         warmup=r.number(ft.get("warmup", d.warmup), "finetune.warmup", int, 0),
+        guard=r.number(ft.get("guard", d.guard), "finetune.guard", int, 0),
     )
     if not finetune.qat and "int8" in activations:
         raise r.fail("finetune.qat", "false (quantize after fine-tuning) supports weight precisions only: "

@@ -124,7 +124,7 @@ class TrialContext:
         ft = self.space.finetune
         return engine.TrainConfig(steps=ft.steps, batch_size=ft.batch_size, optimizer=ft.optimizer, lr=ft.lr,
                                   weight_decay=ft.weight_decay, schedule=ft.schedule, warmup=ft.warmup,
-                                  distill=ft.distill, temperature=ft.temperature, device=self.device,
+                                  guard=ft.guard, distill=ft.distill, temperature=ft.temperature, device=self.device,
                                   channels_last=ft.channels_last, seed=self.space.seed)
 
 
@@ -137,8 +137,9 @@ def finetune_and_measure(model: nn.Module, data: Dataset, ctx: TrialContext,
     distillation is the pretrained model, for the trials and the reference alike."""
     start = time.perf_counter()
     config = ctx.train_config() if steps is None else replace(ctx.train_config(), steps=steps)
+    kept_start = False
     if config.steps > 0:
-        engine.train(model, data, config, teacher=ctx.model)
+        kept_start = engine.train(model, data, config, teacher=ctx.model).kept_start
     if quantize is not None:
         for name, lp in quantize.layers.items():
             for module in model.get_submodule(name).modules():
@@ -150,6 +151,8 @@ def finetune_and_measure(model: nn.Module, data: Dataset, ctx: TrialContext,
     stats = profile(model, data.input_shape)
     metrics = {"accuracy": accuracy, "size_bytes": float(stats.size_bytes), "params": float(stats.params),
                "macs": float(stats.macs), "train_s": trained - start, "eval_s": evaluated - trained}
+    if config.guard:
+        metrics["kept_start"] = float(kept_start)  # the guard put the start back: the fine-tune made it worse
     if "latency_ms" in ctx.space.objectives:
         metrics["latency_ms"] = engine.latency_ms(model, data.input_shape, device=ctx.device)
     if not math.isfinite(accuracy):

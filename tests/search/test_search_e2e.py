@@ -50,6 +50,7 @@ def test_local_search_records_every_trial_in_optuna_and_mlflow(local_search):
         assert run.data.metrics["size_bytes"] == t.values[1]
         assert run.data.params["layer.features.10.method"] == t.user_attrs["plan"]["layers"]["features.10"]["method"]
         assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.metrics["kept_start"] in (0.0, 1.0)  # the fine-tune guard's verdict is recorded
     # the live front: tags, files on disk and as artifacts of the parent run
     front = {t.number for t in local_search.front}
     assert front and {int(r.data.tags["autorank.trial"]) for r in runs if r.data.tags["pareto"] == "true"} == front

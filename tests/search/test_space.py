@@ -35,6 +35,7 @@ BAD = [
     ({"finetune": {"qat": "yes"}}, "finetune.qat"),
     ({"finetune": {"distill": 1.5}}, "finetune.distill"),
     ({"finetune": {"fit": "yes"}}, "finetune.fit"),
+    ({"finetune": {"guard": -5}}, "finetune.guard"),
     ({"search": {"sampler": "cmaes"}}, "search.sampler"),
     ({"search": {"time_budget": "soon"}}, "search.time_budget"),
     ({"search": {"trials": 0}}, "search.trials"),
