@@ -12,7 +12,7 @@ import csv
 import io
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,8 @@ FINAL_WEIGHTS_FILE = "final.pt"    # a trial's weights after the search's final 
 
 @dataclass
 class TrialRecord:
-    """One trial as recorded in the study: its choices, figures and fate."""
+    """One trial: what it sends back to the search's driver (complete, failed or screened), and as
+    read back from the study with its fate, times, folder and final fine-tune."""
 
     number: int
     state: str                        # complete | failed | screened | interrupted | running | waiting
@@ -81,6 +82,14 @@ class TrialRecord:
                 "plan": self.plan, "dir": str(self.directory) if self.directory else None,
                 "weights": str(self.weights) if self.weights else None}
 
+    def to_json(self) -> str:
+        """Every field as JSON: how a Ray worker hands its trial's record to the driver."""
+        return json.dumps(dict(asdict(self), directory=str(self.directory) if self.directory else None))
+
+    @classmethod
+    def from_json(cls, text: str) -> TrialRecord:
+        fields = json.loads(text)
+        return cls(**dict(fields, directory=Path(fields["directory"]) if fields["directory"] else None))
 
 
 @dataclass

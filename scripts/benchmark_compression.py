@@ -487,22 +487,22 @@ class Bench:
             spent = sum(t.metrics.get("wall_s", 0.0) for t in load_search(out).trials if t.counted)
         left = None if time_budget is None else max(time_budget - spent, 1.0)
         if (out / "search.json").exists():
-            run_search(out_dir=out, resume=True, trials=trials, time_budget=left, data=data, device=self.device,
-                       progress=False, callbacks=[MlflowCallback()])
+            result = run_search(out_dir=out, resume=True, trials=trials, time_budget=left, data=data,
+                                device=self.device, progress=False, callbacks=[MlflowCallback()])
         else:
-            run_search(space, self.s.model, self.weights, self.data_spec, out, trials=trials, time_budget=left,
-                       data=data, device=self.device, progress=False, callbacks=[MlflowCallback()])
+            result = run_search(space, self.s.model, self.weights, self.data_spec, out, trials=trials,
+                                time_budget=left, data=data, device=self.device, progress=False,
+                                callbacks=[MlflowCallback()])
         elapsed = spent + time.perf_counter() - started
         write_json(ledger, {"elapsed_s": elapsed})
-        record = load_search(out)
         rows = [{"trial": t.number, "state": t.state, "val_accuracy": t.metrics.get("accuracy"),
                  "size_bytes": t.metrics.get("size_bytes"), "params": t.metrics.get("params"),
                  "macs": t.metrics.get("macs"), "wall_s": t.metrics.get("wall_s"),
                  "train_s": t.metrics.get("train_s"), "eval_s": t.metrics.get("eval_s"),
                  "compress_s": t.metrics.get("compress_s"), "summary": t.summary, "reason": t.reason}
-                for t in record.trials if t.counted]
+                for t in result.trials if t.counted]
         table = read_json(out / "sensitivity.json")
-        return {"reference": record.reference, "trials": rows, "elapsed_s": elapsed,
+        return {"reference": result.reference, "trials": rows, "elapsed_s": elapsed,
                 "fine_tune_steps": sum(space.finetune.steps for t in rows if t["state"] != "screened"),
                 "table_s": table.get("seconds") if table else None, "sampler": space.sampler,
                 "evbmf_seeds": space.seeds, "mode": space.mode, "space": space.name}
@@ -653,9 +653,7 @@ class Bench:
                                         sampler=sampler, seeds=seeded, seed=seed)
                 name = f"{label}-seed{seed}"
                 folder = self.out / "efficiency" / name
-                table = next((t for other in EFF_VARIANTS if EFF_VARIANTS[other][0] == "allocate" == mode
-                              and (t := self.out / "efficiency" / f"{other}-seed{seed}" / "sensitivity.json").is_file()),
-                             None)
+                table = self.measured_table(seed) if mode == "allocate" else None
                 if table is not None and not (folder / "search.json").exists():
                     folder.mkdir(parents=True, exist_ok=True)
                     if not (folder / "sensitivity.json").exists():
@@ -665,6 +663,14 @@ class Bench:
                 results[name] = cached(self.run_path("efficiency", name), config, lambda space=space, folder=folder:
                                        self.searched(folder, space, self.s.eff_trials, eff_data))
         return results
+
+    def measured_table(self, seed: int) -> Path | None:
+        """The sensitivity table an allocate-mode variant of `seed` has measured already (its own included)."""
+        for label, (mode, _, _) in EFF_VARIANTS.items():
+            table = self.out / "efficiency" / f"{label}-seed{seed}" / "sensitivity.json"
+            if mode == "allocate" and table.is_file():
+                return table
+        return None
 
 
 def row(name: str, family: str, method: str, rank: Any, precision: str, metrics: Mapping[str, float],

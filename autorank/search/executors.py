@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import math
 import os
 import pickle
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
 from typing import Any
 
 import optuna
@@ -23,19 +21,20 @@ from optuna.trial import TrialState
 
 from autorank.data import Dataset
 from autorank.errors import AutorankError
-from autorank.search.study import TrialOutcome, annotate, make_sampler, objective_values
+from autorank.records import TrialRecord
+from autorank.search.study import annotate, make_sampler, objective_values
 from autorank.search.trial import TrialContext, run_trial
 
 EXECUTORS = ("local", "ray")
-OnDone = Callable[[TrialOutcome], None]
+OnDone = Callable[[TrialRecord], None]
 BudgetLeft = Callable[[int], bool]   # (trials started by this executor) -> may another start?
 
 
-def tell(study: optuna.Study, trial: optuna.Trial, ctx: TrialContext, outcome: TrialOutcome) -> None:
+def tell(study: optuna.Study, trial: optuna.Trial, ctx: TrialContext, outcome: TrialRecord) -> None:
     """Record a finished trial in the study: figures and constraints first, then its state."""
     annotate(trial, outcome)
     values = objective_values(ctx.space, outcome)
-    if outcome.screened_out:
+    if outcome.state == "screened":
         study.tell(trial, state=TrialState.PRUNED)
     elif values is None:
         study.tell(trial, state=TrialState.FAIL)
@@ -77,7 +76,7 @@ def parse_resources(text: str | None) -> dict[str, float]:
 
 
 def _ray_trial(config: dict[str, Any], ctx: TrialContext, data: Dataset) -> None:
-    """The Ray Tune trainable: one trial in a worker, reported as flat metrics plus the outcome."""
+    """The Ray Tune trainable: one trial in a worker, reported as flat metrics plus its record (JSON)."""
     import torch
     from ray import tune
 
@@ -85,16 +84,16 @@ def _ray_trial(config: dict[str, Any], ctx: TrialContext, data: Dataset) -> None
     params = {k: v for k, v in config.items() if k not in ("trial_number", "seed")}
     outcome = run_trial(ctx, data, params, int(config["trial_number"]), seed=config.get("seed"))
     report = {name: float(outcome.metrics.get(name, math.nan)) for name in ctx.space.objectives}
-    tune.report({**report, "outcome": json.dumps(asdict(outcome))})
+    tune.report({**report, "outcome": outcome.to_json()})
 
 
 def _finish_ray_trial(searcher, ctx: TrialContext, outcome_json: str | None, ot_trial: optuna.Trial, failed: bool,
                       on_done: OnDone) -> None:
     if outcome_json is not None and not failed:
-        outcome = TrialOutcome(**json.loads(outcome_json))
+        outcome = TrialRecord.from_json(outcome_json)
     else:
-        outcome = TrialOutcome(number=ot_trial.number, params=dict(ot_trial.params),
-                               reason="the Ray worker running this trial failed (see the Ray logs)")
+        outcome = TrialRecord(number=ot_trial.number, state="failed", params=dict(ot_trial.params),
+                              reason="the Ray worker running this trial failed (see the Ray logs)")
     tell(searcher._ot_study, ot_trial, ctx, outcome)
     on_done(outcome)
 

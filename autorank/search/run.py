@@ -31,7 +31,7 @@ from autorank.search.results import SEARCH_FILE, best_trial, load_search, read_i
 from autorank.search.screening import run_screened
 from autorank.search.seeds import warm_starts
 from autorank.search.space import SearchSpace, load_space, space_from_dict
-from autorank.search.study import TrialOutcome, create_or_load_study, records, recover_interrupted
+from autorank.search.study import create_or_load_study, records, recover_interrupted
 from autorank.search.table import HEATMAP_FILE, TABLE_FILE, search_table, write_heatmap
 from autorank.search.trial import TrialContext, layer_table, reference_metrics
 
@@ -273,9 +273,9 @@ def _execute(run: _Run, current: list[TrialRecord]) -> None:
             hook.trials(snapshot)
         return snapshot
 
-    def on_done(outcome: TrialOutcome) -> None:
+    def on_done(outcome: TrialRecord) -> None:
         durations.append(outcome.metrics.get("wall_s", 0.0))
-        bar.update(refresh(), outcome)
+        bar.update(refresh())
 
     remaining = (run.trials - done_before) if run.trials is not None else -1
     with contextlib.ExitStack() as session:
@@ -372,7 +372,7 @@ class _ProgressBar:
             self.bar = tqdm(total=trials, initial=done, desc="search", unit="trial", dynamic_ncols=True,
                             file=sys.stderr)
 
-    def update(self, snapshot: list[TrialRecord], outcome: TrialOutcome) -> None:
+    def update(self, snapshot: list[TrialRecord]) -> None:
         if self.bar is None:
             return
         feasible = [t for t in snapshot if t.feasible]

@@ -36,9 +36,8 @@ from torch import nn
 from autorank import engine
 from autorank.compression import Plan, profile
 from autorank.data import Dataset
-from autorank.records import dominates
-from autorank.search.study import TrialOutcome
-from autorank.search.trial import TrialContext, compress_trial, failed_outcome, run_trial, summarize, trial_plan
+from autorank.records import TrialRecord, dominates
+from autorank.search.trial import TrialContext, compress_trial, failed_record, run_trial, summarize, trial_plan
 
 SCREEN_ATTR = "screen"
 
@@ -113,7 +112,7 @@ def screen(ctx: TrialContext, data: Dataset, subset: Dataset, params: Mapping[st
     return plan, predicted, model, figures
 
 
-Tell = Callable[[optuna.trial.Trial, TrialOutcome], None]
+Tell = Callable[[optuna.trial.Trial, TrialRecord], None]
 
 
 def run_screened(study: optuna.Study, ctx: TrialContext, data: Dataset, budget_left: Callable[[int], bool],
@@ -135,7 +134,7 @@ def run_screened(study: optuna.Study, ctx: TrialContext, data: Dataset, budget_l
             try:
                 plan, predicted, model, figures = screen(ctx, data, subset, params)
             except Exception as exc:  # noqa: BLE001 - a failing candidate is recorded, the search goes on
-                tell(trial, failed_outcome(trial.number, params, exc, ctx.out_dir))
+                tell(trial, failed_record(trial.number, params, exc, ctx.out_dir))
                 continue
             trial.set_user_attr(SCREEN_ATTR, figures)
             batch[trial.number] = (trial, params, (plan, predicted, model, figures["compress_s"]))
@@ -157,6 +156,6 @@ def _decide(study: optuna.Study, ctx: TrialContext, data: Dataset, batch: dict, 
         if number in chosen and can_finetune():
             outcome = run_trial(ctx, data, params, number, screened=(plan, predicted, model, compress_s))
         else:
-            outcome = TrialOutcome(number=number, params=dict(params), plan=json.loads(plan.to_json()),
-                                   summary=summarize(plan), screened_out=True)
+            outcome = TrialRecord(number=number, state="screened", params=dict(params), plan=json.loads(plan.to_json()),
+                                  summary=summarize(plan))
         tell(trial, outcome)

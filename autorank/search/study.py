@@ -1,14 +1,13 @@
 """The Optuna side of a search: the study, its sampler, warm starts, telling results, resuming.
 
 Only the process that owns the study writes to its storage (the local loop, or Ray's driver
-through OptunaSearch); trial workers return their outcome and never touch it.
+through OptunaSearch); trial workers return their trial's `TrialRecord` and never touch it.
 """
 
 from __future__ import annotations
 
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,24 +17,6 @@ from optuna.trial import TrialState
 from autorank.records import TrialRecord
 from autorank.search.results import TRIALS_DIR, record_from_trial
 from autorank.search.space import SearchSpace
-
-
-@dataclass
-class TrialOutcome:
-    """What one trial produced; `metrics` is empty when it failed (see `reason`)."""
-
-    number: int
-    params: dict[str, Any]
-    metrics: dict[str, float] = field(default_factory=dict)
-    constraints: dict[str, float] = field(default_factory=dict)
-    plan: dict[str, Any] | None = None
-    summary: str = ""
-    reason: str | None = None
-    screened_out: bool = False   # screening did not promote it to the fine-tune (told PRUNED)
-
-    @property
-    def ok(self) -> bool:
-        return self.reason is None and not self.screened_out
 
 
 def make_sampler(space: SearchSpace) -> optuna.samplers.BaseSampler:
@@ -78,7 +59,7 @@ def recover_interrupted(study: optuna.Study, storage: optuna.storages.BaseStorag
     return lost
 
 
-def annotate(trial: optuna.trial.BaseTrial, outcome: TrialOutcome) -> None:
+def annotate(trial: optuna.trial.BaseTrial, outcome: TrialRecord) -> None:
     """Store a trial's figures, plan and constraints on the Optuna trial before it is told."""
     trial.set_user_attr("metrics", outcome.metrics)
     trial.set_user_attr("summary", outcome.summary)
@@ -90,8 +71,8 @@ def annotate(trial: optuna.trial.BaseTrial, outcome: TrialOutcome) -> None:
         trial.set_constraint(key, value)
 
 
-def objective_values(space: SearchSpace, outcome: TrialOutcome) -> list[float] | None:
-    return [float(outcome.metrics[name]) for name in space.objectives] if outcome.ok else None
+def objective_values(space: SearchSpace, outcome: TrialRecord) -> list[float] | None:
+    return [float(outcome.metrics[name]) for name in space.objectives] if outcome.finished_ok else None
 
 
 def records(study: optuna.Study, out_dir: Path) -> list[TrialRecord]:

@@ -1,8 +1,8 @@
 """One trial: sampled choices -> Plan -> compressed pretrained model -> brief QAT fine-tune -> figures.
 
 `TrialContext` is everything a trial needs besides the data; it pickles, so Ray workers receive
-it once through the object store. Workers write only their own `trials/<n>/` folder and return a
-`TrialOutcome`; the study and the tracker are written by the driver alone.
+it once through the object store. Workers write only their own `trials/<n>/` folder and return the
+trial's `TrialRecord`; the study and the tracker are written by the driver alone.
 """
 
 from __future__ import annotations
@@ -28,12 +28,11 @@ from autorank.compression.quantize import quantize_weights_
 from autorank.compression.ranks import full_ranks, resolve_rank, scaled_ranks
 from autorank.data import Dataset
 from autorank.errors import AutorankError
-from autorank.records import WEIGHTS_FILE
+from autorank.records import WEIGHTS_FILE, TrialRecord
 from autorank.search.allocation import allocated_plan
 from autorank.search.results import METRICS_FILE, PLAN_FILE, TRIALS_DIR
 from autorank.search.seeds import Recipe, recipe_plan
 from autorank.search.space import Group, SearchSpace
-from autorank.search.study import TrialOutcome
 
 
 @dataclass
@@ -182,25 +181,26 @@ def compress_trial(ctx: TrialContext, data: Dataset, plan: Plan) -> nn.Module:
                     fit=fit, factors=ctx.factors)
 
 
-def failed_outcome(number: int, params: Mapping[str, Any], exc: Exception, out_dir: Path) -> TrialOutcome:
-    """A failed trial's outcome (its reason on one line) and its traceback in trials/<n>/error.txt."""
+def failed_record(number: int, params: Mapping[str, Any], exc: Exception, out_dir: Path) -> TrialRecord:
+    """A failed trial's record (its reason on one line) and its traceback in trials/<n>/error.txt."""
     folder = out_dir / TRIALS_DIR / str(number)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / WEIGHTS_FILE).unlink(missing_ok=True)
     (folder / "error.txt").write_text(traceback.format_exc())
-    return TrialOutcome(number=number, params=dict(params), reason=f"{type(exc).__name__}: {exc}".splitlines()[0][:500])
+    return TrialRecord(number=number, state="failed", params=dict(params), directory=folder,
+                       reason=f"{type(exc).__name__}: {exc}".splitlines()[0][:500])
 
 
 def run_trial(ctx: TrialContext, data: Dataset, params: Mapping[str, Any], number: int,
               seed: str | None = None, screened: tuple[Plan, dict[str, float], nn.Module, float] | None = None
-              ) -> TrialOutcome:
+              ) -> TrialRecord:
     """Run one trial (`seed`: its warm-start name, if any; `screened`: the plan, prediction, compressed
     model and compression seconds of its screen, so that it is not compressed twice); any failure
-    (divergence included) becomes an outcome with a reason."""
+    (divergence included) becomes a failed record with a reason."""
     start = time.perf_counter()
     warnings.filterwarnings("ignore", category=UserWarning, module="tensorly")  # rank clipping notes
-    outcome = TrialOutcome(number=number, params=dict(params))
     folder = ctx.out_dir / TRIALS_DIR / str(number)
+    outcome = TrialRecord(number=number, state="complete", params=dict(params), directory=folder)
     try:
         # integer ranks, layers that would not shrink left whole: export rebuilds exactly this model
         plan, predicted = trial_plan(ctx, params, seed) if screened is None else screened[:2]
@@ -226,6 +226,6 @@ def run_trial(ctx: TrialContext, data: Dataset, params: Mapping[str, Any], numbe
             {"trial": number, "summary": outcome.summary, "metrics": metrics,
              "constraints": outcome.constraints, "params": outcome.params}, indent=2))
     except Exception as exc:  # noqa: BLE001 - a failing trial is recorded, the search goes on
-        failed = failed_outcome(number, params, exc, ctx.out_dir)
-        outcome.metrics, outcome.constraints, outcome.reason = {}, {}, failed.reason
+        failed = failed_record(number, params, exc, ctx.out_dir)
+        outcome.state, outcome.metrics, outcome.constraints, outcome.reason = "failed", {}, {}, failed.reason
     return outcome

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -111,6 +112,26 @@ def _write_runs(bench, out: Path) -> None:
         "ratio": 0.2, "base_val": 0.93, "config": {"layer_val_limit": 300},
         "layers": {"layer1.0.conv1": {"ranks": [4, 4], "tucker2_drop": 1.0, "w8_drop": 0.2, "tucker2_w8_drop": 1.5,
                                       "w8a8_drop": 0.4, "tucker2_w8a8_drop": 1.4}}})
+
+
+def test_allocate_variants_of_a_seed_share_the_first_measured_table(bench, tmp_path):
+    allocate = [label for label, (mode, _, _) in bench.EFF_VARIANTS.items() if mode == "allocate"]
+    layers = [label for label, (mode, _, _) in bench.EFF_VARIANTS.items() if mode != "allocate"]
+    holder = SimpleNamespace(out=tmp_path)
+
+    def measure(label: str, seed: int) -> Path:
+        table = tmp_path / "efficiency" / f"{label}-seed{seed}" / "sensitivity.json"
+        table.parent.mkdir(parents=True, exist_ok=True)
+        table.write_text("{}")
+        return table
+
+    measure(layers[0], 0)  # a layers-mode folder's table is never shared
+    assert bench.Bench.measured_table(holder, 0) is None
+    later = measure(allocate[-1], 0)
+    assert bench.Bench.measured_table(holder, 0) == later
+    first = measure(allocate[0], 0)
+    assert bench.Bench.measured_table(holder, 0) == first   # the first in EFF_VARIANTS' order
+    assert bench.Bench.measured_table(holder, 1) is None    # another seed's images: not shared
 
 
 def test_report_from_cached_json(bench, tmp_path):

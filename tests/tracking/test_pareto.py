@@ -1,10 +1,11 @@
-"""Pareto front: dominance, feasibility, ties, and its tabular forms."""
+"""Trial records and the Pareto front: dominance, feasibility, ties, tabular forms, the JSON round trip."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+from pathlib import Path
 
 from autorank.records import TrialRecord, dominates, format_front, front_csv, front_json, pareto_front
 
@@ -43,3 +44,13 @@ def test_front_tables():
     assert data["objectives"] == list(OBJ) and [r["trial"] for r in data["front"]] == [1, 0]
     table = format_front(front, {"accuracy": 0.9, "size_bytes": 100_000, "macs": 2e6})
     assert "ref" in table and "plan 1" in table and len(table.splitlines()) == 4
+
+
+def test_record_survives_the_json_a_ray_worker_sends(tmp_path):
+    record = rec(7, 0.88, 40_000, feasible=False)
+    record.plan = {"layers": {"conv2": {"method": "tucker2"}}}
+    record.screen, record.directory = {"accuracy": 0.5}, tmp_path
+    back = TrialRecord.from_json(record.to_json())
+    assert back == record and isinstance(back.directory, Path) and not back.feasible
+    failed = TrialRecord(number=8, state="failed", params={"all.conv.method": "cp"}, reason="TrialDiverged: nan")
+    assert TrialRecord.from_json(failed.to_json()) == failed
