@@ -117,7 +117,8 @@ class Cluster:
 
     def env(self, **extra: str) -> dict[str, str]:
         path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-        return {**os.environ, "PYTHONPATH": path, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
+        bin_path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])  # `python`: ours
+        return {**os.environ, "PYTHONPATH": path, "PATH": bin_path, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
                 "RAY_ADDRESS": self.address, "OMP_NUM_THREADS": "1", **extra}
 
     def _start(self, name: str, args: list[str], namespace_setup: str | None = None) -> Node:
