@@ -13,10 +13,12 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,6 +108,8 @@ class Cluster:
     dashboard_port: int = field(default_factory=free_port)
     head: Node | None = None
     worker: Node | None = None
+    # the nodes' temp dirs: short, since Ray's unix socket paths in them must fit in 107 bytes
+    temp: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="arc-", dir="/tmp")))
 
     @property
     def address(self) -> str:
@@ -123,8 +127,7 @@ class Cluster:
 
     def _start(self, name: str, args: list[str], namespace_setup: str | None = None) -> Node:
         """`ray start --block ARGS`; with `namespace_setup`, run in a private mount namespace after that shell."""
-        temp = self.root / f"{name}-tmp"   # short: Ray's socket paths must fit in 107 bytes
-        temp.mkdir(parents=True, exist_ok=True)
+        temp = self.temp / name
         log = self.root / f"{name}.log"
         command = [*RAY, "start", "--block", "--temp-dir", str(temp), "--object-store-memory", str(200 * 2**20),
                    "--include-log-monitor", "false", "--disable-usage-stats", *args]
@@ -136,10 +139,12 @@ class Cluster:
         return Node(name, proc, log)
 
     def start(self) -> Cluster:
-        self.head = self._start("head", ["--head", "--node-ip-address", "127.0.0.1", "--port", str(self.gcs_port),
-                                         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
-                                         "--num-cpus", "1", "--num-gpus", "0"])
-        self.wait(lambda: self.nodes() >= 1, 120, "the head node")
+        """The head, then the worker node."""
+        self.head = self._start("head", [
+            "--head", "--node-ip-address", "127.0.0.1", "--port", str(self.gcs_port), "--dashboard-host",
+            "127.0.0.1", "--dashboard-port", str(self.dashboard_port), "--num-cpus", "1", "--num-gpus", "0",
+            "--ray-client-server-port", str(free_port())])  # not the fixed 10001
+        self.wait(lambda: self.nodes() >= 1, 180, "the head node")
         self.start_worker()
         return self
 
@@ -152,6 +157,14 @@ class Cluster:
             namespace_setup=f"mount -t tmpfs -o ro tmpfs {_quote(str(self.driver_root))}")
         self.wait(lambda: self.nodes() > alive, 120, "the worker node")
 
+    def kill_worker(self) -> None:
+        """`kill -9` of every process of the worker node (a machine lost), until the head sees it dead."""
+        lost, self.worker = self.worker, None
+        lost.kill()
+        lost.proc.wait(timeout=30)
+        self.wait(lambda: self.nodes() == 1, 120, "the head to see the worker node dead")
+        lost.stop()  # anything the kill left is gone, or this fails
+
     def worker_node_id(self) -> str:
         return next(n["node_id"] for n in self.list("nodes", "state=ALIVE") if not n["is_head_node"])
 
@@ -160,9 +173,11 @@ class Cluster:
         args = [x for f in filters for x in ("--filter", f)]
         result = subprocess.run([*RAY, "list", kind, "--address", self.dashboard, "--detail", "--format", "json",
                                  "--limit", "10000", *args], capture_output=True, text=True, env=self.env(),
-                                timeout=60)
+                                timeout=120)
         if result.returncode != 0:
             raise RuntimeError(f"ray list {kind} failed: {result.stderr[-2000:]}")
+        if result.stdout.startswith("No resource"):
+            return []
         return json.loads(result.stdout)
 
     def nodes(self) -> int:
@@ -172,7 +187,7 @@ class Cluster:
                 raise RuntimeError(f"{node.name} exited ({node.proc.returncode}):\n{node.log.read_text()[-3000:]}")
         try:
             return len(self.list("nodes", "state=ALIVE"))
-        except (RuntimeError, json.JSONDecodeError):
+        except (RuntimeError, json.JSONDecodeError, subprocess.TimeoutExpired):  # not up yet, or a busy machine
             return 0
 
     def wait(self, condition, timeout: float, what: str) -> None:
@@ -187,6 +202,7 @@ class Cluster:
         for node in (self.worker, self.head):
             if node is not None:
                 node.stop()
+        shutil.rmtree(self.temp, ignore_errors=True)
 
 
 def _quote(text: str) -> str:
