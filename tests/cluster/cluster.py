@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -133,7 +134,7 @@ class Cluster:
                    "--include-log-monitor", "false", "--disable-usage-stats", *args]
         if namespace_setup is not None:
             command = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                       f"{namespace_setup} && exec {' '.join(map(_quote, command))}"]
+                       f"{namespace_setup} && exec {' '.join(map(shlex.quote, command))}"]
         proc = subprocess.Popen(command, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=self.env(),
                                 cwd=self.root, start_new_session=True)
         return Node(name, proc, log)
@@ -154,7 +155,7 @@ class Cluster:
         self.worker = self._start(
             "worker", ["--address", self.address, "--node-ip-address", "127.0.0.1", "--num-cpus", "2",
                        "--num-gpus", "0", "--resources", f'{{"{TRIAL_RESOURCE}": 2}}'],
-            namespace_setup=f"mount -t tmpfs -o ro tmpfs {_quote(str(self.driver_root))}")
+            namespace_setup=f"mount -t tmpfs -o ro tmpfs {shlex.quote(str(self.driver_root))}")
         self.wait(lambda: self.nodes() > alive, 120, "the worker node")
 
     def kill_worker(self) -> None:
@@ -205,7 +206,14 @@ class Cluster:
         shutil.rmtree(self.temp, ignore_errors=True)
 
 
-def _quote(text: str) -> str:
-    import shlex
+def cluster_search_args(cluster: Cluster, space: Path, out: Path, trials: int) -> list[str]:
+    """`autorank search` on the cluster: trials need the worker node's custom resource, two at a time."""
+    return ["search", "--config", str(space), "--model", "small_cnn", "--data", "digits", "--out", str(out),
+            "--trials", str(trials), "--no-progress", "--executor", "ray", "--ray-address", cluster.address,
+            "--trial-resources", f"cpu=1,{TRIAL_RESOURCE}=1", "--max-concurrent", "2"]
 
-    return shlex.quote(text)
+
+def run(cluster: Cluster, args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    """`autorank ARGS` as a client of the cluster (its token, its address)."""
+    return subprocess.run([sys.executable, "-m", "autorank", *args], capture_output=True, text=True,
+                          env=cluster.env(), timeout=timeout, cwd=cluster.root)

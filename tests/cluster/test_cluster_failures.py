@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 
-from tests.cluster.test_cluster_search import cluster_search_args, run
+from tests.cluster.cluster import cluster_search_args, run
 from tests.reliability.searches import assert_study_and_mlflow_agree, kill_group, trial_states, wait_for, write_space
 
 

@@ -6,8 +6,7 @@ from __future__ import annotations
 import json
 import time
 
-from tests.cluster.cluster import TRIAL_RESOURCE
-from tests.cluster.test_cluster_search import run
+from tests.cluster.cluster import TRIAL_RESOURCE, run
 from tests.reliability.searches import mlflow_trial_runs, write_space
 
 TRIALS = 2
