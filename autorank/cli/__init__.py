@@ -12,7 +12,7 @@ import sys
 
 from autorank.errors import AutorankError
 
-COMMAND_MODULES = ("engine", "compress", "search", "export", "ui", "demo")
+COMMAND_MODULES = ("engine", "compress", "search", "export", "ui", "demo", "cluster")
 
 
 def build_parser() -> argparse.ArgumentParser:

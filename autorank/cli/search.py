@@ -37,8 +37,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     search.add_argument("--executor", choices=("local", "ray"), default="local",
                         help="local: trials in this process (default); ray: Ray Tune trials")
     search.add_argument("--ray-address", help="join an existing Ray cluster (e.g. ray://host:10001 or auto)")
-    search.add_argument("--trial-resources", help="Ray resources per trial, e.g. cpu=2,gpu=0.5 "
-                                                  "(default: all CPUs, one GPU if present)")
+    search.add_argument("--ray-storage", metavar="PATH|URI",
+                        help="Ray Tune's storage, a path or URI every node of the cluster reaches (NFS path, "
+                             "s3://...); default OUT/ray, on this machine (docs/CLUSTER.md)")
+    search.add_argument("--trial-resources", help="Ray resources per trial, e.g. cpu=2,gpu=0.5 (a trial runs on the "
+                                                  "GPU Ray assigns it); other names are custom resources nodes "
+                                                  "declare, e.g. cpu=1,trialnode=1 (default: all CPUs, one GPU if "
+                                                  "present)")
     search.add_argument("--max-concurrent", type=int, default=1, help="Ray trials running at once (default 1)")
     search.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite store in --out)")
     search.add_argument("--experiment", default="autorank", help="MLflow experiment name (default %(default)s)")
@@ -83,6 +88,7 @@ def run_search_command(args: argparse.Namespace) -> int:
         args.config, args.model, args.weights, args.data, args.out, trials=args.trials, time_budget=time_budget,
         executor=args.executor, resume=args.resume, callbacks=[MlflowCallback(args.mlflow_uri, args.experiment)],
         storage=args.storage, study_name=args.study_name, device=args.device, ray_address=args.ray_address,
+        ray_storage=args.ray_storage,
         trial_resources=resources, max_concurrent=args.max_concurrent, progress=not args.no_progress,
     )
     print(summary_text(result))

@@ -1,9 +1,12 @@
 """Where trials run: in this process (`local`, the default) or as Ray Tune trials (`ray`).
 
-Both ask the same study for choices, run the same `run_trial`, tell the study the same way
-(`annotate` + tell) and then call `on_done(outcome)` in the driver, so the results, the tracking and
-the files on disk do not depend on the executor. With Ray, OptunaSearch in the driver owns the
-study: workers never open the storage.
+Both ask the same study for choices, run the same `compute_trial`, write its files with the same
+`save_trial`, tell the study the same way (`annotate` + tell) and then call `on_done(outcome)` in
+the driver, so the results, the tracking and the files on disk do not depend on the executor. With
+Ray, OptunaSearch in the driver owns the study: workers never open the storage and write no file
+of the search; a trial's record comes back in its Tune result and its files (the weights) through
+an in-memory inbox actor on the driver's node, so a trial on another machine of a cluster loses
+nothing and writes nothing on that machine's disk (docs/CLUSTER.md).
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ import gc
 import math
 import os
 import pickle
+import re
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import optuna
@@ -23,7 +28,7 @@ from autorank.data import Dataset
 from autorank.errors import AutorankError
 from autorank.records import TrialRecord
 from autorank.search.study import annotate, make_sampler, objective_values
-from autorank.search.trial import TrialContext, run_trial
+from autorank.search.trial import TrialContext, TrialOutput, compute_trial, run_trial, save_trial
 
 EXECUTORS = ("local", "ray")
 OnDone = Callable[[TrialRecord], None]
@@ -55,7 +60,8 @@ def run_local(study: optuna.Study, ctx: TrialContext, data: Dataset, budget_left
 
 
 def parse_resources(text: str | None) -> dict[str, float]:
-    """'cpu=2,gpu=0.5' -> {'cpu': 2.0, 'gpu': 0.5}; default: all CPUs, one GPU if there is one."""
+    """'cpu=2,gpu=0.5' -> {'cpu': 2.0, 'gpu': 0.5}; other names are custom Ray resources a node
+    declares (`ray start --resources`), e.g. 'cpu=1,trialnode=1'. Default: all CPUs, one GPU if there is one."""
     if not text:
         import torch
 
@@ -63,34 +69,76 @@ def parse_resources(text: str | None) -> dict[str, float]:
     resources: dict[str, float] = {}
     for part in text.split(","):
         key, _, value = part.partition("=")
+        key = key.strip()
         try:
             amount = float(value)
         except ValueError:
             amount = -1.0
-        if key.strip() not in ("cpu", "gpu") or not amount >= 0 or (key.strip() == "cpu" and amount <= 0):
-            raise AutorankError(f"bad --trial-resources {text!r}: expected e.g. cpu=2,gpu=0.5")
-        resources[key.strip()] = amount
+        if not re.fullmatch(r"[A-Za-z_][\w.-]*", key) or key in ("CPU", "GPU", "memory") or not amount >= 0 \
+                or (key == "cpu" and amount <= 0):
+            raise AutorankError(f"bad --trial-resources {text!r}: expected e.g. cpu=2,gpu=0.5 "
+                                "(other names: custom Ray resources, e.g. cpu=1,trialnode=1)")
+        resources[key] = amount
     resources.setdefault("cpu", 1.0)
     resources.setdefault("gpu", 0.0)
     return resources
 
 
-def _ray_trial(config: dict[str, Any], ctx: TrialContext, data: Dataset) -> None:
-    """The Ray Tune trainable: one trial in a worker, reported as flat metrics plus its record (JSON)."""
+def custom_resources(resources: dict[str, float]) -> dict[str, float]:
+    """The custom Ray resources among a trial's (what `.options(resources=...)` takes)."""
+    return {k: v for k, v in resources.items() if k not in ("cpu", "gpu") and v > 0}
+
+
+def trial_device(requested: str, gpu_ids: list) -> str:
+    """The device of a trial in a Ray worker: `auto` means the GPU Ray assigned (it sets
+    CUDA_VISIBLE_DEVICES, so that GPU is cuda:0), or the CPU when Ray assigned none (never a GPU
+    another trial holds)."""
+    if requested != "auto":
+        return requested
+    return "cuda" if gpu_ids else "cpu"
+
+
+class _Inbox:
+    """Finished trials' files (trial number -> {name: bytes}), held in memory until the driver takes them.
+
+    It lives on the driver's node and dies with the driver: files are only ever written by the driver,
+    and a trial whose files the driver never took was never told to the study, so `--resume` reruns it."""
+
+    def __init__(self) -> None:
+        self.files: dict[int, dict[str, bytes]] = {}
+
+    def put(self, number: int, files: dict[str, bytes]) -> None:
+        self.files[number] = files
+
+    def take(self, number: int) -> dict[str, bytes] | None:
+        return self.files.pop(number, None)
+
+
+def _ray_trial(config: dict[str, Any], ctx: TrialContext, data: Dataset, inbox: Any) -> None:
+    """The Ray Tune trainable: one trial in a worker; its files go to the driver's inbox, then its
+    flat metrics plus its record (JSON) are reported. Nothing is written on the worker's disk."""
+    import ray
     import torch
     from ray import tune
 
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     params = {k: v for k, v in config.items() if k not in ("trial_number", "seed")}
-    outcome = run_trial(ctx, data, params, int(config["trial_number"]), seed=config.get("seed"))
-    report = {name: float(outcome.metrics.get(name, math.nan)) for name in ctx.space.objectives}
-    tune.report({**report, "outcome": outcome.to_json()})
+    number = int(config["trial_number"])
+    worker_ctx = replace(ctx, device=trial_device(ctx.device, ray.get_gpu_ids()))
+    output = compute_trial(worker_ctx, data, params, number, seed=config.get("seed"))
+    ray.get(inbox.put.remote(number, output.files))  # delivered before the result says the trial finished
+    report = {name: float(output.record.metrics.get(name, math.nan)) for name in ctx.space.objectives}
+    tune.report({**report, "outcome": output.record.to_json()})
 
 
-def _finish_ray_trial(searcher, ctx: TrialContext, outcome_json: str | None, ot_trial: optuna.Trial, failed: bool,
-                      on_done: OnDone) -> None:
-    if outcome_json is not None and not failed:
-        outcome = TrialRecord.from_json(outcome_json)
+def _finish_ray_trial(searcher, ctx: TrialContext, inbox: Any, outcome_json: str | None, ot_trial: optuna.Trial,
+                      failed: bool, on_done: OnDone) -> None:
+    """In the driver: write the trial's files from the inbox, tell the study, hand the trial on."""
+    import ray
+
+    files = ray.get(inbox.take.remote(ot_trial.number))
+    if outcome_json is not None and not failed and files is not None:
+        outcome = save_trial(ctx.out_dir, TrialOutput(TrialRecord.from_json(outcome_json), files))
     else:
         outcome = TrialRecord(number=ot_trial.number, state="failed", params=dict(ot_trial.params),
                               reason="the Ray worker running this trial failed (see the Ray logs)")
@@ -176,29 +224,35 @@ def ray_session(address: str | None, resources: dict[str, float], max_concurrent
 
 
 def run_ray(study: optuna.Study, storage: optuna.storages.BaseStorage, ctx: TrialContext, data: Dataset, budget_left: BudgetLeft, on_done: OnDone, *,
-            num_samples: int, resources: dict[str, float], max_concurrent: int) -> None:
-    """Trials as Ray Tune trials driven by OptunaSearch on this (the driver's) study (inside `ray_session`)."""
+            num_samples: int, resources: dict[str, float], max_concurrent: int, ray_storage: str | None = None) -> None:
+    """Trials as Ray Tune trials driven by OptunaSearch on this (the driver's) study (inside `ray_session`).
+
+    `ray_storage`: Tune's storage (a path or URI every node reaches); default OUT/ray, on the driver's disk."""
+    import ray
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     def define_by_run(trial) -> dict[str, Any]:
         ctx.space.suggest(trial, ctx.groups)  # Ray captures the suggested values as the config
         return {"trial_number": trial.number, "seed": trial.user_attrs.get("seed")}
 
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    inbox = ray.remote(_Inbox).options(num_cpus=0, scheduling_strategy=here).remote()
     searcher = _study_search_class()(
         budget_left, lambda outcome_json, ot_trial, failed: _finish_ray_trial(
-            searcher, ctx, outcome_json, ot_trial, failed, on_done),
+            searcher, ctx, inbox, outcome_json, ot_trial, failed, on_done),
         space=define_by_run,
         metric=list(ctx.space.objectives),
         mode=["max" if d == "maximize" else "min" for d in ctx.space.directions],
         sampler=make_sampler(ctx.space), study_name=study.study_name, storage=storage)
-    trainable = tune.with_resources(tune.with_parameters(_ray_trial, ctx=ctx, data=data),
+    trainable = tune.with_resources(tune.with_parameters(_ray_trial, ctx=ctx, data=data, inbox=inbox),
                                     {k: v for k, v in resources.items() if v > 0})
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=max_concurrent),
                                     num_samples=num_samples, reuse_actors=False),
-        run_config=tune.RunConfig(storage_path=str((ctx.out_dir / "ray").resolve()), name="tune",
+        run_config=tune.RunConfig(storage_path=ray_storage or str((ctx.out_dir / "ray").resolve()), name="tune",
                                   verbose=0, log_to_file=False),
     )
     tuner.fit()

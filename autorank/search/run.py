@@ -77,6 +77,7 @@ def run_search(
     study_name: str | None = None,
     device: str = "auto",
     ray_address: str | None = None,
+    ray_storage: str | None = None,
     trial_resources: dict[str, float] | None = None,
     max_concurrent: int = 1,
     progress: bool = True,
@@ -94,8 +95,8 @@ def run_search(
     """
     run = _prepare(space, model_name, weights, data_spec, Path(out_dir), trials=trials, time_budget=time_budget,
                    executor=executor, resume=resume, callbacks=callbacks, storage=storage, study_name=study_name,
-                   device=device, ray_address=ray_address, trial_resources=trial_resources,
-                   max_concurrent=max_concurrent, progress=progress)
+                   device=device, ray_address=ray_address, ray_storage=ray_storage,
+                   trial_resources=trial_resources, max_concurrent=max_concurrent, progress=progress)
     _reference(run, data)
     current = _study(run)
     status = "FINISHED"
@@ -124,6 +125,7 @@ class _Run:
     resources: dict[str, float]
     max_concurrent: int
     ray_address: str | None
+    ray_storage: str | None
     device: str
     progress: bool
     storage: str | None
@@ -145,8 +147,8 @@ class _Run:
 def _prepare(space: SearchSpace | str | Path | None, model_name: str | None, weights: str | Path | None,
              data_spec: str | None, out: Path, *, trials: int | None, time_budget: float | None, executor: str,
              resume: bool, callbacks: Sequence[Callback], storage: str | None, study_name: str | None, device: str,
-             ray_address: str | None, trial_resources: dict[str, float] | None, max_concurrent: int,
-             progress: bool) -> _Run:
+             ray_address: str | None, ray_storage: str | None, trial_resources: dict[str, float] | None,
+             max_concurrent: int, progress: bool) -> _Run:
     """Resolve the settings (from search.json on --resume) and check them; nothing is written yet."""
     weights, data_spec = _absolute_paths(weights, data_spec)
     info: dict[str, Any] | None = None
@@ -184,8 +186,8 @@ def _prepare(space: SearchSpace | str | Path | None, model_name: str | None, wei
         raise AutorankError(f"--max-concurrent must be >= 1, got {max_concurrent}")
     return _Run(out=out, space=space, model_name=model_name, weights=weights, data_spec=data_spec, trials=trials,
                 time_budget=time_budget, executor=executor, resources=trial_resources or parse_resources(None),
-                max_concurrent=max_concurrent, ray_address=ray_address, device=device, progress=progress,
-                storage=storage, study_name=study_name, resume=resume, info=info,
+                max_concurrent=max_concurrent, ray_address=ray_address, ray_storage=ray_storage, device=device,
+                progress=progress, storage=storage, study_name=study_name, resume=resume, info=info,
                 hooks=[c if isinstance(c, SearchCallback) else _SnapshotCallback(c) for c in callbacks])
 
 
@@ -298,7 +300,7 @@ def _execute(run: _Run, current: list[TrialRecord]) -> None:
             run_local(study, ctx, data, budget_left, on_done)
         elif remaining != 0:
             run_ray(study, run.rdb, ctx, data, budget_left, on_done, num_samples=remaining, resources=run.resources,
-                    max_concurrent=run.max_concurrent)
+                    max_concurrent=run.max_concurrent, ray_storage=run.ray_storage)
     if space.final.top > 0:
         run_final(study, ctx, data, lambda: records(study, ctx.out_dir), refresh, run.say)
 

@@ -183,8 +183,9 @@ def _measure_ray(job: TableJob, names: list[str], record: Record, resources: dic
     import ray
 
     shared = ray.put(job)
+    custom = {k: v for k, v in resources.items() if k not in ("cpu", "gpu") and v > 0}
     task = ray.remote(_measure_task).options(num_cpus=resources["cpu"], num_gpus=resources.get("gpu", 0.0),
-                                             max_retries=0)
+                                             resources=custom, max_retries=0)
     pending = {task.remote(shared, name): name for name in names}
     while pending:
         finished, _ = ray.wait(list(pending), num_returns=1)

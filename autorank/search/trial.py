@@ -1,14 +1,18 @@
 """One trial: sampled choices -> Plan -> compressed pretrained model -> brief QAT fine-tune -> figures.
 
 `TrialContext` is everything a trial needs besides the data; it pickles, so Ray workers receive
-it once through the object store. Workers write only their own `trials/<n>/` folder and return the
-trial's `TrialRecord`; the study and the tracker are written by the driver alone.
+it once through the object store. A trial writes nothing: `compute_trial` returns its `TrialRecord`
+and the bytes of its `trials/<n>/` files (`TrialOutput`), and the driver alone writes them
+(`save_trial`), so a trial on another machine of a Ray cluster loses nothing. The study and the
+tracker are written by the driver alone too.
 """
 
 from __future__ import annotations
 
 import copy
+import io
 import json
+import shutil
 import math
 import time
 import traceback
@@ -181,26 +185,51 @@ def compress_trial(ctx: TrialContext, data: Dataset, plan: Plan) -> nn.Module:
                     fit=fit, factors=ctx.factors)
 
 
+ERROR_FILE = "error.txt"
+
+
+@dataclass
+class TrialOutput:
+    """A finished trial as it travels to the driver: its record and its `trials/<n>/` files (name -> bytes)."""
+
+    record: TrialRecord
+    files: dict[str, bytes] = field(default_factory=dict)
+
+
+def save_trial(out_dir: Path, output: TrialOutput) -> TrialRecord:
+    """Write a trial's files into `out_dir/trials/<n>/` (in the driver), replacing whatever an earlier
+    attempt left there; returns the record, its directory pointing there."""
+    folder = out_dir / TRIALS_DIR / str(output.record.number)
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    for name, content in output.files.items():
+        (folder / name).write_bytes(content)
+    output.record.directory = folder
+    return output.record
+
+
+def failed_output(number: int, params: Mapping[str, Any], exc: Exception) -> TrialOutput:
+    """A failed trial: its reason on one line in the record, its traceback as `error.txt`."""
+    record = TrialRecord(number=number, state="failed", params=dict(params),
+                         reason=f"{type(exc).__name__}: {exc}".splitlines()[0][:500])
+    return TrialOutput(record, {ERROR_FILE: traceback.format_exc().encode()})
+
+
 def failed_record(number: int, params: Mapping[str, Any], exc: Exception, out_dir: Path) -> TrialRecord:
-    """A failed trial's record (its reason on one line) and its traceback in trials/<n>/error.txt."""
-    folder = out_dir / TRIALS_DIR / str(number)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / WEIGHTS_FILE).unlink(missing_ok=True)
-    (folder / "error.txt").write_text(traceback.format_exc())
-    return TrialRecord(number=number, state="failed", params=dict(params), directory=folder,
-                       reason=f"{type(exc).__name__}: {exc}".splitlines()[0][:500])
+    """A failed trial's record, its traceback written to trials/<n>/error.txt (in the driver)."""
+    return save_trial(out_dir, failed_output(number, params, exc))
 
 
-def run_trial(ctx: TrialContext, data: Dataset, params: Mapping[str, Any], number: int,
-              seed: str | None = None, screened: tuple[Plan, dict[str, float], nn.Module, float] | None = None
-              ) -> TrialRecord:
-    """Run one trial (`seed`: its warm-start name, if any; `screened`: the plan, prediction, compressed
-    model and compression seconds of its screen, so that it is not compressed twice); any failure
-    (divergence included) becomes a failed record with a reason."""
+def compute_trial(ctx: TrialContext, data: Dataset, params: Mapping[str, Any], number: int,
+                  seed: str | None = None, screened: tuple[Plan, dict[str, float], nn.Module, float] | None = None
+                  ) -> TrialOutput:
+    """Run one trial and return what it produced, writing nothing (`seed`: its warm-start name, if any;
+    `screened`: the plan, prediction, compressed model and compression seconds of its screen, so that it
+    is not compressed twice); any failure (divergence included) becomes a failed record with a reason."""
     start = time.perf_counter()
     warnings.filterwarnings("ignore", category=UserWarning, module="tensorly")  # rank clipping notes
-    folder = ctx.out_dir / TRIALS_DIR / str(number)
-    outcome = TrialRecord(number=number, state="complete", params=dict(params), directory=folder)
+    outcome = TrialRecord(number=number, state="complete", params=dict(params))
     try:
         # integer ranks, layers that would not shrink left whole: export rebuilds exactly this model
         plan, predicted = trial_plan(ctx, params, seed) if screened is None else screened[:2]
@@ -216,16 +245,23 @@ def run_trial(ctx: TrialContext, data: Dataset, params: Mapping[str, Any], numbe
         metrics.update(predicted)
         metrics["ratio"] = ctx.reference["size_bytes"] / metrics["size_bytes"]
         metrics["drop_points"] = (ctx.reference["accuracy"] - metrics["accuracy"]) * 100
-        folder.mkdir(parents=True, exist_ok=True)
-        torch.save(model.state_dict(), folder / WEIGHTS_FILE)
-        (folder / PLAN_FILE).write_text(plan.to_json())
+        weights = io.BytesIO()
+        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, weights)
         metrics["wall_s"] = time.perf_counter() - start
         outcome.metrics = metrics
         outcome.constraints = ctx.space.constraints.violations(metrics, ctx.reference)
-        (folder / METRICS_FILE).write_text(json.dumps(
-            {"trial": number, "summary": outcome.summary, "metrics": metrics,
-             "constraints": outcome.constraints, "params": outcome.params}, indent=2))
+        summary = {"trial": number, "summary": outcome.summary, "metrics": metrics,
+                   "constraints": outcome.constraints, "params": outcome.params}
+        return TrialOutput(outcome, {WEIGHTS_FILE: weights.getvalue(), PLAN_FILE: plan.to_json().encode(),
+                                     METRICS_FILE: json.dumps(summary, indent=2).encode()})
     except Exception as exc:  # noqa: BLE001 - a failing trial is recorded, the search goes on
-        failed = failed_record(number, params, exc, ctx.out_dir)
-        outcome.state, outcome.metrics, outcome.constraints, outcome.reason = "failed", {}, {}, failed.reason
-    return outcome
+        failed = failed_output(number, params, exc)
+        outcome.state, outcome.metrics, outcome.constraints, outcome.reason = "failed", {}, {}, failed.record.reason
+        return TrialOutput(outcome, failed.files)
+
+
+def run_trial(ctx: TrialContext, data: Dataset, params: Mapping[str, Any], number: int,
+              seed: str | None = None, screened: tuple[Plan, dict[str, float], nn.Module, float] | None = None
+              ) -> TrialRecord:
+    """`compute_trial` in the driver's own process, its files saved at once (the local executor, screening)."""
+    return save_trial(ctx.out_dir, compute_trial(ctx, data, params, number, seed=seed, screened=screened))

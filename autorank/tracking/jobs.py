@@ -1,0 +1,148 @@
+"""Searches as Ray jobs on a cluster's head (Ray's Job Submission API), and their folders brought back.
+
+`submit_search` packs the search's local inputs (the space YAML, a local checkpoint) into the job's
+working directory and starts `autorank search --executor ray --ray-address auto` on the head, tracked
+in a shared MLflow server (`autorank server`); the job's last step archives its search folder as the
+artifact `search.tar.gz` of the search's MLflow run (tagged with the job id), so `fetch_search` can bring
+it back to any machine that reaches the server. The Job API speaks HTTP to the head's dashboard
+(port 8265); with Ray's token authentication on, RAY_AUTH_MODE=token and RAY_AUTH_TOKEN reach it too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from autorank.errors import AutorankError
+
+ARCHIVE = "search.tar.gz"
+JOB_TAG = "autorank.job"
+SEARCH_FILE = "search.json"   # the search folder's settings (autorank.search.results writes it)
+SKIPPED = ("ray",)            # Tune's own folder: nothing a search reads back
+
+
+def job_client(address: str | None) -> Any:
+    """A JobSubmissionClient for the head's dashboard (`address`: http://HEAD:8265; None: RAY_ADDRESS)."""
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except (ConnectionError, ValueError, RuntimeError) as exc:
+        raise AutorankError(f"cannot reach the Ray job server at {address or os.environ.get('RAY_ADDRESS')}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+
+
+def submit_search(address: str | None, search_args: Sequence[str], files: dict[str, Path], *, out: str,
+                  mlflow_uri: str, job_id: str) -> str:
+    """Start a search as a Ray job; returns its id. `search_args`: `autorank search` arguments naming the
+    `files` (name in the working directory -> local file) by their names; `out`: the search folder on
+    the head or shared storage ($HOME expands there)."""
+    if not mlflow_uri.startswith(("http://", "https://")):
+        raise AutorankError(f"--mlflow-uri must be a tracking server every node reaches (autorank server), "
+                            f"got {mlflow_uri!r}")
+    client = job_client(address)
+    with tempfile.TemporaryDirectory(prefix="autorank-job-") as folder:
+        for name, path in files.items():
+            shutil.copy2(path, Path(folder) / name)
+        search = ["python", "-m", "autorank", "search", *search_args, "--out", out, "--mlflow-uri", mlflow_uri,
+                  "--executor", "ray", "--ray-address", "auto", "--no-progress"]
+        archive = ["python", "-m", "autorank.tracking.jobs", out, mlflow_uri, job_id]
+        # the archive step runs whatever the search's outcome, and the job keeps the search's exit code
+        entrypoint = f"{_shell(search)}; code=$?; {_shell(archive)}; exit $code"
+        client.submit_job(entrypoint=entrypoint, submission_id=job_id, runtime_env={"working_dir": folder},
+                          metadata={"autorank.out": out, "autorank.mlflow_uri": mlflow_uri})
+    return job_id
+
+
+def _shell(argv: Sequence[str]) -> str:
+    """Quoted for sh, except a leading $HOME (expanded on the head)."""
+    return " ".join('"$HOME"' + shlex.quote(a[5:]) if a.startswith("$HOME/") else shlex.quote(a) for a in argv)
+
+
+def list_jobs(address: str | None) -> list[dict[str, Any]]:
+    """The cluster's jobs, oldest first: id, status, start time, entrypoint."""
+    jobs = job_client(address).list_jobs()
+    rows = [{"job": j.submission_id or j.job_id, "status": str(j.status.value if hasattr(j.status, "value") else j.status),
+             "start": j.start_time, "end": j.end_time, "message": j.message, "entrypoint": j.entrypoint,
+             "metadata": dict(j.metadata or {})} for j in jobs]
+    return sorted(rows, key=lambda r: r["start"] or 0)
+
+
+def job_status(address: str | None, job_id: str) -> dict[str, Any]:
+    for row in list_jobs(address):
+        if row["job"] == job_id:
+            return row
+    raise AutorankError(f"no job {job_id!r} on the cluster (autorank jobs lists them)")
+
+
+def job_logs(address: str | None, job_id: str) -> str:
+    job_status(address, job_id)
+    return job_client(address).get_job_logs(job_id)
+
+
+def stop_job(address: str | None, job_id: str) -> bool:
+    """Ask Ray to stop the job (SIGTERM to its entrypoint; the search is then resumable with --resume)."""
+    job_status(address, job_id)
+    return bool(job_client(address).stop_job(job_id))
+
+
+def archive_search(out: Path, mlflow_uri: str, job_id: str) -> str:
+    """In the job, after the search: its folder (Tune's own files aside) as `search.tar.gz` of the search's
+    MLflow run, tagged with the job id; returns the run id."""
+    from mlflow import MlflowClient
+
+    info = json.loads((out / SEARCH_FILE).read_text())
+    run_id = info.get("parent_run_id")
+    if run_id is None:
+        raise AutorankError(f"the search at {out} was not tracked in MLflow: nothing to archive")
+    client = MlflowClient(mlflow_uri)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / ARCHIVE
+        with tarfile.open(path, "w:gz") as tar:
+            for item in sorted(out.iterdir()):
+                if item.name not in SKIPPED:
+                    tar.add(item, arcname=item.name)
+        client.log_artifact(run_id, str(path))
+    client.set_tag(run_id, JOB_TAG, job_id)
+    return run_id
+
+
+def fetch_search(mlflow_uri: str, job_id: str, dest: Path, experiment: str = "autorank") -> Path:
+    """A job's search folder from the MLflow server into `dest` (new), its study pointed at the copy, so
+    `autorank best`, `export` and `search --resume` work on it here."""
+    from mlflow import MlflowClient
+
+    if dest.exists() and any(dest.iterdir()):
+        raise AutorankError(f"{dest} exists and is not empty: choose another --to")
+    client = MlflowClient(mlflow_uri)
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id], filter_string=f"tags.`{JOB_TAG}` = '{job_id}'",
+                              max_results=1) if found is not None else []
+    if not runs:
+        raise AutorankError(f"no archived search of job {job_id!r} in {mlflow_uri} (experiment {experiment!r}): "
+                            "it has not finished yet, or ran elsewhere")
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as folder:
+        archive = client.download_artifacts(runs[0].info.run_id, ARCHIVE, folder)
+        with tarfile.open(archive) as tar:
+            tar.extractall(dest, filter="data")
+    info = json.loads((dest / SEARCH_FILE).read_text())
+    storage = info.get("storage", "")
+    if storage.startswith("sqlite:///") and Path(storage.removeprefix("sqlite:///")).name == "study.db":
+        info["storage"] = f"sqlite:///{(dest / 'study.db').resolve()}"   # the study travelled with the folder
+    (dest / SEARCH_FILE).write_text(json.dumps(info, indent=2))
+    return dest
+
+
+if __name__ == "__main__":  # the job's last step: python -m autorank.tracking.jobs OUT MLFLOW_URI JOB_ID
+    import sys
+
+    print(f"autorank: archived the search as {ARCHIVE} of MLflow run "
+          f"{archive_search(Path(sys.argv[1]).expanduser(), sys.argv[2], sys.argv[3])}")
