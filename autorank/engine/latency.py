@@ -34,7 +34,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from autorank.compression import Plan, find_layers, resolve_plan
+from autorank.compression import LayerPlan, Plan, SensitivityTable, find_layers, resolve_plan
 from autorank.compression.methods import build_chain
 from autorank.compression.quantize import INT_BITS, QMAX
 from autorank.engine.deploy import INPUT_NAME, OPSET, onnx_session, to_onnx
@@ -230,15 +230,29 @@ class LatencyTable:
             self._save()
         return self.entries["remainder"]
 
+    def _layer(self, name: str, lp: LayerPlan | None, activations: str) -> Timing:
+        """A layer's block as the file runs it: integer layers with float activations (weight-only int8)
+        dequantize their weights and compute in float, as fp32."""
+        if lp is None:
+            return self.block(name, "none", None, "fp32")
+        compute = lp.precision if activations == "int8" or lp.precision not in INT_BITS else "fp32"
+        return self.block(name, lp.method, lp.rank, compute)
+
     def predict(self, plan: Plan) -> LatencyPrediction:
         """A plan's ONNX Runtime latency (batch 1) and throughput, from the table plus the remainder."""
         resolved = resolve_plan(self.model, plan)
         total = self.remainder()
         b1, batch = total.b1_ms, total.batch_ms
         for name in self.layers:
-            lp = resolved.layers.get(name)
-            timing = self.block(name, "none", None, "fp32") if lp is None else \
-                self.block(name, lp.method, lp.rank, lp.precision if plan.activations == "int8" or
-                           lp.precision not in INT_BITS else "fp32")
+            timing = self._layer(name, resolved.layers.get(name), plan.activations)
             b1, batch = b1 + timing.b1_ms, batch + timing.batch_ms
         return LatencyPrediction(b1, self.batch_size / batch * 1000)
+
+    def candidate_costs(self, table: SensitivityTable) -> tuple[dict[str, list[float]], float]:
+        """Batch-1 milliseconds of each sensitivity-table candidate, and of everything else (the
+        remainder and the layers the table leaves fp32): what `compression.allocate` budgets with."""
+        costs = {name: [self._layer(name, c.layer_plan(), table.activations).b1_ms for c in cands]
+                 for name, cands in table.layers.items()}
+        fixed = self.remainder().b1_ms + sum(self._layer(name, None, "fp32").b1_ms
+                                             for name in self.layers if name not in table.layers)
+        return costs, fixed

@@ -271,6 +271,7 @@ def export_model(model: nn.Module, data: Dataset, out: str | Path, precision: st
 
 def export_onnx(search_dir: str | Path, out: str | Path, precision: str = "int8", *, trial: int | None = None,
                 max_size: int | None = None, min_ratio: float | None = None, max_drop: float | None = None,
+                max_latency_ms: float | None = None,
                 calibration_batches: int = 8, calibration_method: str = "minmax", activation_type: str = "uint8",
                 int8_scope: str = "plan", verify_limit: int | None = None, threads: int | None = None,
                 bench: bool = True, register: bool = True, registered_name: str | None = None,
@@ -286,12 +287,14 @@ def export_onnx(search_dir: str | Path, out: str | Path, precision: str = "int8"
     _check_options(precision, calibration_batches, calibration_method, threads, int8_scope)
     if registered_name is not None:
         check_registered_name(registered_name)
-    if trial is not None and any(v is not None for v in (max_size, min_ratio, max_drop)):
-        raise AutorankError("give either a trial number or limits (max size / min ratio / max drop), not both")
+    if trial is not None and any(v is not None for v in (max_size, min_ratio, max_drop, max_latency_ms)):
+        raise AutorankError("give either a trial number or limits (max size / min ratio / max drop / max latency), "
+                            "not both")
     out = Path(out)
     if out.suffix != ".onnx":
         raise AutorankError(f"output {out} should end in .onnx")
-    rebuilt = rebuild_trial(search_dir, trial=trial, max_size=max_size, min_ratio=min_ratio, max_drop=max_drop)
+    rebuilt = rebuild_trial(search_dir, trial=trial, max_size=max_size, min_ratio=min_ratio, max_drop=max_drop,
+                            max_latency_ms=max_latency_ms)
     search, record, data = rebuilt.search, rebuilt.record, rebuilt.data
     if register and mlflow_uri is None and "mlflow_uri" not in search.info:
         raise AutorankError(f"the search at {search_dir} was not tracked in MLflow (no MlflowCallback): register "
