@@ -42,8 +42,9 @@ def test_a_second_plan_with_the_same_layer_configurations_times_nothing_new(tmp_
     first = Plan({"3": LayerPlan("tucker2", [8, 8], "int8"), "8": LayerPlan("none", None, "int8")},
                  activations="int8")
     predicted = table.predict(first)
-    # every layer's fp32 block and the whole model (for the remainder), then the plan's two configurations
-    assert table.measured == len(table.layers) + 1 + 2
+    # every layer's fp32 block, the call overhead at each of the 3 layers' input shapes and the whole model
+    # (for the remainder), then the plan's two configurations
+    assert table.measured == len(table.layers) + 3 + 1 + 2
     assert predicted.b1_ms > 0 and predicted.throughput > 0
     timed = table.measured
     second = Plan({"8": LayerPlan("none", None, "int8")}, activations="int8")
@@ -54,7 +55,7 @@ def test_a_second_plan_with_the_same_layer_configurations_times_nothing_new(tmp_
     assert reloaded.measured == 0
     elsewhere = _table(model, path, threads=2)  # another thread count: measured afresh, not mixed in
     elsewhere.predict(second)
-    assert elsewhere.measured == len(table.layers) + 1 + 1
+    assert elsewhere.measured == len(table.layers) + 3 + 1 + 1
 
 
 def test_an_int8_block_runs_every_conv_of_its_chain_as_qlinearconv(resnet20, tmp_path):

@@ -235,7 +235,8 @@ def _study(run: _Run) -> list[TrialRecord]:
         run.say(f"resume: trials {lost} were interrupted; their choices run again")
     start = SearchStart(out_dir=run.out, info=dict(info), name=space.name, space=space.to_dict(),
                         executor=run.executor, objectives=tuple(space.objectives), reference=dict(ctx.reference),
-                        limits={"max_size": space.constraints.max_size, "max_drop": space.constraints.max_drop})
+                        limits={"max_size": space.constraints.max_size, "max_drop": space.constraints.max_drop,
+                                "max_latency_ms": space.constraints.max_latency_ms})
     for hook in run.hooks:
         info.update(hook.start(start))
     _write_info(run.out, info)
