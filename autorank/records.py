@@ -129,7 +129,9 @@ class SearchCallback:
 
 # objective -> Optuna direction; a search's first objective is always accuracy
 OBJECTIVES = {"accuracy": "maximize", "size_bytes": "minimize", "params": "minimize", "macs": "minimize",
-              "latency_ms": "minimize"}
+              "latency_ms": "minimize", "ort_latency_ms": "minimize", "ort_throughput": "maximize"}
+# figures predicted from the measured ONNX Runtime latency table (engine.latency), not PyTorch eager
+ORT_FIGURES = ("ort_latency_ms", "ort_throughput")
 
 
 def dominates(a: Mapping[str, float], b: Mapping[str, float], objectives: Sequence[str]) -> bool:

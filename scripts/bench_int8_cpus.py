@@ -33,7 +33,7 @@ GRIDS = (127, 64)
 
 
 def _emulated_logits(path: Path, images: Path) -> np.ndarray:
-    code = ("import json, numpy as np; from autorank.export.graph import INPUT_NAME, onnx_session; "
+    code = ("import json, numpy as np; from autorank.engine.deploy import INPUT_NAME, onnx_session; "
             f"x = np.load({str(images)!r}); "
             f"print(json.dumps(onnx_session({str(path)!r}, 1).run(None, {{INPUT_NAME: x}})[0].tolist()))")
     done = subprocess.run(["qemu-x86_64", "-cpu", "Haswell", sys.executable, "-c", code], capture_output=True,
@@ -44,7 +44,7 @@ def _emulated_logits(path: Path, images: Path) -> np.ndarray:
 def _agreement(path: Path, reference_model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
                threads: int, emulated_images: Path | None) -> str:
     """Accuracies and agreement with PyTorch here and on the emulated CPU, as table cells."""
-    from autorank.export.graph import INPUT_NAME, onnx_session
+    from autorank.engine.deploy import INPUT_NAME, onnx_session
 
     with torch.no_grad():
         reference = reference_model.eval()(images).numpy()
@@ -87,7 +87,7 @@ def main() -> None:
     from autorank.compression.quantize import QMAX
     from autorank.data import load_data
     from autorank.export.api import write_onnx
-    from autorank.export.graph import to_onnx
+    from autorank.engine.deploy import to_onnx
     from autorank.export.host import host_report
     from autorank.export.verify import sample_batches
     from autorank.models import create_model

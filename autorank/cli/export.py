@@ -23,6 +23,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     which.add_argument("--max-size", help="pick the best trial no larger than this, e.g. 0.5MB or 200KiB")
     which.add_argument("--min-ratio", type=float, help="pick the best trial at least this many times smaller")
     export.add_argument("--max-drop", type=float, help="pick the best trial losing at most this many points")
+    export.add_argument("--max-latency", help="pick the best trial whose ONNX Runtime batch-1 latency (the search's "
+                        "ort_latency_ms) is at most this, e.g. 0.3ms")
     export.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="int8",
                         help="ONNX precision (default %(default)s)")
     export.add_argument("--out", type=Path, required=True, help="output .onnx file; the card goes beside it")
@@ -49,10 +51,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_export_command(args: argparse.Namespace) -> int:
     from autorank.export import export_onnx
     from autorank.export.api import figures, result_json
-    from autorank.search.space import parse_size
+    from autorank.search.space import parse_latency, parse_size
 
-    if args.trial is not None and args.max_drop is not None:
-        raise AutorankError("give either --trial or limits (--max-size/--min-ratio/--max-drop), not both")
+    if args.trial is not None and (args.max_drop is not None or args.max_latency is not None):
+        raise AutorankError("give either --trial or limits (--max-size/--min-ratio/--max-drop/--max-latency), not both")
+    max_latency = parse_latency(args.max_latency, "--max-latency") if args.max_latency else None
     if args.verify_limit is not None and args.verify_limit < 1:
         raise AutorankError(f"--verify-limit must be >= 1, got {args.verify_limit}")
     if args.no_register and (args.registered_name is not None or args.mlflow_uri is not None):
@@ -60,7 +63,7 @@ def run_export_command(args: argparse.Namespace) -> int:
     result = export_onnx(
         args.search, args.out, args.precision, trial=args.trial,
         max_size=parse_size(args.max_size, "--max-size") if args.max_size else None,
-        min_ratio=args.min_ratio, max_drop=args.max_drop, calibration_batches=args.calibration_batches,
+        min_ratio=args.min_ratio, max_drop=args.max_drop, max_latency_ms=max_latency, calibration_batches=args.calibration_batches,
         calibration_method=args.calibration_method, int8_scope=args.int8_scope, verify_limit=args.verify_limit,
         threads=args.threads,
         bench=not args.no_bench, register=not args.no_register, registered_name=args.registered_name,

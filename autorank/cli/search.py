@@ -10,7 +10,7 @@ from autorank._shipped import search_spaces
 from autorank.errors import AutorankError
 from autorank.records import format_front, format_size, pareto_front
 from autorank.search import TrialRecord, best_trial, load_search
-from autorank.search.space import Constraints, parse_duration, parse_size, shipped_space
+from autorank.search.space import Constraints, parse_duration, parse_latency, parse_size, shipped_space
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -63,6 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     size.add_argument("--max-size", help="largest model size, e.g. 0.5MB or 200KiB")
     size.add_argument("--min-ratio", type=float, help="smallest compression ratio vs the uncompressed model")
     best.add_argument("--max-drop", type=float, help="largest accuracy drop in points vs the reference")
+    best.add_argument("--max-latency", help="largest ONNX Runtime batch-1 latency (ort_latency_ms), e.g. 0.3ms")
     best.add_argument("--json", action="store_true", help="print one JSON object")
     best.set_defaults(handler=run_best_command)
 
@@ -135,7 +136,8 @@ def closest_text(trials: list[TrialRecord], limits: Constraints, reference: dict
     def shortfalls(t: TrialRecord) -> dict[str, float]:
         return {k: v for k, v in limits.violations(t.metrics, reference).items() if v > 0}
 
-    scale = {"max_size": limits.max_size, "min_ratio": limits.min_ratio, "max_drop": max(limits.max_drop or 0, 1.0)}
+    scale = {"max_size": limits.max_size, "min_ratio": limits.min_ratio, "max_drop": max(limits.max_drop or 0, 1.0),
+             "max_latency_ms": limits.max_latency_ms}
     done = [t for t in trials if t.finished_ok]
     closest = min(done, key=lambda t: (sum(v / scale[k] for k, v in shortfalls(t).items()), t.number))
     m = closest.metrics
@@ -145,6 +147,9 @@ def closest_text(trials: list[TrialRecord], limits: Constraints, reference: dict
             missed.append(f"{format_size(m['size_bytes'])}, limit {format_size(limits.max_size)}")
         elif key == "min_ratio":
             missed.append(f"{reference['size_bytes'] / m['size_bytes']:.1f}x smaller, limit {limits.min_ratio:g}x")
+        elif key == "max_latency_ms":
+            measured = f"{m['ort_latency_ms']:.3f} ms" if "ort_latency_ms" in m else "ORT latency not measured"
+            missed.append(f"{measured}, limit {limits.max_latency_ms:g} ms")
         else:
             missed.append(f"{(reference['accuracy'] - m['accuracy']) * 100:.1f} pt drop, limit {limits.max_drop:.1f}")
     return f"closest: trial {closest.number}, " + "; ".join(missed)
@@ -157,7 +162,8 @@ def run_best_command(args: argparse.Namespace) -> int:
         raise AutorankError(f"--max-drop must be >= 0, got {args.max_drop}")
     search = load_search(args.search)
     record = best_trial(search, max_size=parse_size(args.max_size, "--max-size") if args.max_size else None,
-                        min_ratio=args.min_ratio, max_drop=args.max_drop)
+                        min_ratio=args.min_ratio, max_drop=args.max_drop,
+                        max_latency_ms=parse_latency(args.max_latency, "--max-latency") if args.max_latency else None)
     if args.json:
         print(json.dumps(record.as_dict()))
         return 0

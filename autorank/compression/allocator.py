@@ -3,7 +3,9 @@
 Given a `SensitivityTable`, pick exactly one candidate per layer (keeping the layer fp32 is one of
 them) so that the predicted drop — the sum of the chosen candidates' drops, each measured with only
 that layer compressed — is smallest while the model's size (exact: the table's fixed bytes plus the
-chosen candidates' bytes) stays within the budget, and optionally its MACs within a MAC budget.
+chosen candidates' bytes) stays within the budget, and optionally its MACs within a MAC budget and
+its deployment latency within a latency budget (`max_latency_ms`, with each candidate's measured
+ONNX Runtime time from the engine's latency table, `LatencyTable.candidate_costs`).
 
 This is a multiple-choice knapsack, solved exactly as a 0/1 integer program with scipy's `milp`
 (HiGHS, relative gap 0): one binary per (layer, candidate), one "exactly one" row per layer, one
@@ -34,16 +36,17 @@ from .plan import Plan
 from .sensitivity import Candidate, SensitivityTable
 
 
-def _useful(cands: list[Candidate], use_macs: bool) -> list[Candidate]:
+def _useful(cands: list[Candidate], use_macs: bool, ms: dict[int, float] | None = None) -> list[Candidate]:
     """The layer's candidates that can be in an optimal plan: none with a strictly larger drop than
-    another that is no larger (and needs no more MACs), and one of each exact repeat."""
-    def key(c: Candidate) -> tuple[float, int, int]:
-        return (max(c.drop, 0.0), c.size_bytes, c.macs if use_macs else 0)
+    another that is no larger (and needs no more MACs, no more time), and one of each exact repeat."""
+    def key(c: Candidate) -> tuple[float, int, int, float]:
+        return (max(c.drop, 0.0), c.size_bytes, c.macs if use_macs else 0, ms[id(c)] if ms is not None else 0.0)
 
     kept: list[Candidate] = []
     for c in sorted(cands, key=key):
-        d, size, macs = key(c)
-        if not any(k == (d, size, macs) or (k[0] < d and k[1] <= size and k[2] <= macs) for k in map(key, kept)):
+        d, size, macs, t = key(c)
+        if not any(k == (d, size, macs, t) or (k[0] < d and k[1] <= size and k[2] <= macs and k[3] <= t)
+                   for k in map(key, kept)):
             kept.append(c)
     return kept
 
@@ -54,10 +57,14 @@ def _minimum(table: SensitivityTable, attr: str) -> int:
 
 
 def allocate(table: SensitivityTable, budget: int | None = None, *, ratio: float | None = None,
-             max_macs: int | None = None) -> Plan:
+             max_macs: int | None = None, max_latency_ms: float | None = None,
+             latency: tuple[dict[str, list[float]], float] | None = None) -> Plan:
     """The plan with the smallest predicted drop whose size is at most `budget` bytes (or the table's
-    uncompressed size / `ratio`) and, with `max_macs`, whose MACs are at most that. Every table layer
-    gets a layer plan with integer ranks; the plan's activations are the table's.
+    uncompressed size / `ratio`) and, with `max_macs`, whose MACs are at most that, and with
+    `max_latency_ms` whose predicted latency is at most that. `latency`: (layer → milliseconds of
+    each of its table candidates, in table order; the milliseconds of everything else), as measured
+    by the engine (`LatencyTable.candidate_costs`). Every table layer gets a layer plan with integer
+    ranks; the plan's activations are the table's.
 
     Raises AutorankError (one line, naming the smallest reachable size or MACs) when no combination
     of the table's candidates fits.
@@ -77,8 +84,21 @@ def allocate(table: SensitivityTable, budget: int | None = None, *, ratio: float
         raise AutorankError(f"MAC budget {max_macs:,} is below the fewest MACs the sensitivity table reaches: "
                             f"{fewest:,}")
 
+    ms: dict[int, float] | None = None
+    fixed_ms = 0.0
+    if max_latency_ms is not None:
+        if latency is None:
+            raise AutorankError("allocate: a latency budget needs the candidates' measured latencies")
+        costs, fixed_ms = latency
+        if set(costs) != set(table.layers) or any(len(costs[n]) != len(c) for n, c in table.layers.items()):
+            raise AutorankError("allocate: the latencies do not match the sensitivity table's candidates")
+        ms = {id(c): t for n, cands in table.layers.items() for c, t in zip(cands, costs[n], strict=True)}
+        fastest = fixed_ms + sum(min(costs[n]) for n in table.layers)
+        if max_latency_ms < fastest:
+            raise AutorankError(f"latency budget {max_latency_ms:g} ms is below the fastest plan the table "
+                                f"reaches: {fastest:.3f} ms")
     names = list(table.layers)
-    options = [_useful(table.layers[n], max_macs is not None) for n in names]
+    options = [_useful(table.layers[n], max_macs is not None, ms) for n in names]
     flat = [c for cands in options for c in cands]
     n = len(flat)
     owner = np.repeat(np.arange(len(names)), [len(c) for c in options])
@@ -88,34 +108,44 @@ def allocate(table: SensitivityTable, budget: int | None = None, *, ratio: float
     if max_macs is not None:
         macs = np.array([c.macs for c in flat], dtype=float)
         rows.append(LinearConstraint(macs[None, :], -np.inf, max_macs - table.fixed_macs))
+    if ms is not None:
+        times = np.array([ms[id(c)] for c in flat])
+        rows.append(LinearConstraint(times[None, :], -np.inf, max_latency_ms - fixed_ms))
     drops = np.array([max(c.drop, 0.0) for c in flat])
     result = milp(drops, constraints=rows, integrality=np.ones(n), bounds=Bounds(0, 1),
                   options={"mip_rel_gap": 0.0})
     if result.x is None:
-        raise AutorankError(f"no plan of the sensitivity table meets both the size budget {target} and "
-                            f"{max_macs:,} MACs")
+        limits = ([f"{max_macs:,} MACs"] if max_macs is not None else []) + \
+            ([f"{max_latency_ms:g} ms"] if max_latency_ms is not None else [])
+        raise AutorankError(f"no plan of the sensitivity table meets the size budget {target} and "
+                            f"{' and '.join(limits)}")
     chosen = {names[i]: flat[j] for j, i in enumerate(owner) if result.x[j] > 0.5}
     _grow(chosen, [table.layers[n] for n in names], names, budget - table.fixed_bytes,
-          None if max_macs is None else max_macs - table.fixed_macs)
+          None if max_macs is None else max_macs - table.fixed_macs,
+          None if ms is None else (ms, max_latency_ms - fixed_ms))
     return Plan({name: chosen[name].layer_plan() for name in names}, table.activations)
 
 
 def _grow(chosen: dict[str, Candidate], options: list[list[Candidate]], names: list[str], room: int,
-          mac_room: int | None) -> None:
+          mac_room: int | None, time_room: tuple[dict[int, float], float] | None = None) -> None:
     """Replace, layer by layer, each choice by the largest candidate of no larger drop that still fits;
     again until none changes (a larger candidate can need fewer MACs and make room for another)."""
     size = sum(c.size_bytes for c in chosen.values())
     macs = sum(c.macs for c in chosen.values())
+    ms, ms_room = time_room if time_room is not None else ({}, math.inf)
+    spent = sum(ms.get(id(c), 0.0) for c in chosen.values())
     changed = True
     while changed:  # the size grows with every change: this ends
         changed = False
         for name, cands in zip(names, options, strict=True):
             now = chosen[name]
-            fits = [c for c in cands if max(c.drop, 0.0) <= max(now.drop, 0.0)
+            fits = [c for c in cands if c is now or max(c.drop, 0.0) <= max(now.drop, 0.0)
                     and size - now.size_bytes + c.size_bytes <= room
-                    and (mac_room is None or macs - now.macs + c.macs <= mac_room)]
+                    and (mac_room is None or macs - now.macs + c.macs <= mac_room)
+                    and spent - ms.get(id(now), 0.0) + ms.get(id(c), 0.0) <= ms_room]
             best = max(fits, key=lambda c: c.size_bytes)
             if best.size_bytes > now.size_bytes:
                 size += best.size_bytes - now.size_bytes
                 macs += best.macs - now.macs
+                spent += ms.get(id(best), 0.0) - ms.get(id(now), 0.0)
                 chosen[name], changed = best, True

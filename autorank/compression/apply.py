@@ -81,6 +81,59 @@ def _with_input_quant(chain: nn.Module) -> nn.Sequential:
     return nn.Sequential(*[m for layer in modules for m in (ActivationFakeQuant(), layer)])
 
 
+_RELUS = (torch.relu, torch.nn.functional.relu, torch.relu_)
+
+
+def _output_quant_sites(model: nn.Module, plan: Plan) -> dict[str, str]:
+    """int8 conv → the module after which its output gets fake-quantized (its BatchNorm, else itself).
+
+    ONNX Runtime runs a QDQ conv as an integer QLinearConv only when its (BatchNorm-folded) output
+    feeds a QuantizeLinear. Inside a chain and before a quantized layer (through a ReLU) the next
+    layer's input quantizer is that QuantizeLinear; a conv whose output reaches anything else (a
+    residual add, a float layer) gets its own output quantizer here, and export puts the same
+    QuantizeLinear in the file. Found on a torch.fx trace of the uncompressed model; a model fx cannot
+    trace keeps today's input-only quantization (those convs then run in float).
+    """
+    if plan.activations != "int8":
+        return {}
+    quantized = {name for name, lp in plan.layers.items() if lp.precision in INT_BITS}
+    int8_convs = {name for name, lp in plan.layers.items()
+                  if lp.precision == "int8" and isinstance(model.get_submodule(name), nn.Conv2d)}
+    if not int8_convs:
+        return {}
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:  # noqa: BLE001 - fx refuses data-dependent control flow and many custom modules
+        return {}
+
+    def module(node: torch.fx.Node) -> nn.Module | None:
+        return model.get_submodule(node.target) if node.op == "call_module" else None
+
+    def is_relu(node: torch.fx.Node) -> bool:
+        return ((node.op == "call_function" and node.target in _RELUS) or isinstance(module(node), nn.ReLU)
+                or (node.op == "call_method" and node.target in ("relu", "relu_")))
+
+    sites = {}
+    for node in graph.nodes:
+        if node.op != "call_module" or node.target not in int8_convs:
+            continue
+        site, out = node.target, node
+        users = list(out.users)
+        if len(users) == 1 and isinstance(module(users[0]), nn.BatchNorm2d):
+            out = users[0]
+            site = out.target
+        consumers, frontier = [], list(out.users)
+        while frontier:
+            user = frontier.pop()
+            if is_relu(user):
+                frontier.extend(user.users)
+            else:
+                consumers.append(user)
+        if not consumers or any(c.op != "call_module" or c.target not in quantized for c in consumers):
+            sites[node.target] = site
+    return sites
+
+
 def _decomposed(name: str, layer: nn.Module, lp: LayerPlan, n_iter_max: int, seed: int,
                 cache: dict | None) -> nn.Module:
     """The layer's weight-space chain; `cache` keeps a float copy per (layer, method, ranks, settings), so
@@ -103,7 +156,8 @@ def compress(model: nn.Module, plan: Plan, *, calibration: Iterable[Tensor] | No
 
     Decomposed layers become nn.Sequential chains of plain Conv2d/Linear; layers at fp16/int8/int4 get
     weight fake-quant; with `plan.activations == "int8"` the inputs of int8/int4 layers get calibrated
-    activation fake-quant (`calibration`: batches of inputs; without it, ranges come from the first
+    activation fake-quant, as do the outputs of int8 convs no quantized layer reads (`_output_quant_sites`)
+    (`calibration`: batches of inputs; without it, ranges come from the first
     batch seen). `decompose=False` builds the same structure without computing factors, for loading a
     saved state_dict of a compressed model. `fit`: calibration images to which every decomposed chain
     is then fitted (data-aware, see `fit.fit_chains`; `fit_mode` als | pair | last). `factors`: a cache of
@@ -112,6 +166,7 @@ def compress(model: nn.Module, plan: Plan, *, calibration: Iterable[Tensor] | No
     if fit_mode not in FIT_MODES:
         raise AutorankError(f"fit mode {fit_mode!r}: choose from {', '.join(FIT_MODES)}")
     resolved = resolve_plan(model, plan)
+    sites = _output_quant_sites(model, resolved)
     compressed = copy.deepcopy(model)
     for name, lp in resolved.layers.items():
         layer = compressed.get_submodule(name)
@@ -126,8 +181,14 @@ def compress(model: nn.Module, plan: Plan, *, calibration: Iterable[Tensor] | No
                 quantize_weights_(module, lp.precision)
         if resolved.activations == "int8" and lp.precision in INT_BITS:
             chain = _with_input_quant(chain)
+            if sites.get(name) == name:
+                chain.append(ActivationFakeQuant(output_of=name))
         if chain is not layer:
             compressed.set_submodule(name, chain)
+    for name, site in sites.items():
+        if site != name:  # after the conv's BatchNorm: the tensor the file's folded conv outputs
+            compressed.set_submodule(site, nn.Sequential(compressed.get_submodule(site),
+                                                         ActivationFakeQuant(output_of=name)))
     decomposed = [n for n, lp in resolved.layers.items() if lp.method != "none"]
     if fit is not None and decompose and decomposed:  # nothing to fit: no network passes either
         fit_chains(compressed, model, decomposed, fit, mode=fit_mode)

@@ -98,8 +98,11 @@ class ActivationFakeQuant(nn.Module):
     the gradient is zero (clipped straight-through estimator).
     """
 
-    def __init__(self, bits: int = 8, momentum: float = 0.01):
+    def __init__(self, bits: int = 8, momentum: float = 0.01, output_of: str | None = None):
         super().__init__()
+        # set on the quantizer of an int8 conv's output (after its BatchNorm): the layer's name, so that
+        # export puts the same QuantizeLinear on that conv's output and ONNX Runtime can run it as QLinearConv
+        self.output_of = output_of
         self.qmin, self.qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
         self.momentum = momentum
         self.register_buffer("min_val", torch.tensor(float("inf")))
@@ -162,7 +165,9 @@ class ActivationFakeQuant(nn.Module):
         return _straight_through(clipped, (q - zero_point) * scale)
 
     def extra_repr(self) -> str:
-        return f"int{(self.qmax - self.qmin + 1).bit_length() - 1}, range=[{self.min_val:.4g}, {self.max_val:.4g}]"
+        where = f", output of {self.output_of}" if self.output_of else ""
+        return (f"int{(self.qmax - self.qmin + 1).bit_length() - 1}, range=[{self.min_val:.4g}, {self.max_val:.4g}]"
+                f"{where}")
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 import torch
 from torch import nn
 
@@ -26,7 +27,7 @@ from autorank.compression.quantize import QMAX, ActivationFakeQuant
 from autorank.data import Dataset
 from autorank.errors import AutorankError, TrackingFailed
 from autorank.export.bench import benchmark
-from autorank.export.graph import to_onnx
+from autorank.engine.deploy import to_onnx
 from autorank.export.precision import (CALIBRATION_METHODS, INT8_SCOPES, compact, payload_bytes, round_biases, to_fp16,
                                      to_int8)
 from autorank.export.registry import check_registered_name, register_model, write_card
@@ -93,6 +94,29 @@ def _trained_ranges(model: nn.Module, mapping: dict[str, list[str]],
     return ranges
 
 
+def _output_quantizers(model: nn.Module, mapping: dict[str, list[str]],
+                       fp32: onnx.ModelProto) -> dict[str, tuple[float, int]]:
+    """Output tensor of each int8 conv the model fake-quantizes at its output → (scale, int8 zero point).
+
+    The compression core quantizes such a conv's output after its BatchNorm (`output_of`), which in
+    the file is the output of the chain's last, BatchNorm-folded Conv node. The quantizer's own scale
+    and zero point are used, so the file rounds exactly as the model did.
+    """
+    outputs = {node.name: node.output[0] for node in fp32.graph.node}
+    found = {}
+    for quantizer in model.modules():
+        if not (isinstance(quantizer, ActivationFakeQuant) and quantizer.output_of and quantizer.calibrated):
+            continue
+        layer = quantizer.output_of
+        nodes = [node for path, names in mapping.items() if path == layer or path.startswith(f"{layer}.")
+                 for node in names]
+        if not nodes:
+            raise AutorankError(f"no ONNX node found for layer {layer}, whose output the model quantizes")
+        scale, zero_point = quantizer.qparams()
+        found[outputs[nodes[-1]]] = (float(scale), int(zero_point))
+    return found
+
+
 @dataclass
 class Written:
     """What `write_onnx` wrote: the plan it honoured and the PyTorch model the file computes."""
@@ -141,7 +165,8 @@ def write_onnx(model: nn.Module, data: Dataset, out: str | Path, precision: str 
     reference = model
     with tempfile.TemporaryDirectory() as tmp:
         fp32_path = out if precision == "fp32" else Path(tmp) / "fp32.onnx"
-        mapping = to_onnx(plain, data.input_shape, fp32_path)
+        batchnorms: dict[str, str] = {}
+        mapping = to_onnx(plain, data.input_shape, fp32_path, folded=batchnorms)
         unmapped = [name for name in precisions if name not in mapping]
         if unmapped:  # e.g. a layer used through a functional call: its plan could not be honoured
             raise AutorankError(f"no ONNX node found for layers {', '.join(unmapped[:4])}; cannot honour the plan")
@@ -154,6 +179,7 @@ def write_onnx(model: nn.Module, data: Dataset, out: str | Path, precision: str 
             weight_only = not any(isinstance(m, ActivationFakeQuant) for m in model.modules())
             fp32 = onnx.load_model(fp32_path)
             ranges = _trained_ranges(model, mapping, fp32)
+            output_qparams = _output_quantizers(model, mapping, fp32)
             if not weight_only:
                 integer = {node: p for name, p in precisions.items() if p in QMAX for node in mapping[name]}
                 reference = _shift_biases(model, mapping, round_biases(fp32, ranges, integer))
@@ -161,10 +187,58 @@ def write_onnx(model: nn.Module, data: Dataset, out: str | Path, precision: str 
             with _quiet():
                 to_int8(fp32_path, out, _calibration(data, calibration_batches, calibration_batch_size, seed),
                         exclude_fp32=nodes("fp32"), exclude_fp16=nodes("fp16"), int4_nodes=nodes("int4"),
-                        activation_ranges=ranges, method=calibration_method, activation_type=activation_type,
+                        activation_ranges=ranges, output_qparams=output_qparams, method=calibration_method, activation_type=activation_type,
                         scope=int8_scope, weight_only=weight_only)
-    onnx.save_model(compact(onnx.load_model(out)), out)
+    written = compact(onnx.load_model(out))
+    onnx.save_model(written, out)
+    if precision == "int8" and reference is not model:
+        reference = _fold_batchnorms(reference, mapping, batchnorms, written)
     return Written(precisions, reference)
+
+
+def _stored(model: onnx.ModelProto, tensor: str) -> np.ndarray:
+    """A constant input of the file as ONNX Runtime computes it: a float initializer, or the
+    DequantizeLinear of an integer one ((q - zero point) x scale in float32, per output channel)."""
+    arrays = {init.name: init for init in model.graph.initializer}
+    if tensor in arrays:
+        return numpy_helper.to_array(arrays[tensor]).astype(np.float32)
+    node = next(node for node in model.graph.node if tensor in node.output)
+    q = numpy_helper.to_array(arrays[node.input[0]]).astype(np.float32)
+    scale = numpy_helper.to_array(arrays[node.input[1]]).astype(np.float32)
+    zero = numpy_helper.to_array(arrays[node.input[2]]).astype(np.float32) if len(node.input) > 2 else np.float32(0)
+    shape = (-1,) + (1,) * (q.ndim - 1) if scale.ndim else ()
+    return (q - np.reshape(zero, shape)) * np.reshape(scale, shape)
+
+
+def _fold_batchnorms(reference: nn.Module, mapping: dict[str, list[str]], batchnorms: dict[str, str],
+                     written: onnx.ModelProto) -> nn.Module:
+    """The reference with each integer conv's BatchNorm folded in as the file folds and stores it.
+
+    The file rounds a conv's BatchNorm-folded output to 8 bits where the next layer (or the conv's own
+    output quantizer) reads it; PyTorch computes that value unfolded, which differs by float rounding,
+    and a value on a rounding boundary then lands one level apart. On a residual stream such flips
+    propagate. The reference therefore takes the file's own dequantized weights and bias for these
+    convs (the quantization-aware model's values, folded, on the file's grid) and drops the BatchNorm.
+    """
+    reference = copy.deepcopy(reference)
+    nodes = {node.name: node for node in written.graph.node}
+    producers = {out: node for node in written.graph.node for out in node.output}
+    for conv_path, bn_path in batchnorms.items():
+        node = nodes.get(mapping.get(conv_path, [""])[-1])
+        if node is None or node.op_type != "Conv" or len(node.input) < 3:
+            continue
+        weight = producers.get(node.input[1])
+        if weight is None or weight.op_type != "DequantizeLinear":  # a float layer: nothing rounds there
+            continue
+        conv = reference.get_submodule(conv_path)
+        folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                           padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=True)
+        with torch.no_grad():
+            folded.weight.copy_(torch.from_numpy(_stored(written, node.input[1])))
+            folded.bias.copy_(torch.from_numpy(_stored(written, node.input[2])))
+        reference.set_submodule(conv_path, folded.eval())
+        reference.set_submodule(bn_path, nn.Identity())
+    return reference
 
 
 def export_model(model: nn.Module, data: Dataset, out: str | Path, precision: str = "int8", *,
@@ -197,6 +271,7 @@ def export_model(model: nn.Module, data: Dataset, out: str | Path, precision: st
 
 def export_onnx(search_dir: str | Path, out: str | Path, precision: str = "int8", *, trial: int | None = None,
                 max_size: int | None = None, min_ratio: float | None = None, max_drop: float | None = None,
+                max_latency_ms: float | None = None,
                 calibration_batches: int = 8, calibration_method: str = "minmax", activation_type: str = "uint8",
                 int8_scope: str = "plan", verify_limit: int | None = None, threads: int | None = None,
                 bench: bool = True, register: bool = True, registered_name: str | None = None,
@@ -212,12 +287,14 @@ def export_onnx(search_dir: str | Path, out: str | Path, precision: str = "int8"
     _check_options(precision, calibration_batches, calibration_method, threads, int8_scope)
     if registered_name is not None:
         check_registered_name(registered_name)
-    if trial is not None and any(v is not None for v in (max_size, min_ratio, max_drop)):
-        raise AutorankError("give either a trial number or limits (max size / min ratio / max drop), not both")
+    if trial is not None and any(v is not None for v in (max_size, min_ratio, max_drop, max_latency_ms)):
+        raise AutorankError("give either a trial number or limits (max size / min ratio / max drop / max latency), "
+                            "not both")
     out = Path(out)
     if out.suffix != ".onnx":
         raise AutorankError(f"output {out} should end in .onnx")
-    rebuilt = rebuild_trial(search_dir, trial=trial, max_size=max_size, min_ratio=min_ratio, max_drop=max_drop)
+    rebuilt = rebuild_trial(search_dir, trial=trial, max_size=max_size, min_ratio=min_ratio, max_drop=max_drop,
+                            max_latency_ms=max_latency_ms)
     search, record, data = rebuilt.search, rebuilt.record, rebuilt.data
     if register and mlflow_uri is None and "mlflow_uri" not in search.info:
         raise AutorankError(f"the search at {search_dir} was not tracked in MLflow (no MlflowCallback): register "

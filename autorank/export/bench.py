@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from autorank.export.graph import INPUT_NAME, onnx_session
+from autorank.engine.deploy import INPUT_NAME, onnx_session
 
 
 @dataclass

@@ -67,7 +67,7 @@ def pair_probe(qmax: int) -> tuple[float, float]:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from autorank.export.graph import onnx_session
+    from autorank.engine.deploy import onnx_session
 
     channels = 16  # a realistic output width, so ORT takes its packed integer conv path
     step = 256.0

@@ -22,7 +22,7 @@ import onnx
 from onnx import numpy_helper
 
 from autorank.compression.quantize import QMAX
-from autorank.export.graph import COMPUTE_OPS, INPUT_NAME
+from autorank.engine.deploy import COMPUTE_OPS, INPUT_NAME
 
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 INT8_SCOPES = ("plan", "full")
@@ -59,6 +59,7 @@ def to_int8(
     exclude_fp16: list[str] = (),
     int4_nodes: list[str] = (),
     activation_ranges: dict[str, tuple[float, float]] | None = None,
+    output_qparams: dict[str, tuple[float, int]] | None = None,
     method: str = "minmax",
     activation_type: str = "uint8",
     scope: str = "plan",
@@ -74,6 +75,9 @@ def to_int8(
     `activation_type` is `uint8` (ORT's recommended U8S8 on x86) or `int8` (S8S8, better on ARM).
     `activation_ranges` (tensor name → (min, max)) replace calibration where the quantization-aware
     model already fixed a range: its fine-tuned weights rely on exactly that clipping.
+    `output_qparams` (conv output tensor → (scale, int8 zero point)): the convs whose outputs the
+    model quantizes get that QuantizeLinear/DequantizeLinear pair, so that every int8 conv's output
+    feeds a QuantizeLinear and ONNX Runtime fuses it into QLinearConv (`quantize_outputs`).
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -122,6 +126,8 @@ def to_int8(
     quantized = onnx.load_model(dst)
     if scope == "plan":
         _float_for_unquantized_consumers(quantized, everywhere=weight_only)
+        if not weight_only:
+            quantize_outputs(quantized, output_qparams or {}, activation_type)
     _store_fp16_weights(quantized, list(exclude_fp16))
     onnx.save_model(quantized, dst)
 
@@ -188,6 +194,34 @@ def _float_for_unquantized_consumers(model: onnx.ModelProto, *, everywhere: bool
             return
         for node in dead:
             model.graph.node.remove(node)
+
+
+def quantize_outputs(model: onnx.ModelProto, qparams: dict[str, tuple[float, int]], activation_type: str) -> None:
+    """Insert QuantizeLinear → DequantizeLinear on each listed tensor; its readers read the rounded value.
+
+    `qparams`: tensor → (scale, zero point on the int8 grid [-128, 127]), as the quantization-aware
+    model rounds it; `activation_type` uint8 stores the same levels shifted by 128 (zero point + 128).
+    """
+    producers = {out: index for index, node in enumerate(model.graph.node) for out in node.output}
+    outputs = {value.name for value in model.graph.output}
+    nodes = list(model.graph.node)
+    inserted: dict[int, list[onnx.NodeProto]] = {}
+    for tensor, (scale, zero_point) in qparams.items():
+        if tensor in outputs or tensor not in producers:
+            raise RuntimeError(f"cannot quantize {tensor!r}: a graph output or no node produces it")
+        point = np.array(zero_point + 128, np.uint8) if activation_type == "uint8" else np.array(zero_point, np.int8)
+        names = {key: f"{tensor}_out_{key}" for key in ("scale", "zero_point", "q", "dq")}
+        model.graph.initializer.extend([numpy_helper.from_array(np.array(scale, np.float32), names["scale"]),
+                                        numpy_helper.from_array(point, names["zero_point"])])
+        for node in nodes:
+            node.input[:] = [names["dq"] if name == tensor else name for name in node.input]
+        inserted[producers[tensor]] = [
+            onnx.helper.make_node("QuantizeLinear", [tensor, names["scale"], names["zero_point"]], [names["q"]]),
+            onnx.helper.make_node("DequantizeLinear", [names["q"], names["scale"], names["zero_point"]], [names["dq"]]),
+        ]
+    ordered = [n for index, node in enumerate(nodes) for n in (node, *inserted.get(index, []))]
+    del model.graph.node[:]
+    model.graph.node.extend(ordered)
 
 
 def round_biases(model: onnx.ModelProto, input_ranges: dict[str, tuple[float, float]],

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from autorank.data import Dataset
-from autorank.export.graph import INPUT_NAME, onnx_session
+from autorank.engine.deploy import INPUT_NAME, onnx_session
 
 
 @dataclass

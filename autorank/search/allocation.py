@@ -24,6 +24,7 @@ from dataclasses import replace
 from typing import Any
 
 from autorank.compression import Plan, SensitivityTable, allocate
+from autorank.engine.latency import LatencyTable
 from autorank.search.space import Group, SearchSpace
 
 
@@ -74,18 +75,26 @@ def smallest_bytes(table: SensitivityTable) -> int:
 
 
 def allocated_plan(table: SensitivityTable, space: SearchSpace, groups: Sequence[Group],
-                   params: Mapping[str, Any]) -> tuple[Plan, dict[str, float]]:
+                   params: Mapping[str, Any], latency: LatencyTable | None = None) -> tuple[Plan, dict[str, float]]:
     """The trial's plan and what the table says of it: `budget_bytes` (the sampled target; raised to the
     smallest reachable size only when no candidate of the table goes that low), `widened` (1.0 when the
     allowed candidates could not reach the target and every candidate was allowed), `predicted_drop`
-    (the table's own drops, unweighted) and `predicted_bytes` (exact)."""
+    (the table's own drops, unweighted) and `predicted_bytes` (exact). With the space's
+    `max_latency_ms` and the search's measured `latency` table, the allocator also keeps the plan's
+    predicted ONNX Runtime latency within that limit (raised to the fastest reachable plan if lower)."""
     seen = weighted_table(table, space, groups, params)
     target = math.floor(table.model_bytes / params.get("ratio", space.allocate.ratio[0]))
     widened = smallest_bytes(seen) > target
     if widened:
         seen = weighted_table(table, space, groups, params, everything=True)
     budget = max(target, smallest_bytes(seen))
-    plan = allocate(seen, budget)  # the table's activations: the space's one
+    limit = space.constraints.max_latency_ms
+    if latency is not None and limit is not None:
+        costs, fixed = latency.candidate_costs(seen)
+        fastest = fixed + sum(min(ms) for ms in costs.values())
+        plan = allocate(seen, budget, max_latency_ms=max(limit, fastest), latency=(costs, fixed))
+    else:
+        plan = allocate(seen, budget)  # the table's activations: the space's one
     predicted = table.predict(plan)
     return plan, {"budget_bytes": float(budget), "widened": float(widened), "predicted_drop": predicted.drop,
                   "predicted_bytes": float(predicted.size_bytes)}

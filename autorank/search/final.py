@@ -56,9 +56,10 @@ def finalize_trial(ctx: TrialContext, data: Dataset, record: TrialRecord, refere
     start = time.perf_counter()
     folder = record.directory
     try:
-        model = compress(ctx.model, Plan.from_json((folder / PLAN_FILE).read_text()), decompose=False)
+        plan = Plan.from_json((folder / PLAN_FILE).read_text())
+        model = compress(ctx.model, plan, decompose=False)
         model.load_state_dict(torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True))
-        metrics = finetune_and_measure(model, data, ctx, steps=ctx.space.final.steps)
+        metrics = finetune_and_measure(model, data, ctx, steps=ctx.space.final.steps, plan=plan)
         metrics["ratio"] = reference["size_bytes"] / metrics["size_bytes"]
         metrics["drop_points"] = (reference["accuracy"] - metrics["accuracy"]) * 100
         metrics["steps"] = float(ctx.space.final.steps)

@@ -143,6 +143,7 @@ def best_trial(
     max_size: int | None = None,
     min_ratio: float | None = None,
     max_drop: float | None = None,
+    max_latency_ms: float | None = None,
 ) -> TrialRecord:
     """The most accurate completed trial meeting the constraints (the search's own where not given).
 
@@ -156,6 +157,7 @@ def best_trial(
         max_size=max_size if max_size is not None else own.max_size,
         min_ratio=min_ratio if min_ratio is not None else own.min_ratio,
         max_drop=max_drop if max_drop is not None else own.max_drop,
+        max_latency_ms=max_latency_ms if max_latency_ms is not None else own.max_latency_ms,
     )
     done = [t for t in record.trials if t.finished_ok and _finite(t.figures)]
     if not done:
@@ -180,7 +182,8 @@ class RebuiltTrial:
 
 
 def rebuild_trial(search_dir: str | Path, *, trial: int | None = None, max_size: int | None = None,
-                  min_ratio: float | None = None, max_drop: float | None = None) -> RebuiltTrial:
+                  min_ratio: float | None = None, max_drop: float | None = None,
+                  max_latency_ms: float | None = None) -> RebuiltTrial:
     """A trial of the search at `search_dir` rebuilt without retraining (what export and scripts start from).
 
     The weights are the final fine-tune's where the search ran one for the trial (`record.weights`).
@@ -196,7 +199,8 @@ def rebuild_trial(search_dir: str | Path, *, trial: int | None = None, max_size:
             raise AutorankError(f"trial {trial} did not complete ({record.state}"
                                 + (f": {record.reason}" if record.reason else "") + "): nothing to export")
     else:
-        record = best_trial(search, max_size=max_size, min_ratio=min_ratio, max_drop=max_drop)
+        record = best_trial(search, max_size=max_size, min_ratio=min_ratio, max_drop=max_drop,
+                            max_latency_ms=max_latency_ms)
     if not record.has_weights or not (record.directory / PLAN_FILE).is_file():
         kept = sorted(t.number for t in search.trials if t.has_weights)
         raise AutorankError(

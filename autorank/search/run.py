@@ -22,9 +22,10 @@ from typing import Any
 import optuna
 
 from autorank.data import Dataset, load_data
+from autorank.engine.latency import LatencyTable, default_path
 from autorank.errors import AutorankError
 from autorank.models import create_model
-from autorank.records import WEIGHTS_FILE, SearchCallback, SearchStart, TrialRecord, pareto_front
+from autorank.records import ORT_FIGURES, WEIGHTS_FILE, SearchCallback, SearchStart, TrialRecord, pareto_front
 from autorank.search.executors import EXECUTORS, parse_resources, ray_session, run_local, run_ray, tell
 from autorank.search.final import run_final
 from autorank.search.results import SEARCH_FILE, best_trial, load_search, read_info, storage_for
@@ -201,6 +202,10 @@ def _reference(run: _Run, data: Dataset | None) -> None:
     groups = space.groups({name: info_.kind for name, info_ in layers.items()})
     run.ctx = ctx = TrialContext(space=space, groups=groups, layers=layers, model=model.cpu().eval(), reference={},
                                  out_dir=out.resolve(), device=run.device)
+    lat = space.latency
+    if set(space.objectives) & set(ORT_FIGURES) or space.constraints.max_latency_ms is not None:
+        ctx.latency = LatencyTable(ctx.model, run.data.input_shape, default_path(run.model_name, lat.threads),
+                                   model_key=run.model_name, threads=lat.threads, batch_size=lat.batch_size)
     if run.info is not None:
         ctx.reference = run.info["reference"]
         return
@@ -232,7 +237,8 @@ def _study(run: _Run) -> list[TrialRecord]:
         run.say(f"resume: trials {lost} were interrupted; their choices run again")
     start = SearchStart(out_dir=run.out, info=dict(info), name=space.name, space=space.to_dict(),
                         executor=run.executor, objectives=tuple(space.objectives), reference=dict(ctx.reference),
-                        limits={"max_size": space.constraints.max_size, "max_drop": space.constraints.max_drop})
+                        limits={"max_size": space.constraints.max_size, "max_drop": space.constraints.max_drop,
+                                "max_latency_ms": space.constraints.max_latency_ms})
     for hook in run.hooks:
         info.update(hook.start(start))
     _write_info(run.out, info)

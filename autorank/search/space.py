@@ -41,6 +41,15 @@ _SIZE_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 1024, "mib
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
+def parse_latency(value: str | int | float, key: str = "latency") -> float:
+    """'0.3ms' or 0.3 -> 0.3 (milliseconds); 'us' and 's' are converted."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s*(ms|us|s)?\s*", str(value), re.IGNORECASE)
+    if isinstance(value, bool) or match is None or not float(match.group(1)) > 0:
+        raise AutorankError(f"{key}: expected a positive latency such as 0.3ms, got {value!r}")
+    unit = (match.group(2) or "ms").lower()
+    return float(match.group(1)) * {"ms": 1.0, "us": 1e-3, "s": 1e3}[unit]
+
+
 def parse_size(value: str | int | float, key: str = "size") -> int:
     """'0.5MB' -> 500000 bytes (SI units; KiB/MiB are binary); plain numbers are bytes."""
     if isinstance(value, bool):
@@ -96,6 +105,7 @@ class Constraints:
     max_size: int | None = None       # bytes
     min_ratio: float | None = None    # reference size_bytes / trial size_bytes
     max_drop: float | None = None     # accuracy points (percent) below the fine-tuned reference
+    max_latency_ms: float | None = None  # ONNX Runtime batch-1 latency predicted by the latency table
 
     def violations(self, metrics: Mapping[str, float], reference: Mapping[str, float]) -> dict[str, float]:
         """Optuna-style constraint values (<= 0 is satisfied), in the units of each limit."""
@@ -106,6 +116,8 @@ class Constraints:
             values["min_ratio"] = float(self.min_ratio - reference["size_bytes"] / metrics["size_bytes"])
         if self.max_drop is not None:
             values["max_drop"] = float((reference["accuracy"] - metrics["accuracy"]) * 100 - self.max_drop)
+        if self.max_latency_ms is not None:
+            values["max_latency_ms"] = float(metrics.get("ort_latency_ms", math.inf) - self.max_latency_ms)
         return values
 
     def describe(self) -> str:
@@ -116,7 +128,18 @@ class Constraints:
             parts.append(f"ratio >= {self.min_ratio:g}x")
         if self.max_drop is not None:
             parts.append(f"drop <= {self.max_drop:g} pt")
+        if self.max_latency_ms is not None:
+            parts.append(f"ORT latency <= {self.max_latency_ms:g} ms")
         return ", ".join(parts) or "none"
+
+
+@dataclass(frozen=True)
+class Latency:
+    """How `ort_latency_ms` / `ort_throughput` / `max_latency_ms` are measured (engine.latency): ONNX
+    Runtime on this machine's CPU at `threads` intra-op threads, throughput at `batch_size`."""
+
+    threads: int = 2
+    batch_size: int = 128
 
 
 @dataclass(frozen=True)
@@ -207,6 +230,7 @@ class SearchSpace:
     rules: tuple[Rule, ...] = ()
     objectives: tuple[str, ...] = ("accuracy", "size_bytes")
     constraints: Constraints = field(default_factory=Constraints)
+    latency: Latency = field(default_factory=lambda: Latency())
     finetune: Finetune = field(default_factory=Finetune)
     sensitivity: Sensitivity | None = None   # the table: always in allocate mode, on request in layers mode
     allocate: Allocate = field(default_factory=Allocate)
@@ -398,7 +422,7 @@ class _Reader:
 
 
 TOP_KEYS = ("name", "mode", "layers", "grouping", "stages", "methods", "precisions", "activations", "rank",
-            "rules", "objectives", "constraints", "finetune", "sensitivity", "allocate", "screening", "final", "search")
+            "rules", "objectives", "constraints", "latency", "finetune", "sensitivity", "allocate", "screening", "final", "search")
 LAYERS_ONLY = ("grouping", "stages", "rank")  # top-level keys that mean something in layers mode only
 
 
@@ -499,9 +523,10 @@ def parse_space(raw: Any, source: str = "<dict>", default_name: str = "search") 
 
     objectives = r.choices(doc.get("objectives", ["accuracy", "size_bytes"]), "objectives", tuple(OBJECTIVES))
     if objectives[0] != "accuracy" or len(objectives) < 2:
-        raise r.fail("objectives", "start with 'accuracy' and add at least one cost (size_bytes, params, macs, latency_ms)")
+        raise r.fail("objectives", "start with 'accuracy' and add at least one cost (size_bytes, params, macs, latency_ms, "
+                     "ort_latency_ms, ort_throughput)")
 
-    cons = r.mapping(doc.get("constraints"), "constraints", ("max_size", "min_ratio", "max_drop"))
+    cons = r.mapping(doc.get("constraints"), "constraints", ("max_size", "min_ratio", "max_drop", "max_latency_ms"))
     try:
         max_size = parse_size(cons["max_size"], "max_size") if cons.get("max_size") is not None else None
     except AutorankError as exc:
@@ -510,7 +535,12 @@ def parse_space(raw: Any, source: str = "<dict>", default_name: str = "search") 
         max_size=max_size,
         min_ratio=r.number(cons["min_ratio"], "constraints.min_ratio", float, 1.0) if cons.get("min_ratio") is not None else None,
         max_drop=r.number(cons["max_drop"], "constraints.max_drop", float, 0.0, 100.0) if cons.get("max_drop") is not None else None,
+        max_latency_ms=(r.number(cons["max_latency_ms"], "constraints.max_latency_ms", float, 0.0)
+                        if cons.get("max_latency_ms") is not None else None),
     )
+    lat = r.mapping(doc.get("latency"), "latency", ("threads", "batch_size"))
+    latency = Latency(threads=r.number(lat.get("threads", 2), "latency.threads", int, 1),
+                      batch_size=r.number(lat.get("batch_size", 128), "latency.batch_size", int, 1))
 
     ft = r.mapping(doc.get("finetune"), "finetune", tuple(Finetune.__dataclass_fields__))
     d = Finetune()
@@ -609,8 +639,8 @@ def parse_space(raw: Any, source: str = "<dict>", default_name: str = "search") 
         name=name, mode=mode, include=include, exclude=exclude, skip_first=skip_first, grouping=grouping,
         stages=stages, methods=methods, precisions=precisions, activations=activations,
         rank_mode=rank_mode, rank=rank_range, rules=tuple(rules), objectives=objectives,
-        constraints=constraints, finetune=finetune, sensitivity=sensitivity, allocate=allocate, final=final,
-        screening=screening, sampler=r.one_of(s.get("sampler", "tpe"), "search.sampler", SAMPLERS),
+        constraints=constraints, latency=latency, finetune=finetune, sensitivity=sensitivity, allocate=allocate,
+        final=final, screening=screening, sampler=r.one_of(s.get("sampler", "tpe"), "search.sampler", SAMPLERS),
         trials=trials if (trials is not None or time_budget is not None or steps_budget is not None) else 20,
         time_budget=time_budget, steps_budget=steps_budget,
         seed=r.number(s.get("seed", 0), "search.seed", int, 0),
@@ -639,6 +669,7 @@ def space_from_dict(data: Mapping[str, Any]) -> SearchSpace:
                                rank=tuple(x["rank"]) if x["rank"] else None) for x in data["rules"]),
            "objectives": tuple(data["objectives"]),
            "constraints": Constraints(**data["constraints"]),
+           "latency": Latency(**data.get("latency", asdict(Latency()))),
            "finetune": Finetune(**data["finetune"]),
            "sensitivity": Sensitivity(**{**sensitivity, "levels": tuple(sensitivity["levels"])}) if sensitivity else None,
            "allocate": Allocate(**{k: tuple(v) for k, v in data.get("allocate", asdict(Allocate())).items()}),

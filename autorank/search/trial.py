@@ -31,6 +31,7 @@ from autorank.compression import LayerPlan, Plan, SensitivityTable, compress, fi
 from autorank.compression.quantize import quantize_weights_
 from autorank.compression.ranks import full_ranks, resolve_rank, scaled_ranks
 from autorank.data import Dataset
+from autorank.engine.latency import LatencyTable
 from autorank.errors import AutorankError
 from autorank.records import WEIGHTS_FILE, TrialRecord
 from autorank.search.allocation import allocated_plan
@@ -95,7 +96,7 @@ def trial_plan(ctx: TrialContext, params: Mapping[str, Any], seed: str | None = 
         activations = params.get("activations", ctx.space.activations[0])
         return resolve_plan(ctx.model, recipe_plan(recipe, ctx.groups, activations)), {}
     if ctx.space.mode == "allocate":
-        plan, predicted = allocated_plan(ctx.table, ctx.space, ctx.groups, params)
+        plan, predicted = allocated_plan(ctx.table, ctx.space, ctx.groups, params, ctx.latency)
         return resolve_plan(ctx.model, plan), predicted
     return resolve_plan(ctx.model, build_plan(ctx.space, ctx.groups, ctx.layers, params)), {}
 
@@ -122,6 +123,7 @@ class TrialContext:
     device: str = "auto"
     factors: dict = field(default_factory=dict, repr=False)  # weight-space chains reused across trials
     table: SensitivityTable | None = None  # the search's sensitivity table (allocate mode plans from it)
+    latency: LatencyTable | None = None    # measured ONNX Runtime timings (ort_* objectives, max_latency_ms)
 
     def train_config(self) -> engine.TrainConfig:
         ft = self.space.finetune
@@ -132,7 +134,8 @@ class TrialContext:
 
 
 def finetune_and_measure(model: nn.Module, data: Dataset, ctx: TrialContext,
-                         quantize: Plan | None = None, steps: int | None = None) -> dict[str, float]:
+                         quantize: Plan | None = None, steps: int | None = None,
+                         plan: Plan | None = None) -> dict[str, float]:
     """The shared measurement of trials, the reference and the final fine-tune: fine-tune (`steps`,
     default the space's `finetune.steps`), evaluate on val, profile.
 
@@ -158,6 +161,9 @@ def finetune_and_measure(model: nn.Module, data: Dataset, ctx: TrialContext,
         metrics["kept_start"] = float(kept_start)  # the guard put the start back: the fine-tune made it worse
     if "latency_ms" in ctx.space.objectives:
         metrics["latency_ms"] = engine.latency_ms(model, data.input_shape, device=ctx.device)
+    if ctx.latency is not None:  # `plan` None: the uncompressed model
+        predicted = ctx.latency.predict(plan or Plan())
+        metrics["ort_latency_ms"], metrics["ort_throughput"] = predicted.b1_ms, predicted.throughput
     if not math.isfinite(accuracy):
         raise AutorankError("evaluation produced a non-finite accuracy")
     return metrics
@@ -240,7 +246,7 @@ def compute_trial(ctx: TrialContext, data: Dataset, params: Mapping[str, Any], n
             compress_s = time.perf_counter() - start
         else:
             model, compress_s = screened[2:]
-        metrics = finetune_and_measure(model, data, ctx, quantize=None if ctx.space.finetune.qat else plan)
+        metrics = finetune_and_measure(model, data, ctx, quantize=None if ctx.space.finetune.qat else plan, plan=plan)
         metrics["compress_s"] = compress_s
         metrics.update(predicted)
         metrics["ratio"] = ctx.reference["size_bytes"] / metrics["size_bytes"]

@@ -1,4 +1,5 @@
-"""Plots of a search: accuracy versus size as a PNG (matplotlib) and an interactive HTML (plotly)."""
+"""Plots of a search: accuracy versus size (or predicted ONNX Runtime latency) as a PNG (matplotlib) and
+accuracy versus size as an interactive HTML (plotly)."""
 
 from __future__ import annotations
 
@@ -18,9 +19,16 @@ def _split(trials: Sequence[TrialRecord], front: Sequence[TrialRecord]):
     return feasible, infeasible
 
 
+# x axis of the PNG: figure -> (divisor, label, log scale, the limit drawn as a vertical line)
+X_AXES = {"size_bytes": (1e3, "size (KB, log scale)", True, "max_size"),
+          "ort_latency_ms": (1.0, "ONNX Runtime latency, batch 1 (ms, predicted from measured layers)", False,
+                             "max_latency_ms")}
+
+
 def plot_png(path: Path, trials: Sequence[TrialRecord], front: Sequence[TrialRecord], reference: Mapping[str, Any],
-             limits: Mapping[str, float | None], title: str) -> None:
-    """Static plot (Agg backend, no pyplot state: safe from the tracker's thread)."""
+             limits: Mapping[str, float | None], title: str, x: str = "size_bytes") -> None:
+    """Static plot of accuracy against `x` (a key of X_AXES; Agg backend, no pyplot state: safe from
+    the tracker's thread)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -28,29 +36,30 @@ def plot_png(path: Path, trials: Sequence[TrialRecord], front: Sequence[TrialRec
     fig = Figure(figsize=(7, 4.5), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    kb = 1e3
+    kb, xlabel, log, limit = X_AXES[x]
     if infeasible:
-        ax.scatter([t.figures["size_bytes"] / kb for t in infeasible], [t.figures["accuracy"] * 100 for t in infeasible],
+        ax.scatter([t.figures[x] / kb for t in infeasible], [t.figures["accuracy"] * 100 for t in infeasible],
                    marker="x", color="0.6", label="infeasible")
     if feasible:
-        ax.scatter([t.figures["size_bytes"] / kb for t in feasible], [t.figures["accuracy"] * 100 for t in feasible],
+        ax.scatter([t.figures[x] / kb for t in feasible], [t.figures["accuracy"] * 100 for t in feasible],
                    color="tab:blue", alpha=0.6, label="feasible")
     if front:
-        xs = [t.figures["size_bytes"] / kb for t in front]
+        xs = [t.figures[x] / kb for t in front]
         ys = [t.figures["accuracy"] * 100 for t in front]
         ax.step(xs, ys, where="post", color="tab:red", alpha=0.5)
         ax.scatter(xs, ys, color="tab:red", zorder=3, label="Pareto front")
-        for t, x, y in zip(front, xs, ys):
-            ax.annotate(str(t.number), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.scatter([reference["size_bytes"] / kb], [reference["accuracy"] * 100], marker="*", s=150, color="black",
+        for t, px, py in zip(front, xs, ys):
+            ax.annotate(str(t.number), (px, py), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.scatter([reference[x] / kb], [reference["accuracy"] * 100], marker="*", s=150, color="black",
                label="uncompressed (same fine-tune)")
-    if limits.get("max_size"):
-        ax.axvline(limits["max_size"] / kb, color="tab:orange", linestyle="--", label="max size")
+    if limits.get(limit):
+        ax.axvline(limits[limit] / kb, color="tab:orange", linestyle="--", label=limit.replace("_", " "))
     if limits.get("max_drop") is not None:
         ax.axhline(reference["accuracy"] * 100 - limits["max_drop"], color="tab:green", linestyle="--",
                    label="max drop")
-    ax.set_xscale("log")
-    ax.set_xlabel("size (KB, log scale)")
+    if log:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("validation accuracy (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)

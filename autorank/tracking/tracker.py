@@ -268,6 +268,12 @@ class SearchTracker:
         if plots:
             title = f"{self.run_name}: {sum(1 for r in records if r.counted)} trials, {len(front)} on the front"
             plot_png(self.out_dir / "pareto.png", records, front, self.reference, self.limits, title)
+            if "ort_latency_ms" in self.reference:  # the search measured deployment latency: accuracy vs it
+                fast = pareto_front(records, ["accuracy", "ort_latency_ms"])
+                plot_png(self.out_dir / "latency.png", records, fast, self.reference, self.limits,
+                         f"{self.run_name}: accuracy vs ONNX Runtime latency, {len(fast)} on that front",
+                         x="ort_latency_ms")
+                names.append("latency.png")
             plotly_js = plot_html(self.out_dir / "pareto.html", records, front, self.reference, title, self.parent_id)
             self._plotted_front, self._plotted_at = tuple(t.number for t in front), time.monotonic()
             names += ["pareto.png", "pareto.html"]

@@ -112,3 +112,22 @@ def test_a_resnet56_sized_table_gets_plans_within_budget_that_improve_with_budge
         assert predicted.size_bytes <= table.model_bytes // ratio
         drops.append(predicted.drop)
     assert drops[0] >= drops[1] >= drops[2]
+
+
+def test_a_latency_budget_is_met_by_the_allocated_plan(digits_table, digits_cnn, digits, tmp_path):
+    """Measured ONNX Runtime costs (engine latency table) as a third budget row of the knapsack."""
+    from autorank.engine.latency import LatencyTable
+
+    timings = LatencyTable(digits_cnn, digits.input_shape, tmp_path / "latency.json", model_key="digits_cnn",
+                           threads=1, batch_size=8, seconds=0.005, runs=3)
+    costs, fixed = timings.candidate_costs(digits_table)
+    fastest = fixed + sum(min(ms) for ms in costs.values())
+    loose = timings.predict(allocate(digits_table, ratio=1.0)).b1_ms
+    assert loose > fastest  # the size budget alone does not pick the fastest plan
+    limit = (loose + fastest) / 2
+    plan = allocate(digits_table, ratio=1.0, max_latency_ms=limit, latency=(costs, fixed))
+    assert timings.predict(plan).b1_ms <= limit + 1e-9
+    with pytest.raises(AutorankError, match=r"latency budget .* below the fastest plan the table reaches"):
+        allocate(digits_table, ratio=1.0, max_latency_ms=fastest * 0.9, latency=(costs, fixed))
+    with pytest.raises(AutorankError, match="needs the candidates' measured latencies"):
+        allocate(digits_table, ratio=1.0, max_latency_ms=limit)

@@ -7,7 +7,7 @@ import onnx
 import torch
 from torch import nn
 
-from autorank.export.graph import onnx_session, to_onnx
+from autorank.engine.deploy import onnx_session, to_onnx
 
 
 def _chain_model() -> nn.Module:

@@ -14,9 +14,9 @@ from torch import nn
 from autorank.compression import LayerPlan, Plan, compress, make_plan
 from autorank.export import ExportResult, export_model
 from autorank.export.api import write_onnx
-from autorank.export.graph import onnx_session
+from autorank.engine.deploy import onnx_session
 from autorank.export.verify import onnx_accuracy
-from autorank.export.graph import INPUT_NAME
+from autorank.engine.deploy import INPUT_NAME
 from autorank.export.verify import sample_batches
 from autorank.models import create_model
 from tests.conftest import CIFAR_MODELS
@@ -70,7 +70,7 @@ def test_tucker2_int8_file_computes_the_same_on_an_avx2_cpu_without_vnni(tucker2
     path = tucker2_int8.path
     here = onnx_session(path, 1).run(None, {INPUT_NAME: images})[0]
     there = np.asarray(run_on_avx2(
-        "import json, numpy as np; from autorank.export.graph import INPUT_NAME, onnx_session; "
+        "import json, numpy as np; from autorank.engine.deploy import INPUT_NAME, onnx_session; "
         f"x = np.load({str(tmp_path / 'images.npy')!r}); "
         f"y = onnx_session({str(path)!r}, 1).run(None, {{INPUT_NAME: x}})[0]; print(json.dumps(y.tolist()))"),
         np.float32)
@@ -104,3 +104,27 @@ def test_cp_int8_needs_stabilisation(resnet20, cifar, tmp_path, stabilize, max_l
         assert fp32 - int8 <= max_loss
     if min_loss is not None:
         assert fp32 - int8 >= min_loss
+
+
+def test_tucker2_int8_runs_every_quantized_conv_as_an_integer_kernel(tucker2_int8, tmp_path):
+    """ONNX Runtime's optimised graph (ORT_ENABLE_ALL, saved) has one QLinearConv per int8 conv of the
+    file, chain factors included, and float Conv nodes only for the layers the plan keeps in float."""
+    import collections
+
+    import onnx
+    import onnxruntime as ort
+
+    written = onnx.load_model(tucker2_int8.path)
+    producers = {out: node.op_type for node in written.graph.node for out in node.output}
+    convs = [node for node in written.graph.node if node.op_type == "Conv"]
+    integer = sum(producers.get(node.input[1]) == "DequantizeLinear" for node in convs)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(tucker2_int8.path), options, providers=["CPUExecutionProvider"])
+    ops = collections.Counter(node.op_type for node in onnx.load_model(tmp_path / "optimized.onnx").graph.node)
+    print(f"optimised graph: {dict(ops)}; {integer} int8 convs of {len(convs)}")
+    assert integer >= 50  # 18 decomposed layers, Tucker-2 chains of up to 3 convs
+    assert ops["QLinearConv"] == integer
+    assert ops["Conv"] + ops["FusedConv"] == len(convs) - integer

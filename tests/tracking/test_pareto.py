@@ -54,3 +54,20 @@ def test_record_survives_the_json_a_ray_worker_sends(tmp_path):
     assert back == record and isinstance(back.directory, Path) and not back.feasible
     failed = TrialRecord(number=8, state="failed", params={"all.conv.method": "cp"}, reason="TrialDiverged: nan")
     assert TrialRecord.from_json(failed.to_json()) == failed
+
+
+def test_accuracy_vs_latency_plot_draws_the_latency_front_and_limit(tmp_path):
+    """The tracker's latency.png: accuracy against predicted ONNX Runtime latency, with its own front."""
+    from matplotlib.image import imread
+
+    from autorank.tracking.plots import plot_png
+
+    trials = [rec(n, acc, 5000 + n) for n, acc in enumerate((0.80, 0.85, 0.70, 0.88))]
+    for t, ms in zip(trials, (0.20, 0.35, 0.30, 0.50)):
+        t.metrics["ort_latency_ms"] = ms
+    front = pareto_front(trials, ["accuracy", "ort_latency_ms"])
+    assert [t.number for t in front] == [0, 1, 3]  # trial 2 is slower and less accurate than trial 0
+    path = tmp_path / "latency.png"
+    plot_png(path, trials, front, {"accuracy": 0.9, "ort_latency_ms": 0.6}, {"max_latency_ms": 0.4, "max_drop": 5.0},
+             "latency", x="ort_latency_ms")
+    assert imread(path).shape == (450, 700, 4)

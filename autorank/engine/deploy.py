@@ -1,5 +1,8 @@
 """PyTorch → one self-contained fp32 ONNX file whose compute nodes are named after their modules.
 
+Engine level, below search and export: the search times lowered models (`engine.latency`) and export
+writes them.
+
 Exporter choice: the dynamo exporter (`torch.onnx.export(dynamo=True)`), the default and the maintained
 path in torch 2.x (the TorchScript exporter is deprecated and names nodes by scope strings only).
 `external_data=False` embeds the weights, so the `.onnx` is one file that can be copied, logged to
@@ -57,11 +60,13 @@ def onnx_session(path: str | Path, threads: int | None = None) -> ort.InferenceS
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def to_onnx(model: nn.Module, input_shape: tuple[int, ...], path: str | Path) -> dict[str, list[str]]:
+def to_onnx(model: nn.Module, input_shape: tuple[int, ...], path: str | Path,
+            folded: dict[str, str] | None = None) -> dict[str, list[str]]:
     """Export `model` (eval mode, fp32, CPU) to the single file `path` with a dynamic batch axis.
 
     Returns module path → ONNX node names of the compute nodes (`{"layer1.0.conv1.0": [...]}`),
-    which is what the int8 quantizer's `nodes_to_exclude` needs to honour a plan.
+    which is what the int8 quantizer's `nodes_to_exclude` needs to honour a plan. `folded`, if
+    given, receives conv module path → the module path of the BatchNorm folded into it.
     """
     model = model.eval().to("cpu", torch.float32)
     example = torch.zeros(2, *input_shape)
@@ -80,6 +85,9 @@ def to_onnx(model: nn.Module, input_shape: tuple[int, ...], path: str | Path) ->
                 for user, _ in output.uses():
                     if user.op_type == "BatchNormalization":
                         user.metadata_props[MODULE_KEY] = module_path
+                        bn_path = _module_path(user.metadata_props.get(SCOPES_KEY))
+                        if folded is not None and bn_path:
+                            folded[module_path] = bn_path
     program.optimize()
     seen: Counter[str] = Counter()
     mapping: dict[str, list[str]] = {}

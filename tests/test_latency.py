@@ -1,0 +1,70 @@
+"""The measured ONNX Runtime latency table: each layer configuration is timed once, and int8 blocks
+run as integer kernels as in the exported file."""
+
+from __future__ import annotations
+
+import collections
+
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from autorank.compression import LayerPlan, Plan
+from autorank.compression.methods import build_chain
+from autorank.engine.latency import LatencyTable, block_graph
+from autorank.models.cifar_resnet import CifarResNet
+
+
+@pytest.fixture(scope="module")
+def resnet20() -> CifarResNet:
+    return CifarResNet(3).eval()
+
+
+def _cnn() -> nn.Module:
+    """Two conv blocks and a classifier: a fast whole-model export for the remainder."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+
+
+def _table(model, path, threads: int = 1) -> LatencyTable:
+    return LatencyTable(model, (3, 16, 16), path, model_key="cnn", threads=threads, batch_size=8,
+                        seconds=0.005, runs=3)
+
+
+def test_a_second_plan_with_the_same_layer_configurations_times_nothing_new(tmp_path):
+    path = tmp_path / "latency.json"
+    model = _cnn()
+    table = _table(model, path)
+    first = Plan({"3": LayerPlan("tucker2", [8, 8], "int8"), "8": LayerPlan("none", None, "int8")},
+                 activations="int8")
+    predicted = table.predict(first)
+    # every layer's fp32 block, the call overhead at each of the 3 layers' input shapes and the whole model
+    # (for the remainder), then the plan's two configurations
+    assert table.measured == len(table.layers) + 3 + 1 + 2
+    assert predicted.b1_ms > 0 and predicted.throughput > 0
+    timed = table.measured
+    second = Plan({"8": LayerPlan("none", None, "int8")}, activations="int8")
+    assert table.predict(second) != predicted
+    assert table.measured == timed  # its configurations are all in the table
+    reloaded = _table(model, path)  # another trial, another process: the JSON file
+    assert reloaded.predict(first) == predicted
+    assert reloaded.measured == 0
+    elsewhere = _table(model, path, threads=2)  # another thread count: measured afresh, not mixed in
+    elsewhere.predict(second)
+    assert elsewhere.measured == len(table.layers) + 3 + 1 + 1
+
+
+def test_an_int8_block_runs_every_conv_of_its_chain_as_qlinearconv(resnet20, tmp_path):
+    chain = list(build_chain(resnet20.get_submodule("layer2.1.conv2"), "tucker2", (12, 10)))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(block_graph(chain, "int8").SerializeToString(), options,
+                         providers=["CPUExecutionProvider"])
+    ops = collections.Counter(n.op_type for n in onnx.load_model(tmp_path / "optimized.onnx").graph.node)
+    assert ops["QLinearConv"] == 3
+    assert ops["Conv"] + ops["FusedConv"] == 0
