@@ -13,15 +13,28 @@ import sys
 from autorank.errors import AutorankError
 
 COMMAND_MODULES = ("engine", "compress", "search", "export", "ui", "demo", "cluster")
+# modules that import no torch: their commands (submit, jobs, logs, ...) parse and run without the others,
+# a few seconds instead of ten for a client polling a Ray cluster
+LIGHT_MODULES = ("cluster",)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Every command; given the `command` asked for and a light module registers it, only that module."""
+    if command is not None:
+        for name in LIGHT_MODULES:
+            parser, subparsers = _parser((name,))
+            if command in subparsers.choices:
+                return parser
+    return _parser(COMMAND_MODULES)[0]
+
+
+def _parser(modules: tuple[str, ...]) -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     parser = argparse.ArgumentParser(
         prog="autorank",
         description="Search per-layer decomposition, ranks and precision for a trained CNN.",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    for name in modules:
         try:
             module = importlib.import_module(f"autorank.cli.{name}")
         except ModuleNotFoundError as exc:  # a command module not written yet
@@ -29,11 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register(subparsers)
-    return parser
+    return parser, subparsers
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    given = sys.argv[1:] if argv is None else argv
+    args = build_parser(given[0] if given else None).parse_args(argv)
     try:
         result = args.handler(args)
     except AutorankError as exc:

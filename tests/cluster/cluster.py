@@ -76,6 +76,12 @@ class Node:
     def pids(self) -> list[int]:
         return session_pids(self.proc.pid)
 
+    def started(self) -> bool:
+        """`ray start` said its node is up (read from its log: no `ray list` process per poll)."""
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"{self.name} exited ({self.proc.returncode}):\n{self.log.read_text()[-3000:]}")
+        return "Ray runtime started." in self.log.read_text(errors="replace")
+
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Signal every process of the node, by process id."""
         for pid in self.pids():
@@ -124,7 +130,9 @@ class Cluster:
         path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
         bin_path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])  # `python`: ours
         return {**os.environ, "PYTHONPATH": path, "PATH": bin_path, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
-                "RAY_ADDRESS": self.address, "OMP_NUM_THREADS": "1", **extra}
+                "RAY_ADDRESS": self.address, "OMP_NUM_THREADS": "1",
+                # the head declares a lost node dead after 3 missed 1 s health checks (default 5 of 3 s)
+                "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3", **extra}
 
     def _start(self, name: str, args: list[str], namespace_setup: str | None = None) -> Node:
         """`ray start --block ARGS`; with `namespace_setup`, run in a private mount namespace after that shell."""
@@ -145,7 +153,7 @@ class Cluster:
             "--head", "--node-ip-address", "127.0.0.1", "--port", str(self.gcs_port), "--dashboard-host",
             "127.0.0.1", "--dashboard-port", str(self.dashboard_port), "--num-cpus", "1", "--num-gpus", "0",
             "--ray-client-server-port", str(free_port())])  # not the fixed 10001
-        self.wait(lambda: self.nodes() >= 1, 180, "the head node")
+        self.wait(self.head.started, 180, "the head node")
         self.start_worker()
         return self
 
@@ -156,7 +164,8 @@ class Cluster:
             "worker", ["--address", self.address, "--node-ip-address", "127.0.0.1", "--num-cpus", "2",
                        "--num-gpus", "0", "--resources", f'{{"{TRIAL_RESOURCE}": 2}}'],
             namespace_setup=f"mount -t tmpfs -o ro tmpfs {shlex.quote(str(self.driver_root))}")
-        self.wait(lambda: self.nodes() > alive, 120, "the worker node")
+        self.wait(self.worker.started, 120, "the worker node")
+        self.wait(lambda: self.nodes() > alive, 120, "the worker node to join")
 
     def kill_worker(self) -> None:
         """`kill -9` of every process of the worker node (a machine lost), until the head sees it dead."""
@@ -196,8 +205,8 @@ class Cluster:
         while time.monotonic() < deadline:
             if condition():
                 return
-            time.sleep(1)
-        raise RuntimeError(f"timed out starting {what}")
+            time.sleep(0.25)
+        raise RuntimeError(f"timed out waiting for {what}")
 
     def stop(self) -> None:
         for node in (self.worker, self.head):
