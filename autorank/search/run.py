@@ -26,7 +26,7 @@ from autorank.engine.latency import LatencyTable, default_path
 from autorank.errors import AutorankError
 from autorank.models import create_model
 from autorank.records import ORT_FIGURES, WEIGHTS_FILE, SearchCallback, SearchStart, TrialRecord, pareto_front
-from autorank.search.executors import EXECUTORS, parse_resources, ray_session, run_local, run_ray, tell
+from autorank.search.executors import EXECUTORS, custom_resources, parse_resources, ray_session, run_local, run_ray, tell
 from autorank.search.final import run_final
 from autorank.search.results import SEARCH_FILE, best_trial, load_search, read_info, storage_for
 from autorank.search.screening import run_screened
@@ -185,6 +185,11 @@ def _prepare(space: SearchSpace | str | Path | None, model_name: str | None, wei
         raise AutorankError(f"unknown executor {executor!r}: choose from {', '.join(EXECUTORS)}")
     if max_concurrent < 1:
         raise AutorankError(f"--max-concurrent must be >= 1, got {max_concurrent}")
+    custom = sorted(custom_resources(trial_resources or {}))
+    if custom and (executor != "ray" or ray_address is None):
+        # only nodes started with `ray start --resources` declare them: without a cluster no trial would ever start
+        raise AutorankError(f"--trial-resources names custom Ray resources ({', '.join(custom)}) that only the nodes "
+                            "of a Ray cluster declare: pass --executor ray --ray-address ADDRESS")
     return _Run(out=out, space=space, model_name=model_name, weights=weights, data_spec=data_spec, trials=trials,
                 time_budget=time_budget, executor=executor, resources=trial_resources or parse_resources(None),
                 max_concurrent=max_concurrent, ray_address=ray_address, ray_storage=ray_storage, device=device,

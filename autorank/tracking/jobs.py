@@ -16,7 +16,8 @@ import shlex
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,9 +57,24 @@ def submit_search(address: str | None, search_args: Sequence[str], files: dict[s
         archive = ["python", "-m", "autorank.tracking.jobs", out, mlflow_uri, job_id]
         # the archive step runs whatever the search's outcome, and the job keeps the search's exit code
         entrypoint = f"{_shell(search)}; code=$?; {_shell(archive)}; exit $code"
-        client.submit_job(entrypoint=entrypoint, submission_id=job_id, runtime_env={"working_dir": folder},
-                          metadata={"autorank.out": out, "autorank.mlflow_uri": mlflow_uri})
+        _submit_when_an_agent_is_up(lambda: client.submit_job(
+            entrypoint=entrypoint, submission_id=job_id, runtime_env={"working_dir": folder},
+            metadata={"autorank.out": out, "autorank.mlflow_uri": mlflow_uri}))
     return job_id
+
+
+def _submit_when_an_agent_is_up(submit: Callable[[], Any], wait_s: float = 120.0) -> None:
+    """Ray's job server answers "No available agent to submit job, please try again later" while the
+    nodes' dashboard agents (re)register, e.g. just after a node joined or died: retry for `wait_s`."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            submit()
+            return
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(2.0)
 
 
 def _shell(argv: Sequence[str]) -> str:
