@@ -152,7 +152,11 @@ class Cluster:
         self.head = self._start("head", [
             "--head", "--node-ip-address", "127.0.0.1", "--port", str(self.gcs_port), "--dashboard-host",
             "127.0.0.1", "--dashboard-port", str(self.dashboard_port), "--num-cpus", "1", "--num-gpus", "0",
-            "--ray-client-server-port", str(free_port())])  # not the fixed 10001
+            "--ray-client-server-port", str(free_port()),  # not the fixed 10001
+            # each node's agent on its own port, not Ray's fixed 52365: the job server submits through the head's
+            # agent, and a second cluster on the machine (or the worker node) holding 52365 left it without one
+            # ("No available agent to submit job")
+            "--dashboard-agent-listen-port", str(free_port())])
         self.wait(self.head.started, 180, "the head node")
         self.start_worker()
         return self
@@ -162,7 +166,8 @@ class Cluster:
         alive = self.nodes()
         self.worker = self._start(
             "worker", ["--address", self.address, "--node-ip-address", "127.0.0.1", "--num-cpus", "2",
-                       "--num-gpus", "0", "--resources", f'{{"{TRIAL_RESOURCE}": 2}}'],
+                       "--num-gpus", "0", "--resources", f'{{"{TRIAL_RESOURCE}": 2}}',
+                       "--dashboard-agent-listen-port", str(free_port())],
             namespace_setup=f"mount -t tmpfs -o ro tmpfs {shlex.quote(str(self.driver_root))}")
         self.wait(self.worker.started, 120, "the worker node")
         self.wait(lambda: self.nodes() > alive, 120, "the worker node to join")

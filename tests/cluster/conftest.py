@@ -24,3 +24,16 @@ def cluster(tmp_path_factory) -> Cluster:
         yield running.start()
     finally:
         running.stop()
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """The tests that kill a node run after the other cluster tests, so that each of the others starts
+    on a cluster that has never lost a node (what they check does not depend on an earlier test's kill)."""
+    cluster = [i for i, item in enumerate(items) if item.path.parent.name == "cluster" and item.path.parent.parent.name == "tests"]
+    if not cluster:
+        return
+    group = [items[i] for i in cluster]
+    ordered = [item for item in group if item.path.name != "test_cluster_failures.py"] + \
+              [item for item in group if item.path.name == "test_cluster_failures.py"]
+    for index, item in zip(cluster, ordered):
+        items[index] = item
