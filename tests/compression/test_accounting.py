@@ -43,14 +43,16 @@ def test_compressed_mixed_precision_network_by_hand():
     # conv "0" at int4 behind an activation quantizer: 216 weights at 4 bits + 8 fp32 scales, fp32 bias
     assert layers["0.1"].size_bytes == 108 + 8 * 4 + 8 * 4 and layers["0.1"].precision == "int4"
     assert layers["0.0"].size_bytes == 5  # activation scale (fp32) + zero point (int8)
-    # Tucker-2 chain 8 -> 4 -> 6 -> 16 at int8 (activation quantizers at "3.0", "3.2", "3.4")
+    # Tucker-2 chain 8 -> 4 -> 6 -> 16 at int8 (activation quantizers at "3.0", "3.2", "3.4"); its output
+    # feeds a float avgpool, so it gets an output quantizer "3.6" too (ONNX Runtime's QLinearConv needs one)
+    assert layers["3.6"].size_bytes == 5 and layers["3.6"].kind == "ActivationFakeQuant"
     assert layers["3.1"].size_bytes == 32 + 4 * 4 and layers["3.1"].macs == (4 * 8 * 8) * 8
     assert layers["3.3"].size_bytes == 216 + 6 * 4 and layers["3.3"].macs == (6 * 4 * 4) * (4 * 9)
     assert layers["3.5"].size_bytes == 96 + 16 * 4 and layers["3.5"].macs == (16 * 4 * 4) * 6
     # linear at fp16, weight and bias
     assert layers["6"].size_bytes == (160 + 10) * 2 and layers["6"].precision == "fp16"
     assert prof.params == 224 + 16 + (32 + 216 + 96) + 170 == sum(p.numel() for p in compressed.parameters())
-    assert prof.size_bytes == (172 + 5) + 64 + (48 + 240 + 160 + 3 * 5) + 340
+    assert prof.size_bytes == (172 + 5) + 64 + (48 + 240 + 160 + 4 * 5) + 340
     assert prof.macs == 13824 + 2048 + 3456 + 1536 + 160
 
 
