@@ -35,13 +35,7 @@ def _parser(modules: tuple[str, ...]) -> tuple[argparse.ArgumentParser, argparse
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in modules:
-        try:
-            module = importlib.import_module(f"autorank.cli.{name}")
-        except ModuleNotFoundError as exc:  # a command module not written yet
-            if exc.name == f"autorank.cli.{name}":
-                continue
-            raise
-        module.register(subparsers)
+        importlib.import_module(f"autorank.cli.{name}").register(subparsers)
     return parser, subparsers
 
 
