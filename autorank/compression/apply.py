@@ -122,6 +122,8 @@ def _output_quant_sites(model: nn.Module, plan: Plan) -> dict[str, str]:
         if len(users) == 1 and isinstance(module(users[0]), nn.BatchNorm2d):
             out = users[0]
             site = out.target
+        if any(user.op == "output" for user in out.users):  # the model's output: the file keeps it float
+            continue
         consumers, frontier = [], list(out.users)
         while frontier:
             user = frontier.pop()
@@ -151,7 +153,7 @@ def _decomposed(name: str, layer: nn.Module, lp: LayerPlan, n_iter_max: int, see
 def compress(model: nn.Module, plan: Plan, *, calibration: Iterable[Tensor] | None = None,
              decompose: bool = True, observer: str = "minmax", n_iter_max: int = 100,
              seed: int = 0, fit: Iterable[Tensor] | None = None, fit_mode: str = "als",
-             factors: dict | None = None) -> nn.Module:
+             factors: dict | None = None, output_quant: bool = True) -> nn.Module:
     """A new model with `plan` applied; `model` is left untouched.
 
     Decomposed layers become nn.Sequential chains of plain Conv2d/Linear; layers at fp16/int8/int4 get
@@ -162,11 +164,12 @@ def compress(model: nn.Module, plan: Plan, *, calibration: Iterable[Tensor] | No
     saved state_dict of a compressed model. `fit`: calibration images to which every decomposed chain
     is then fitted (data-aware, see `fit.fit_chains`; `fit_mode` als | pair | last). `factors`: a cache of
     weight-space chains shared by calls on the same `model` (a search's trials), see `_decomposed`.
+    `output_quant=False` leaves out the output quantizers (the structure of weights saved before them).
     """
     if fit_mode not in FIT_MODES:
         raise AutorankError(f"fit mode {fit_mode!r}: choose from {', '.join(FIT_MODES)}")
     resolved = resolve_plan(model, plan)
-    sites = _output_quant_sites(model, resolved)
+    sites = _output_quant_sites(model, resolved) if output_quant else {}
     compressed = copy.deepcopy(model)
     for name, lp in resolved.layers.items():
         layer = compressed.get_submodule(name)
@@ -195,6 +198,29 @@ def compress(model: nn.Module, plan: Plan, *, calibration: Iterable[Tensor] | No
     if calibration is not None:
         calibrate(compressed, calibration, observer)
     return compressed
+
+
+def load_compressed(model: nn.Module, plan: Plan, state: dict[str, Tensor]) -> nn.Module:
+    """`model` compressed by `plan` holding `state`, a saved state_dict of such a model.
+
+    Weights saved before int8 convs got output quantizers (searches and exports of older versions)
+    have no entries for them: they load into that older structure, which computes what they were
+    trained as (those convs then run in float in ONNX Runtime). RuntimeError if neither fits.
+    """
+    compressed = compress(model, plan, decompose=False)
+    try:
+        compressed.load_state_dict(state)
+        return compressed
+    except RuntimeError as exc:
+        if not _output_quant_sites(model, resolve_plan(model, plan)):
+            raise
+        error = exc
+    older = compress(model, plan, decompose=False, output_quant=False)
+    try:
+        older.load_state_dict(state)
+    except RuntimeError:
+        raise error from None
+    return older
 
 
 def _probe_error(layer: nn.Module, chain: nn.Module, seed: int) -> float:

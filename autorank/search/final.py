@@ -26,7 +26,7 @@ import optuna
 import torch
 
 from autorank import engine
-from autorank.compression import Plan, compress
+from autorank.compression import Plan, load_compressed
 from autorank.data import Dataset
 from autorank.records import FINAL_WEIGHTS_FILE, WEIGHTS_FILE, TrialRecord, pareto_front
 from autorank.search.results import FINAL_ATTR, FINAL_FILE, FINAL_REFERENCE_ATTR, PLAN_FILE
@@ -57,8 +57,8 @@ def finalize_trial(ctx: TrialContext, data: Dataset, record: TrialRecord, refere
     folder = record.directory
     try:
         plan = Plan.from_json((folder / PLAN_FILE).read_text())
-        model = compress(ctx.model, plan, decompose=False)
-        model.load_state_dict(torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True))
+        model = load_compressed(ctx.model, plan, torch.load(folder / WEIGHTS_FILE, map_location="cpu",
+                                                             weights_only=True))
         metrics = finetune_and_measure(model, data, ctx, steps=ctx.space.final.steps, plan=plan)
         metrics["ratio"] = reference["size_bytes"] / metrics["size_bytes"]
         metrics["drop_points"] = (reference["accuracy"] - metrics["accuracy"]) * 100

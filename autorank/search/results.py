@@ -209,7 +209,7 @@ def rebuild_trial(search_dir: str | Path, *, trial: int | None = None, max_size:
     # torch and the pipeline only from here: reading a search (`autorank best`) stays light
     import torch
 
-    from autorank.compression import Plan, compress
+    from autorank.compression import Plan, load_compressed
     from autorank.data import load_data
     from autorank.models import create_model
 
@@ -217,10 +217,9 @@ def rebuild_trial(search_dir: str | Path, *, trial: int | None = None, max_size:
     data = load_data(info["data"], seed=search.space.seed)
     pretrained = create_model(info["model"], data, info["weights"]).eval()
     plan = Plan.from_json((record.directory / PLAN_FILE).read_text())
-    model = compress(pretrained, plan, decompose=False)
     state = torch.load(record.weights, map_location="cpu", weights_only=True)
     try:
-        model.load_state_dict(state)
+        model = load_compressed(pretrained, plan, state)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
         raise AutorankError(f"trial {record.number}'s weights do not fit its plan: {first}") from None
