@@ -27,6 +27,12 @@ X_AXES = {"size_bytes": (1e3, "size (KB, log scale)", True, "max_size"),
 
 def plot_png(path: Path, trials: Sequence[TrialRecord], front: Sequence[TrialRecord], reference: Mapping[str, Any],
              limits: Mapping[str, float | None], title: str, x: str = "size_bytes") -> None:
+    """`accuracy_figure` written to `path`."""
+    accuracy_figure(trials, front, reference, limits, title, x).savefig(path)
+
+
+def accuracy_figure(trials: Sequence[TrialRecord], front: Sequence[TrialRecord], reference: Mapping[str, Any],
+                    limits: Mapping[str, float | None], title: str, x: str = "size_bytes"):
     """Static plot of accuracy against `x` (a key of X_AXES; Agg backend, no pyplot state: safe from
     the tracker's thread)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -65,7 +71,7 @@ def plot_png(path: Path, trials: Sequence[TrialRecord], front: Sequence[TrialRec
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path)
+    return fig
 
 
 def plotly_js_name() -> str:

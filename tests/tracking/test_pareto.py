@@ -60,14 +60,23 @@ def test_accuracy_vs_latency_plot_draws_the_latency_front_and_limit(tmp_path):
     """The tracker's latency.png: accuracy against predicted ONNX Runtime latency, with its own front."""
     from matplotlib.image import imread
 
-    from autorank.tracking.plots import plot_png
+    from autorank.tracking.plots import accuracy_figure, plot_png
 
     trials = [rec(n, acc, 5000 + n) for n, acc in enumerate((0.80, 0.85, 0.70, 0.88))]
     for t, ms in zip(trials, (0.20, 0.35, 0.30, 0.50)):
         t.metrics["ort_latency_ms"] = ms
     front = pareto_front(trials, ["accuracy", "ort_latency_ms"])
     assert [t.number for t in front] == [0, 1, 3]  # trial 2 is slower and less accurate than trial 0
+    args = (trials, front, {"accuracy": 0.9, "ort_latency_ms": 0.6}, {"max_latency_ms": 0.4, "max_drop": 5.0},
+            "latency")
+    ax = accuracy_figure(*args, x="ort_latency_ms").axes[0]
+    drawn = {c.get_label(): c.get_offsets().data.tolist() for c in ax.collections}
+    assert drawn["Pareto front"] == [[0.20, 80.0], [0.35, 85.0], [0.50, 88.0]]
+    assert drawn["uncompressed (same fine-tune)"] == [[0.6, 90.0]]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert list(lines["max latency ms"].get_xdata()) == [0.4, 0.4]
+    assert list(lines["max drop"].get_ydata()) == [85.0, 85.0]
+    assert not ax.get_xscale() == "log" and "latency" in ax.get_xlabel()
     path = tmp_path / "latency.png"
-    plot_png(path, trials, front, {"accuracy": 0.9, "ort_latency_ms": 0.6}, {"max_latency_ms": 0.4, "max_drop": 5.0},
-             "latency", x="ort_latency_ms")
+    plot_png(path, *args, x="ort_latency_ms")
     assert imread(path).shape == (450, 700, 4)
