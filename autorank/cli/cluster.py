@@ -29,8 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     submit.add_argument("--weights", help="pretrained checkpoint: a local file (sent with the job), a URL, or a "
                                           "path on the head")
     submit.add_argument("--data", required=True, help="digits | cifar10[:ROOT] | imagefolder:PATH (paths on the head)")
-    submit.add_argument("--out", help="the search folder on the head or shared storage "
-                                      "(default $HOME/autorank-jobs/JOB on the head)")
+    submit.add_argument("--out", help="the search folder on the head or shared storage: an absolute path or "
+                                      "$HOME/... there (default $HOME/autorank-jobs/JOB)")
     submit.add_argument("--trials", type=int, help="number of finished trials (overrides the YAML)")
     submit.add_argument("--time-budget", help="wall-clock budget such as 30m, 2h (overrides the YAML)")
     submit.add_argument("--trial-resources", help="Ray resources per trial, e.g. cpu=2,gpu=0.5")

@@ -18,7 +18,7 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from autorank.errors import AutorankError
@@ -44,7 +44,10 @@ def submit_search(address: str | None, search_args: Sequence[str], files: dict[s
                   mlflow_uri: str, job_id: str) -> str:
     """Start a search as a Ray job; returns its id. `search_args`: `autorank search` arguments naming the
     `files` (name in the working directory -> local file) by their names; `out`: the search folder on
-    the head or shared storage ($HOME expands there)."""
+    the head or shared storage, absolute or $HOME/... (expanded there)."""
+    if not (PurePosixPath(out).is_absolute() or out.startswith("$HOME/")):
+        # a relative folder would resolve inside the job's working directory, Ray's temporary copy
+        raise AutorankError(f"--out must be an absolute path on the head or $HOME/..., got {out!r}")
     if not mlflow_uri.startswith(("http://", "https://")):
         raise AutorankError(f"--mlflow-uri must be a tracking server every node reaches (autorank server), "
                             f"got {mlflow_uri!r}")
