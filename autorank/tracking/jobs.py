@@ -10,6 +10,7 @@ it back to any machine that reaches the server. The Job API speaks HTTP to the h
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -17,7 +18,7 @@ import shutil
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -37,7 +38,23 @@ def job_client(address: str | None) -> Any:
         return JobSubmissionClient(address)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         raise AutorankError(f"cannot reach the Ray job server at {address or os.environ.get('RAY_ADDRESS')}: "
-                            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+                            f"{_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+@contextlib.contextmanager
+def _job_server() -> Iterator[None]:
+    """The Job API's refusals (a duplicate job id, a working directory over Ray's size limit, a wrong
+    token) and its lost connections, as one-line errors rather than tracebacks."""
+    from ray.exceptions import RayError
+
+    try:
+        yield
+    except (RuntimeError, ValueError, OSError, RayError) as exc:
+        raise AutorankError(f"Ray job server: {_first_line(exc)}") from None
 
 
 def submit_search(address: str | None, search_args: Sequence[str], files: dict[str, Path], *, out: str,
@@ -72,9 +89,10 @@ def _submit_when_an_agent_is_up(submit: Callable[[], Any], wait_s: float = 120.0
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            submit()
+            with _job_server():
+                submit()
             return
-        except RuntimeError as exc:
+        except AutorankError as exc:
             if "No available agent" not in str(exc) or time.monotonic() > deadline:
                 raise
             time.sleep(2.0)
@@ -87,7 +105,9 @@ def _shell(argv: Sequence[str]) -> str:
 
 def list_jobs(address: str | None) -> list[dict[str, Any]]:
     """The cluster's jobs, oldest first: id, status, start time, entrypoint."""
-    jobs = job_client(address).list_jobs()
+    client = job_client(address)
+    with _job_server():
+        jobs = client.list_jobs()
     rows = [{"job": j.submission_id or j.job_id, "status": str(j.status.value if hasattr(j.status, "value") else j.status),
              "start": j.start_time, "end": j.end_time, "message": j.message, "entrypoint": j.entrypoint,
              "metadata": dict(j.metadata or {})} for j in jobs]
@@ -103,13 +123,17 @@ def job_status(address: str | None, job_id: str) -> dict[str, Any]:
 
 def job_logs(address: str | None, job_id: str) -> str:
     job_status(address, job_id)
-    return job_client(address).get_job_logs(job_id)
+    client = job_client(address)
+    with _job_server():
+        return client.get_job_logs(job_id)
 
 
 def stop_job(address: str | None, job_id: str) -> bool:
     """Ask Ray to stop the job (SIGTERM to its entrypoint; the search is then resumable with --resume)."""
     job_status(address, job_id)
-    return bool(job_client(address).stop_job(job_id))
+    client = job_client(address)
+    with _job_server():
+        return bool(client.stop_job(job_id))
 
 
 def archive_search(out: Path, mlflow_uri: str, job_id: str) -> str:

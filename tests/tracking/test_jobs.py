@@ -73,3 +73,46 @@ def test_submit_takes_an_absolute_or_home_out(out, server):
     fake = server(FakeJobServer())
     assert jobs.submit_search(None, ["--config", "default"], {}, out=out, mlflow_uri=URI, job_id="j") == "j"
     assert fake.submitted[0]["metadata"]["autorank.out"] == out
+
+
+@pytest.mark.parametrize("error, shown", [
+    (RuntimeError("Request failed with status code 400: Job with submission_id j already exists. "
+                  "Please use a different submission_id.\nTraceback (most recent call last): ..."),
+     "Ray job server: Request failed with status code 400: Job with submission_id j already exists. "
+     "Please use a different submission_id."),
+    (ValueError("Package size (600.00MiB) exceeds the maximum size of 500.00MiB.\nTo exclude large files ..."),
+     "Ray job server: Package size (600.00MiB) exceeds the maximum size of 500.00MiB."),
+])
+def test_a_refused_submission_is_a_one_line_error(error, shown, server, capsys):
+    server(FakeJobServer({"submit_job": [error]}))
+    code = main(["submit", "--mlflow-uri", URI, "--config", "default", "--model", "small_cnn", "--data", "digits",
+                 "--job-id", "j"])
+    assert code == 2 and capsys.readouterr().err == f"autorank: error: {shown}\n"
+
+
+def test_submit_waits_for_an_agent_then_submits(server):
+    """Ray's "No available agent" (agents registering after a node joined) is retried, not an error."""
+    busy = RuntimeError("Request failed with status code 503: No available agent to submit job, please try again "
+                        "later.")
+    fake = server(FakeJobServer({"submit_job": [busy]}))
+    assert jobs.submit_search(None, [], {}, out="/srv/x", mlflow_uri=URI, job_id="j") == "j"
+    assert len(fake.submitted) == 1 and fake.fail["submit_job"] == []
+
+    def always_busy() -> None:
+        raise busy
+
+    with pytest.raises(AutorankError, match="^Ray job server: Request failed with status code 503: No available"):
+        jobs._submit_when_an_agent_is_up(always_busy, wait_s=0.0)
+
+
+@pytest.mark.parametrize("command, method", [(["jobs"], "list_jobs"), (["jobs", "job-1"], "list_jobs"),
+                                             (["logs", "job-1"], "get_job_logs"), (["stop", "job-1"], "stop_job")])
+def test_job_server_errors_of_jobs_logs_and_stop_are_one_line(command, method, server, capsys):
+    lost = ConnectionError("HTTPConnectionPool(host='head', port=8265): Max retries exceeded\nmore")
+    server(FakeJobServer({method: [lost]}))
+    assert main([*command, "--address", "http://head:8265"]) == 2
+    assert capsys.readouterr().err == ("autorank: error: Ray job server: HTTPConnectionPool(host='head', "
+                                       "port=8265): Max retries exceeded\n")
+    server(FakeJobServer({method: [RuntimeError("Request failed with status code 500: internal\ntrace")]}))
+    assert main([*command, "--address", "http://head:8265"]) == 2
+    assert capsys.readouterr().err == "autorank: error: Ray job server: Request failed with status code 500: internal\n"
