@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import posixpath
 import shlex
 import shutil
 import tarfile
@@ -58,10 +59,12 @@ def _job_server() -> Iterator[None]:
 
 
 def submit_search(address: str | None, search_args: Sequence[str], files: dict[str, Path], *, out: str,
-                  mlflow_uri: str, job_id: str) -> str:
+                  mlflow_uri: str, job_id: str, into_out: Sequence[str] = ()) -> str:
     """Start a search as a Ray job; returns its id. `search_args`: `autorank search` arguments naming the
     `files` (name in the working directory -> local file) by their names; `out`: the search folder on
-    the head or shared storage, absolute or $HOME/... (expanded there)."""
+    the head or shared storage, absolute or $HOME/... (expanded there). `into_out`: names of `files` the
+    job copies into `out` before the search starts (the arguments then name them `OUT/NAME`): a
+    checkpoint there outlives Ray's working directory and travels with the folder's archive."""
     if not (PurePosixPath(out).is_absolute() or out.startswith("$HOME/")):
         # a relative folder would resolve inside the job's working directory, Ray's temporary copy
         raise AutorankError(f"--out must be an absolute path on the head or $HOME/..., got {out!r}")
@@ -76,7 +79,7 @@ def submit_search(address: str | None, search_args: Sequence[str], files: dict[s
                   "--executor", "ray", "--ray-address", "auto", "--no-progress"]
         archive = ["python", "-m", "autorank.tracking.jobs", out, mlflow_uri, job_id]
         # the archive step runs whatever the search's outcome, and the job keeps the search's exit code
-        entrypoint = f"{_shell(search)}; code=$?; {_shell(archive)}; exit $code"
+        entrypoint = f"{_stage(out, into_out)}{_shell(search)}; code=$?; {_shell(archive)}; exit $code"
         _submit_when_an_agent_is_up(lambda: client.submit_job(
             entrypoint=entrypoint, submission_id=job_id, runtime_env={"working_dir": folder},
             metadata={"autorank.out": out, "autorank.mlflow_uri": mlflow_uri}))
@@ -96,6 +99,18 @@ def _submit_when_an_agent_is_up(submit: Callable[[], Any], wait_s: float = 120.0
             if "No available agent" not in str(exc) or time.monotonic() > deadline:
                 raise
             time.sleep(2.0)
+
+
+def _stage(out: str, names: Sequence[str]) -> str:
+    """The shell steps that copy working-directory files into the search folder ahead of the search
+    (`&&`-ended), unless the folder already holds a search: that one's files stay as they are, and the
+    search then refuses the folder."""
+    if not names:
+        return ""
+    made = _shell(["mkdir", "-p", out])
+    searched = _shell(["test", "-e", posixpath.join(out, SEARCH_FILE)])
+    copies = " && ".join(_shell(["cp", name, posixpath.join(out, name)]) for name in names)
+    return f"{made} && {{ {searched} || {{ {copies}; }}; }} && "
 
 
 def _shell(argv: Sequence[str]) -> str:
@@ -158,8 +173,9 @@ def archive_search(out: Path, mlflow_uri: str, job_id: str) -> str:
 
 
 def fetch_search(mlflow_uri: str, job_id: str, dest: Path, experiment: str = "autorank") -> Path:
-    """A job's search folder from the MLflow server into `dest` (new), its study pointed at the copy, so
-    `autorank best`, `export` and `search --resume` work on it here."""
+    """A job's search folder from the MLflow server into `dest` (new), its study and a checkpoint that
+    travelled in the folder (`submit_search`'s `into_out`) pointed at the copies, so `autorank best`,
+    `export` and `search --resume` work on it here."""
     from mlflow import MlflowClient
 
     if dest.exists() and any(dest.iterdir()):
@@ -179,7 +195,11 @@ def fetch_search(mlflow_uri: str, job_id: str, dest: Path, experiment: str = "au
     info = json.loads((dest / SEARCH_FILE).read_text())
     storage = info.get("storage", "")
     if storage.startswith("sqlite:///") and Path(storage.removeprefix("sqlite:///")).name == "study.db":
+        where = Path(storage.removeprefix("sqlite:///")).parent   # the folder the search ran in
         info["storage"] = f"sqlite:///{(dest / 'study.db').resolve()}"   # the study travelled with the folder
+        weights = Path(info["weights"]) if info.get("weights") else None
+        if weights is not None and weights.is_relative_to(where) and (dest / weights.relative_to(where)).is_file():
+            info["weights"] = str((dest / weights.relative_to(where)).resolve())   # and so did this checkpoint
     (dest / SEARCH_FILE).write_text(json.dumps(info, indent=2))
     return dest
 
