@@ -55,8 +55,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     logs.add_argument("--address", help=ADDRESS_HELP)
     logs.set_defaults(handler=run_logs_command)
 
-    stop = subparsers.add_parser("stop", help="stop a Ray job", description="Stop a running job (its search "
-                                 "resumes with `autorank search --resume --out OUT` on the head).")
+    stop = subparsers.add_parser(
+        "stop", help="stop a Ray job",
+        description="Stop a running job: SIGTERM to its search (and its archive step: nothing reaches `autorank "
+                    "fetch`). The search resumes on the head with `autorank search --resume --out OUT --executor "
+                    "ray --ray-address auto` plus the --trials, --time-budget, --trial-resources, --max-concurrent, "
+                    "--ray-storage and --device it was submitted with (search.json does not keep them); "
+                    "docs/CLUSTER.md.")
     stop.add_argument("job", help="the job's id")
     stop.add_argument("--address", help=ADDRESS_HELP)
     stop.set_defaults(handler=run_stop_command)

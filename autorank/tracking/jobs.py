@@ -144,7 +144,8 @@ def job_logs(address: str | None, job_id: str) -> str:
 
 
 def stop_job(address: str | None, job_id: str) -> bool:
-    """Ask Ray to stop the job (SIGTERM to its entrypoint; the search is then resumable with --resume)."""
+    """Ask Ray to stop the job: SIGTERM to its entrypoint's processes, the search and the archive step
+    alike (the search resumes by hand on the head, docs/CLUSTER.md)."""
     job_status(address, job_id)
     client = job_client(address)
     with _job_server():
