@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import posixpath
 import time
 from pathlib import Path
 
@@ -18,7 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     submit = subparsers.add_parser(
         "submit", help="run a search as a Ray job on a cluster's head (tracked in a shared MLflow server)",
         description="Submit `autorank search --executor ray` as a Ray job (Job Submission API): the search space "
-                    "YAML and a local --weights file travel in the job's working directory; trials run on the "
+                    "YAML and a local --weights file travel in the job's working directory (the job copies the "
+                    "weights into --out, which keeps them); trials run on the "
                     "cluster's workers, the study and the search folder (--out) stay on the head or shared "
                     "storage, MLflow records in --mlflow-uri. At its end the job archives the search folder in "
                     "MLflow, for `autorank fetch`. Prints the job id.")
@@ -29,8 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     submit.add_argument("--weights", help="pretrained checkpoint: a local file (sent with the job), a URL, or a "
                                           "path on the head")
     submit.add_argument("--data", required=True, help="digits | cifar10[:ROOT] | imagefolder:PATH (paths on the head)")
-    submit.add_argument("--out", help="the search folder on the head or shared storage "
-                                      "(default $HOME/autorank-jobs/JOB on the head)")
+    submit.add_argument("--out", help="the search folder on the head or shared storage: an absolute path or "
+                                      "$HOME/... there (default $HOME/autorank-jobs/JOB)")
     submit.add_argument("--trials", type=int, help="number of finished trials (overrides the YAML)")
     submit.add_argument("--time-budget", help="wall-clock budget such as 30m, 2h (overrides the YAML)")
     submit.add_argument("--trial-resources", help="Ray resources per trial, e.g. cpu=2,gpu=0.5")
@@ -53,8 +55,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     logs.add_argument("--address", help=ADDRESS_HELP)
     logs.set_defaults(handler=run_logs_command)
 
-    stop = subparsers.add_parser("stop", help="stop a Ray job", description="Stop a running job (its search "
-                                 "resumes with `autorank search --resume --out OUT` on the head).")
+    stop = subparsers.add_parser(
+        "stop", help="stop a Ray job",
+        description="Stop a running job: SIGTERM to its search (and its archive step: nothing reaches `autorank "
+                    "fetch`). The search resumes on the head with `autorank search --resume --out OUT --executor "
+                    "ray --ray-address auto` plus the --trials, --time-budget, --trial-resources, --max-concurrent, "
+                    "--ray-storage and --device it was submitted with (search.json does not keep them); "
+                    "docs/CLUSTER.md.")
     stop.add_argument("job", help="the job's id")
     stop.add_argument("--address", help=ADDRESS_HELP)
     stop.set_defaults(handler=run_stop_command)
@@ -82,23 +89,28 @@ def run_submit_command(args: argparse.Namespace) -> int:
         config = "space.yaml"
     elif config.endswith((".yaml", ".yml")):
         raise AutorankError(f"search space file not found: {config}")
+    from uuid import uuid4
+
+    job_id = args.job_id or f"autorank-{uuid4().hex[:12]}"
+    out = args.out or f"$HOME/autorank-jobs/{job_id}"
     search = ["--config", config, "--model", args.model, "--data", args.data]
+    into_out: list[str] = []
     if args.weights is not None:
         weights = Path(args.weights).expanduser()
         if weights.is_file():
-            files[f"weights{''.join(weights.suffixes)}"] = weights
-            search += ["--weights", f"weights{''.join(weights.suffixes)}"]
+            # the job copies it into the search folder: search.json names that copy, which outlives Ray's
+            # working directory and travels with the folder to `autorank fetch`
+            name = f"weights{''.join(weights.suffixes)}"
+            files[name], into_out = weights, [name]
+            search += ["--weights", posixpath.join(out, name)]
         else:
             search += ["--weights", args.weights]
     for flag in ("trials", "time_budget", "trial_resources", "max_concurrent", "ray_storage", "experiment", "device"):
         value = getattr(args, flag)
         if value is not None:
             search += [f"--{flag.replace('_', '-')}", str(value)]
-    from uuid import uuid4
-
-    job_id = args.job_id or f"autorank-{uuid4().hex[:12]}"
-    out = args.out or f"$HOME/autorank-jobs/{job_id}"
-    print(submit_search(args.address, search, files, out=out, mlflow_uri=args.mlflow_uri, job_id=job_id))
+    print(submit_search(args.address, search, files, out=out, mlflow_uri=args.mlflow_uri, job_id=job_id,
+                        into_out=into_out))
     return 0
 
 

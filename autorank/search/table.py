@@ -23,7 +23,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from autorank.compression import Candidate, SensitivityTable
@@ -31,6 +31,7 @@ from autorank.data import Dataset
 from autorank.engine.sensitivity import TableJob, measure_layer, plan_table
 from autorank.errors import AutorankError
 from autorank.search.allocation import table_choices
+from autorank.search.executors import custom_resources, trial_device
 from autorank.search.trial import TrialContext
 
 TABLE_FILE = "sensitivity.json"
@@ -170,12 +171,14 @@ def plot_sensitivity(path: Path, table: SensitivityTable) -> None:
 
 
 def _measure_task(job: TableJob, name: str) -> list[Candidate]:
-    """One layer's row in a Ray worker (threads as Ray granted them)."""
+    """One layer's row in a Ray worker (threads as Ray granted them), on the device a trial would use
+    there: `auto` is the GPU Ray assigned the task, or the CPU, never a GPU another task holds."""
+    import ray
     import torch
 
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     warnings.filterwarnings("ignore", category=UserWarning, module="tensorly")
-    return measure_layer(job, name)
+    return measure_layer(replace(job, device=trial_device(job.device, ray.get_gpu_ids())), name)
 
 
 def _measure_ray(job: TableJob, names: list[str], record: Record, resources: dict[str, float]) -> None:
@@ -183,9 +186,8 @@ def _measure_ray(job: TableJob, names: list[str], record: Record, resources: dic
     import ray
 
     shared = ray.put(job)
-    custom = {k: v for k, v in resources.items() if k not in ("cpu", "gpu") and v > 0}
     task = ray.remote(_measure_task).options(num_cpus=resources["cpu"], num_gpus=resources.get("gpu", 0.0),
-                                             resources=custom, max_retries=0)
+                                             resources=custom_resources(resources), max_retries=0)
     pending = {task.remote(shared, name): name for name in names}
     while pending:
         finished, _ = ray.wait(list(pending), num_returns=1)

@@ -10,15 +10,17 @@ it back to any machine that reaches the server. The Job API speaks HTTP to the h
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import posixpath
 import shlex
 import shutil
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from autorank.errors import AutorankError
@@ -37,14 +39,35 @@ def job_client(address: str | None) -> Any:
         return JobSubmissionClient(address)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         raise AutorankError(f"cannot reach the Ray job server at {address or os.environ.get('RAY_ADDRESS')}: "
-                            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+                            f"{_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+@contextlib.contextmanager
+def _job_server() -> Iterator[None]:
+    """The Job API's refusals (a duplicate job id, a working directory over Ray's size limit, a wrong
+    token) and its lost connections, as one-line errors rather than tracebacks."""
+    from ray.exceptions import RayError
+
+    try:
+        yield
+    except (RuntimeError, ValueError, OSError, RayError) as exc:
+        raise AutorankError(f"Ray job server: {_first_line(exc)}") from None
 
 
 def submit_search(address: str | None, search_args: Sequence[str], files: dict[str, Path], *, out: str,
-                  mlflow_uri: str, job_id: str) -> str:
+                  mlflow_uri: str, job_id: str, into_out: Sequence[str] = ()) -> str:
     """Start a search as a Ray job; returns its id. `search_args`: `autorank search` arguments naming the
     `files` (name in the working directory -> local file) by their names; `out`: the search folder on
-    the head or shared storage ($HOME expands there)."""
+    the head or shared storage, absolute or $HOME/... (expanded there). `into_out`: names of `files` the
+    job copies into `out` before the search starts (the arguments then name them `OUT/NAME`): a
+    checkpoint there outlives Ray's working directory and travels with the folder's archive."""
+    if not (PurePosixPath(out).is_absolute() or out.startswith("$HOME/")):
+        # a relative folder would resolve inside the job's working directory, Ray's temporary copy
+        raise AutorankError(f"--out must be an absolute path on the head or $HOME/..., got {out!r}")
     if not mlflow_uri.startswith(("http://", "https://")):
         raise AutorankError(f"--mlflow-uri must be a tracking server every node reaches (autorank server), "
                             f"got {mlflow_uri!r}")
@@ -56,7 +79,7 @@ def submit_search(address: str | None, search_args: Sequence[str], files: dict[s
                   "--executor", "ray", "--ray-address", "auto", "--no-progress"]
         archive = ["python", "-m", "autorank.tracking.jobs", out, mlflow_uri, job_id]
         # the archive step runs whatever the search's outcome, and the job keeps the search's exit code
-        entrypoint = f"{_shell(search)}; code=$?; {_shell(archive)}; exit $code"
+        entrypoint = f"{_stage(out, into_out)}{_shell(search)}; code=$?; {_shell(archive)}; exit $code"
         _submit_when_an_agent_is_up(lambda: client.submit_job(
             entrypoint=entrypoint, submission_id=job_id, runtime_env={"working_dir": folder},
             metadata={"autorank.out": out, "autorank.mlflow_uri": mlflow_uri}))
@@ -69,12 +92,25 @@ def _submit_when_an_agent_is_up(submit: Callable[[], Any], wait_s: float = 120.0
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            submit()
+            with _job_server():
+                submit()
             return
-        except RuntimeError as exc:
+        except AutorankError as exc:
             if "No available agent" not in str(exc) or time.monotonic() > deadline:
                 raise
             time.sleep(2.0)
+
+
+def _stage(out: str, names: Sequence[str]) -> str:
+    """The shell steps that copy working-directory files into the search folder ahead of the search
+    (`&&`-ended), unless the folder already holds a search: that one's files stay as they are, and the
+    search then refuses the folder."""
+    if not names:
+        return ""
+    made = _shell(["mkdir", "-p", out])
+    searched = _shell(["test", "-e", posixpath.join(out, SEARCH_FILE)])
+    copies = " && ".join(_shell(["cp", name, posixpath.join(out, name)]) for name in names)
+    return f"{made} && {{ {searched} || {{ {copies}; }}; }} && "
 
 
 def _shell(argv: Sequence[str]) -> str:
@@ -84,7 +120,9 @@ def _shell(argv: Sequence[str]) -> str:
 
 def list_jobs(address: str | None) -> list[dict[str, Any]]:
     """The cluster's jobs, oldest first: id, status, start time, entrypoint."""
-    jobs = job_client(address).list_jobs()
+    client = job_client(address)
+    with _job_server():
+        jobs = client.list_jobs()
     rows = [{"job": j.submission_id or j.job_id, "status": str(j.status.value if hasattr(j.status, "value") else j.status),
              "start": j.start_time, "end": j.end_time, "message": j.message, "entrypoint": j.entrypoint,
              "metadata": dict(j.metadata or {})} for j in jobs]
@@ -100,13 +138,18 @@ def job_status(address: str | None, job_id: str) -> dict[str, Any]:
 
 def job_logs(address: str | None, job_id: str) -> str:
     job_status(address, job_id)
-    return job_client(address).get_job_logs(job_id)
+    client = job_client(address)
+    with _job_server():
+        return client.get_job_logs(job_id)
 
 
 def stop_job(address: str | None, job_id: str) -> bool:
-    """Ask Ray to stop the job (SIGTERM to its entrypoint; the search is then resumable with --resume)."""
+    """Ask Ray to stop the job: SIGTERM to its entrypoint's processes, the search and the archive step
+    alike (the search resumes by hand on the head, docs/CLUSTER.md)."""
     job_status(address, job_id)
-    return bool(job_client(address).stop_job(job_id))
+    client = job_client(address)
+    with _job_server():
+        return bool(client.stop_job(job_id))
 
 
 def archive_search(out: Path, mlflow_uri: str, job_id: str) -> str:
@@ -131,8 +174,9 @@ def archive_search(out: Path, mlflow_uri: str, job_id: str) -> str:
 
 
 def fetch_search(mlflow_uri: str, job_id: str, dest: Path, experiment: str = "autorank") -> Path:
-    """A job's search folder from the MLflow server into `dest` (new), its study pointed at the copy, so
-    `autorank best`, `export` and `search --resume` work on it here."""
+    """A job's search folder from the MLflow server into `dest` (new), its study and a checkpoint that
+    travelled in the folder (`submit_search`'s `into_out`) pointed at the copies, so `autorank best`,
+    `export` and `search --resume` work on it here."""
     from mlflow import MlflowClient
 
     if dest.exists() and any(dest.iterdir()):
@@ -152,7 +196,11 @@ def fetch_search(mlflow_uri: str, job_id: str, dest: Path, experiment: str = "au
     info = json.loads((dest / SEARCH_FILE).read_text())
     storage = info.get("storage", "")
     if storage.startswith("sqlite:///") and Path(storage.removeprefix("sqlite:///")).name == "study.db":
+        where = Path(storage.removeprefix("sqlite:///")).parent   # the folder the search ran in
         info["storage"] = f"sqlite:///{(dest / 'study.db').resolve()}"   # the study travelled with the folder
+        weights = Path(info["weights"]) if info.get("weights") else None
+        if weights is not None and weights.is_relative_to(where) and (dest / weights.relative_to(where)).is_file():
+            info["weights"] = str((dest / weights.relative_to(where)).resolve())   # and so did this checkpoint
     (dest / SEARCH_FILE).write_text(json.dumps(info, indent=2))
     return dest
 
