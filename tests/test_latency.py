@@ -15,7 +15,7 @@ from torch import nn
 
 from autorank.compression import LayerPlan, Plan
 from autorank.compression.methods import build_chain
-from autorank.engine.latency import LatencyTable, block_graph
+from autorank.engine.latency import LatencyTable, block_graph, default_path
 from autorank.models.cifar_resnet import CifarResNet
 
 
@@ -94,3 +94,16 @@ def test_two_tables_on_one_file_keep_each_others_entries(tmp_path):
     assert both.entries["0|none||int8"] == a and both.entries["3|tucker2|8x8|fp32"] == b
     assert both.entries.keys() >= first.entries.keys() | second.entries.keys()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latency.json"]  # no temporary file left behind
+
+
+def test_a_table_measured_at_another_input_resolution_is_not_reused(tmp_path):
+    path = tmp_path / "latency.json"
+    plan = Plan({"3": LayerPlan("none", None, "int8")}, activations="int8")
+    small = _table(_cnn(), path)
+    small.predict(plan)
+    large = LatencyTable(_cnn(), (3, 32, 32), path, model_key="cnn", threads=1, batch_size=8, seconds=0.005, runs=3)
+    assert large.entries == {}  # same model, weights and file: another resolution times differently
+    large.predict(plan)
+    assert large.measured == small.measured
+    assert large._input_shapes()["3"] == (16, 32, 32) and small._input_shapes()["3"] == (16, 16, 16)
+    assert default_path("cnn", (3, 16, 16), 1) != default_path("cnn", (3, 32, 32), 1)

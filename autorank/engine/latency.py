@@ -71,11 +71,12 @@ def machine_key(threads: int) -> str:
     return f"{platform.node()} | {cpu} | onnxruntime {ort.__version__} | {threads} threads"
 
 
-def default_path(model_key: str, threads: int) -> Path:
-    """Where a model's table lives on this machine: one JSON file per machine, model and thread count."""
+def default_path(model_key: str, input_shape: tuple[int, ...], threads: int) -> Path:
+    """Where a model's table lives on this machine: one JSON file per machine, model, input shape (the
+    same model at another resolution times differently) and thread count."""
     machine = hashlib.sha256(machine_key(threads).encode()).hexdigest()[:12]
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_key)
-    return default_cache_dir() / "latency" / f"{safe}-{machine}.json"
+    return default_cache_dir() / "latency" / f"{safe}-{'x'.join(map(str, input_shape))}-{machine}.json"
 
 
 def _median_ms(session: ort.InferenceSession, name: str, x: np.ndarray, runs: int, seconds: float) -> float:
@@ -149,9 +150,9 @@ class LatencyTable:
     """ONNX Runtime timings of layer configurations of one model on this machine, cached in `path`.
 
     `measured` counts the timings this instance ran (a plan whose configurations are all in the
-    table costs none). A file written for another machine, thread count or model is started afresh;
-    an unreadable one (a hand edit, a full disk) too, with a warning, rather than failing every later
-    search. Several tables may share the file (concurrent searches): each save merges the entries
+    table costs none). A file written for another machine, thread count, model or input shape is
+    started afresh; an unreadable one (a hand edit, a full disk) too, with a warning, rather than
+    failing every later search. Several tables may share the file (concurrent searches): each save merges the entries
     others wrote since, and replaces the file atomically from a temporary file of its own (two saves
     at the same instant may still drop one's newest entries from the file: they are timed again later,
     never wrong).
@@ -164,7 +165,8 @@ class LatencyTable:
         self.model, self.input_shape, self.path = model.eval(), tuple(input_shape), Path(path)
         self.threads, self.batch_size, self.seconds, self.runs = threads, batch_size, seconds, runs
         self.layers = find_layers(model, skip_first=False)
-        self.header = {"machine": machine_key(threads), "model": model_key, "batch_size": batch_size,
+        self.header = {"machine": machine_key(threads), "model": model_key, "input_shape": list(self.input_shape),
+                       "batch_size": batch_size,
                        "layers": {name: list(layer.weight.shape) for name, layer in self.layers.items()}}
         self.measured = 0
         self.entries: dict[str, Timing] = self._read()

@@ -209,7 +209,8 @@ def _reference(run: _Run, data: Dataset | None) -> None:
                                  out_dir=out.resolve(), device=run.device)
     lat = space.latency
     if set(space.objectives) & set(ORT_FIGURES) or space.constraints.max_latency_ms is not None:
-        ctx.latency = LatencyTable(ctx.model, run.data.input_shape, default_path(run.model_name, lat.threads),
+        path = default_path(run.model_name, run.data.input_shape, lat.threads)
+        ctx.latency = LatencyTable(ctx.model, run.data.input_shape, path,
                                    model_key=run.model_name, threads=lat.threads, batch_size=lat.batch_size)
     if run.info is not None:
         ctx.reference = run.info["reference"]
