@@ -4,6 +4,8 @@ run as integer kernels as in the exported file."""
 from __future__ import annotations
 
 import collections
+import json
+import warnings
 
 import onnx
 import onnxruntime as ort
@@ -13,7 +15,7 @@ from torch import nn
 
 from autorank.compression import LayerPlan, Plan
 from autorank.compression.methods import build_chain
-from autorank.engine.latency import LatencyTable, block_graph
+from autorank.engine.latency import LatencyTable, block_graph, default_path
 from autorank.models.cifar_resnet import CifarResNet
 
 
@@ -68,3 +70,40 @@ def test_an_int8_block_runs_every_conv_of_its_chain_as_qlinearconv(resnet20, tmp
     ops = collections.Counter(n.op_type for n in onnx.load_model(tmp_path / "optimized.onnx").graph.node)
     assert ops["QLinearConv"] == 3
     assert ops["Conv"] + ops["FusedConv"] == 0
+
+
+def test_a_corrupt_table_file_is_measured_afresh_and_rewritten(tmp_path):
+    path = tmp_path / "latency.json"
+    path.write_text('{"header": {"machine": ')  # a writer that died mid-file
+    with pytest.warns(RuntimeWarning, match="unreadable"):
+        table = _table(_cnn(), path)
+    predicted = table.predict(Plan({"3": LayerPlan("none", None, "int8")}, activations="int8"))
+    assert predicted.b1_ms > 0 and table.measured > 0
+    assert json.loads(path.read_text())["entries"] == {k: vars(v) for k, v in table.entries.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the rewritten file reads back without a warning
+        assert _table(_cnn(), path).entries == table.entries
+
+
+def test_two_tables_on_one_file_keep_each_others_entries(tmp_path):
+    path = tmp_path / "latency.json"
+    first, second = _table(_cnn(), path), _table(_cnn(), path)  # two searches opened the table at once
+    a = first.block("0", "none", None, "int8")
+    b = second.block("3", "tucker2", [8, 8], "fp32")
+    both = _table(_cnn(), path)
+    assert both.entries["0|none||int8"] == a and both.entries["3|tucker2|8x8|fp32"] == b
+    assert both.entries.keys() >= first.entries.keys() | second.entries.keys()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latency.json"]  # no temporary file left behind
+
+
+def test_a_table_measured_at_another_input_resolution_is_not_reused(tmp_path):
+    path = tmp_path / "latency.json"
+    plan = Plan({"3": LayerPlan("none", None, "int8")}, activations="int8")
+    small = _table(_cnn(), path)
+    small.predict(plan)
+    large = LatencyTable(_cnn(), (3, 32, 32), path, model_key="cnn", threads=1, batch_size=8, seconds=0.005, runs=3)
+    assert large.entries == {}  # same model, weights and file: another resolution times differently
+    large.predict(plan)
+    assert large.measured == small.measured
+    assert large._input_shapes()["3"] == (16, 32, 32) and small._input_shapes()["3"] == (16, 16, 16)
+    assert default_path("cnn", (3, 16, 16), 1) != default_path("cnn", (3, 32, 32), 1)

@@ -20,10 +20,12 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import platform
 import statistics
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,11 +71,12 @@ def machine_key(threads: int) -> str:
     return f"{platform.node()} | {cpu} | onnxruntime {ort.__version__} | {threads} threads"
 
 
-def default_path(model_key: str, threads: int) -> Path:
-    """Where a model's table lives on this machine: one JSON file per machine, model and thread count."""
+def default_path(model_key: str, input_shape: tuple[int, ...], threads: int) -> Path:
+    """Where a model's table lives on this machine: one JSON file per machine, model, input shape (the
+    same model at another resolution times differently) and thread count."""
     machine = hashlib.sha256(machine_key(threads).encode()).hexdigest()[:12]
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_key)
-    return default_cache_dir() / "latency" / f"{safe}-{machine}.json"
+    return default_cache_dir() / "latency" / f"{safe}-{'x'.join(map(str, input_shape))}-{machine}.json"
 
 
 def _median_ms(session: ort.InferenceSession, name: str, x: np.ndarray, runs: int, seconds: float) -> float:
@@ -147,7 +150,12 @@ class LatencyTable:
     """ONNX Runtime timings of layer configurations of one model on this machine, cached in `path`.
 
     `measured` counts the timings this instance ran (a plan whose configurations are all in the
-    table costs none). A file written for another machine, thread count or model is started afresh.
+    table costs none). A file written for another machine, thread count, model or input shape is
+    started afresh; an unreadable one (a hand edit, a full disk) too, with a warning, rather than
+    failing every later search. Several tables may share the file (concurrent searches): each save merges the entries
+    others wrote since, and replaces the file atomically from a temporary file of its own (two saves
+    at the same instant may still drop one's newest entries from the file: they are timed again later,
+    never wrong).
     """
 
     def __init__(self, model: nn.Module, input_shape: tuple[int, ...], path: str | Path, *, model_key: str,
@@ -157,14 +165,11 @@ class LatencyTable:
         self.model, self.input_shape, self.path = model.eval(), tuple(input_shape), Path(path)
         self.threads, self.batch_size, self.seconds, self.runs = threads, batch_size, seconds, runs
         self.layers = find_layers(model, skip_first=False)
-        self.header = {"machine": machine_key(threads), "model": model_key, "batch_size": batch_size,
+        self.header = {"machine": machine_key(threads), "model": model_key, "input_shape": list(self.input_shape),
+                       "batch_size": batch_size,
                        "layers": {name: list(layer.weight.shape) for name, layer in self.layers.items()}}
-        self.entries: dict[str, Timing] = {}
         self.measured = 0
-        if self.path.exists():
-            saved = json.loads(self.path.read_text())
-            if saved.get("header") == self.header:
-                self.entries = {key: Timing(**value) for key, value in saved["entries"].items()}
+        self.entries: dict[str, Timing] = self._read()
         self._shapes: dict[str, tuple[int, ...]] | None = None
 
     def _input_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -183,12 +188,37 @@ class LatencyTable:
             self._shapes = shapes
         return self._shapes
 
+    def _read(self, warn: bool = True) -> dict[str, Timing]:
+        """The file's entries if it was written for this header; none if it is missing, for another
+        header, or unreadable (warned once, when the table opens it)."""
+        try:
+            saved = json.loads(self.path.read_text())
+            if saved.get("header") != self.header:
+                return {}
+            return {key: Timing(**value) for key, value in saved["entries"].items()}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            if warn:
+                warnings.warn(f"latency table {self.path} is unreadable ({type(exc).__name__}: {exc}); "
+                              "measuring afresh and rewriting it", RuntimeWarning, stacklevel=3)
+            return {}
+
     def _save(self) -> None:
+        """Merge what other tables saved to the file since (this table's own timings win), then
+        replace the file with a uniquely named temporary one: a concurrent writer never sees a
+        half-written file, and never shares a temporary name."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.entries = {**self._read(warn=False), **self.entries}
         data = {"header": self.header, "entries": {k: vars(v) for k, v in sorted(self.entries.items())}}
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        tmp.replace(self.path)
+        with tempfile.NamedTemporaryFile("w", dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp",
+                                         delete=False) as tmp:
+            tmp.write(json.dumps(data, indent=1))
+        try:
+            os.replace(tmp.name, self.path)
+        except OSError:
+            Path(tmp.name).unlink(missing_ok=True)
+            raise
 
     def _time(self, model: onnx.ModelProto | Path, input_name: str, shape: tuple[int, ...]) -> Timing:
         session = (onnx_session(model, self.threads) if isinstance(model, Path) else

@@ -20,12 +20,34 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from autorank.compression import Plan, SensitivityTable, allocate
 from autorank.engine.latency import LatencyTable
 from autorank.search.space import Group, SearchSpace
+
+
+@dataclass(frozen=True)
+class LatencyCosts:
+    """Measured batch-1 ONNX Runtime milliseconds of every sensitivity-table candidate (layer -> candidate
+    label -> ms) and of everything else: taken from the latency table once, in the driver, before any
+    trial, so that a trial plans within `max_latency_ms` without the table (which would time a missing
+    block on a Ray worker, contended by other trials, and write the driver's cache path on its disk)."""
+
+    layers: dict[str, dict[str, float]]
+    fixed: float
+
+    def of(self, table: SensitivityTable) -> tuple[dict[str, list[float]], float]:
+        """What `compression.allocate` budgets with, for `table` (the search's table or a weighted view of it)."""
+        return {name: [self.layers[name][c.label] for c in cands] for name, cands in table.layers.items()}, self.fixed
+
+
+def latency_costs(table: SensitivityTable, latency: LatencyTable) -> LatencyCosts:
+    """Every candidate's measured cost (timing the blocks the latency table lacks, here in the driver)."""
+    costs, fixed = latency.candidate_costs(table)
+    return LatencyCosts({name: {c.label: ms for c, ms in zip(cands, costs[name], strict=True)}
+                         for name, cands in table.layers.items()}, fixed)
 
 
 def table_choices(space: SearchSpace, groups: Sequence[Group]) -> dict[str, tuple[list[str], list[str], list[str]]]:
@@ -75,12 +97,12 @@ def smallest_bytes(table: SensitivityTable) -> int:
 
 
 def allocated_plan(table: SensitivityTable, space: SearchSpace, groups: Sequence[Group],
-                   params: Mapping[str, Any], latency: LatencyTable | None = None) -> tuple[Plan, dict[str, float]]:
+                   params: Mapping[str, Any], latency: LatencyCosts | None = None) -> tuple[Plan, dict[str, float]]:
     """The trial's plan and what the table says of it: `budget_bytes` (the sampled target; raised to the
     smallest reachable size only when no candidate of the table goes that low), `widened` (1.0 when the
     allowed candidates could not reach the target and every candidate was allowed), `predicted_drop`
     (the table's own drops, unweighted) and `predicted_bytes` (exact). With the space's
-    `max_latency_ms` and the search's measured `latency` table, the allocator also keeps the plan's
+    `max_latency_ms` and the search's measured `latency` costs, the allocator also keeps the plan's
     predicted ONNX Runtime latency within that limit (raised to the fastest reachable plan if lower)."""
     seen = weighted_table(table, space, groups, params)
     target = math.floor(table.model_bytes / params.get("ratio", space.allocate.ratio[0]))
@@ -90,7 +112,7 @@ def allocated_plan(table: SensitivityTable, space: SearchSpace, groups: Sequence
     budget = max(target, smallest_bytes(seen))
     limit = space.constraints.max_latency_ms
     if latency is not None and limit is not None:
-        costs, fixed = latency.candidate_costs(seen)
+        costs, fixed = latency.of(seen)
         fastest = fixed + sum(min(ms) for ms in costs.values())
         plan = allocate(seen, budget, max_latency_ms=max(limit, fastest), latency=(costs, fixed))
     else:

@@ -6,7 +6,9 @@ the driver, so the results, the tracking and the files on disk do not depend on 
 Ray, OptunaSearch in the driver owns the study: workers never open the storage and write no file
 of the search; a trial's record comes back in its Tune result and its files (the weights) through
 an in-memory inbox actor on the driver's node, so a trial on another machine of a cluster loses
-nothing and writes nothing on that machine's disk (docs/CLUSTER.md).
+nothing and writes nothing on that machine's disk (docs/CLUSTER.md). Workers get the trial context
+without the latency table: the driver adds each trial's `ort_*` figures (`trial.with_latency`), as
+the local executor does.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from autorank.data import Dataset
 from autorank.errors import AutorankError
 from autorank.records import TrialRecord
 from autorank.search.study import annotate, make_sampler, objective_values
-from autorank.search.trial import TrialContext, TrialOutput, compute_trial, run_trial, save_trial
+from autorank.search.trial import TrialContext, TrialOutput, compute_trial, run_trial, save_trial, with_latency
 
 EXECUTORS = ("local", "ray")
 OnDone = Callable[[TrialRecord], None]
@@ -133,12 +135,14 @@ def _ray_trial(config: dict[str, Any], ctx: TrialContext, data: Dataset, inbox: 
 
 def _finish_ray_trial(searcher, ctx: TrialContext, inbox: Any, outcome_json: str | None, ot_trial: optuna.Trial,
                       failed: bool, on_done: OnDone) -> None:
-    """In the driver: write the trial's files from the inbox, tell the study, hand the trial on."""
+    """In the driver: add the trial's latency figures, write its files from the inbox, tell the study,
+    hand the trial on."""
     import ray
 
     files = ray.get(inbox.take.remote(ot_trial.number))
     if outcome_json is not None and not failed and files is not None:
-        outcome = save_trial(ctx.out_dir, TrialOutput(TrialRecord.from_json(outcome_json), files))
+        output = with_latency(ctx, TrialOutput(TrialRecord.from_json(outcome_json), files))
+        outcome = save_trial(ctx.out_dir, output)
     else:
         outcome = TrialRecord(number=ot_trial.number, state="failed", params=dict(ot_trial.params),
                               reason="the Ray worker running this trial failed (see the Ray logs)")
@@ -246,7 +250,8 @@ def run_ray(study: optuna.Study, storage: optuna.storages.BaseStorage, ctx: Tria
         metric=list(ctx.space.objectives),
         mode=["max" if d == "maximize" else "min" for d in ctx.space.directions],
         sampler=make_sampler(ctx.space), study_name=study.study_name, storage=storage)
-    trainable = tune.with_resources(tune.with_parameters(_ray_trial, ctx=ctx, data=data, inbox=inbox),
+    worker_ctx = replace(ctx, latency=None)  # timings are the driver's (`_finish_ray_trial`)
+    trainable = tune.with_resources(tune.with_parameters(_ray_trial, ctx=worker_ctx, data=data, inbox=inbox),
                                     {k: v for k, v in resources.items() if v > 0})
     tuner = tune.Tuner(
         trainable,

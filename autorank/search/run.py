@@ -26,6 +26,7 @@ from autorank.engine.latency import LatencyTable, default_path
 from autorank.errors import AutorankError
 from autorank.models import create_model
 from autorank.records import ORT_FIGURES, WEIGHTS_FILE, SearchCallback, SearchStart, TrialRecord, pareto_front
+from autorank.search.allocation import latency_costs
 from autorank.search.executors import EXECUTORS, custom_resources, parse_resources, ray_session, run_local, run_ray, tell
 from autorank.search.final import run_final
 from autorank.search.results import SEARCH_FILE, best_trial, load_search, read_info, storage_for
@@ -209,7 +210,8 @@ def _reference(run: _Run, data: Dataset | None) -> None:
                                  out_dir=out.resolve(), device=run.device)
     lat = space.latency
     if set(space.objectives) & set(ORT_FIGURES) or space.constraints.max_latency_ms is not None:
-        ctx.latency = LatencyTable(ctx.model, run.data.input_shape, default_path(run.model_name, lat.threads),
+        path = default_path(run.model_name, run.data.input_shape, lat.threads)
+        ctx.latency = LatencyTable(ctx.model, run.data.input_shape, path,
                                    model_key=run.model_name, threads=lat.threads, batch_size=lat.batch_size)
     if run.info is not None:
         ctx.reference = run.info["reference"]
@@ -297,6 +299,8 @@ def _execute(run: _Run, current: list[TrialRecord]) -> None:
             session.enter_context(ray_session(run.ray_address, run.resources, run.max_concurrent))
         if space.sensitivity is not None:
             ctx.table = search_table(ctx, data, executor=run.executor, resources=run.resources, say=run.say)
+            if ctx.latency is not None and space.mode == "allocate" and space.constraints.max_latency_ms is not None:
+                ctx.latency_costs = latency_costs(ctx.table, ctx.latency)  # timed here, not in the trials
             heatmap = ctx.out_dir / HEATMAP_FILE
             if table_due or not heatmap.is_file():
                 write_heatmap(ctx.table, ctx.out_dir)

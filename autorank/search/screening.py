@@ -5,7 +5,8 @@ non-dominated sorting instead of a scalar; written here because Optuna's pruners
 
 - **Screen** (fidelity 0): the candidate's plan is compressed with the trials' data-aware fit and
   evaluated *without fine-tuning* on `screening.images` stratified val images; its size, params and
-  MACs are already final. Figures: the trial's user attr `screen` (and `screen_*` in MLflow).
+  MACs are already final, and so are its `ort_*` figures (predicted from the latency table) when the
+  search has one. Figures: the trial's user attr `screen` (and `screen_*` in MLflow).
 - **Promote** (to fidelity 1, the normal trial's fine-tune): after each batch of `screening.batch`
   screens, every candidate screened so far is ranked by non-dominated sorting on the space's
   objectives at the screening fidelity (ties within a front: larger crowding distance first, then
@@ -37,7 +38,8 @@ from autorank import engine
 from autorank.compression import Plan, profile
 from autorank.data import Dataset
 from autorank.records import TrialRecord, dominates
-from autorank.search.trial import TrialContext, compress_trial, failed_record, run_trial, summarize, trial_plan
+from autorank.search.trial import (TrialContext, compress_trial, failed_record, latency_figures, run_trial, summarize,
+                                   trial_plan)
 
 SCREEN_ATTR = "screen"
 
@@ -109,6 +111,7 @@ def screen(ctx: TrialContext, data: Dataset, subset: Dataset, params: Mapping[st
                "compress_s": compressed - start, "eval_s": time.perf_counter() - compressed}
     if "latency_ms" in ctx.space.objectives:
         figures["latency_ms"] = engine.latency_ms(model, data.input_shape, device=ctx.device)
+    figures.update(latency_figures(ctx, plan))  # ort_* objectives rank screens too (screening runs in the driver)
     return plan, predicted, model, figures
 
 

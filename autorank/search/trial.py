@@ -4,7 +4,9 @@
 it once through the object store. A trial writes nothing: `compute_trial` returns its `TrialRecord`
 and the bytes of its `trials/<n>/` files (`TrialOutput`), and the driver alone writes them
 (`save_trial`), so a trial on another machine of a Ray cluster loses nothing. The study and the
-tracker are written by the driver alone too.
+tracker are written by the driver alone too. Nor does a trial time anything in ONNX Runtime: it runs
+without the latency table, and the driver adds the `ort_*` figures from it (`with_latency`), for
+either executor, so timings are never taken beside other trials and the cache file is the driver's.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from autorank.data import Dataset
 from autorank.engine.latency import LatencyTable
 from autorank.errors import AutorankError
 from autorank.records import WEIGHTS_FILE, TrialRecord
-from autorank.search.allocation import allocated_plan
+from autorank.search.allocation import LatencyCosts, allocated_plan
 from autorank.search.results import METRICS_FILE, PLAN_FILE, TRIALS_DIR
 from autorank.search.seeds import Recipe, recipe_plan
 from autorank.search.space import Group, SearchSpace
@@ -96,7 +98,7 @@ def trial_plan(ctx: TrialContext, params: Mapping[str, Any], seed: str | None = 
         activations = params.get("activations", ctx.space.activations[0])
         return resolve_plan(ctx.model, recipe_plan(recipe, ctx.groups, activations)), {}
     if ctx.space.mode == "allocate":
-        plan, predicted = allocated_plan(ctx.table, ctx.space, ctx.groups, params, ctx.latency)
+        plan, predicted = allocated_plan(ctx.table, ctx.space, ctx.groups, params, ctx.latency_costs)
         return resolve_plan(ctx.model, plan), predicted
     return resolve_plan(ctx.model, build_plan(ctx.space, ctx.groups, ctx.layers, params)), {}
 
@@ -123,7 +125,9 @@ class TrialContext:
     device: str = "auto"
     factors: dict = field(default_factory=dict, repr=False)  # weight-space chains reused across trials
     table: SensitivityTable | None = None  # the search's sensitivity table (allocate mode plans from it)
-    latency: LatencyTable | None = None    # measured ONNX Runtime timings (ort_* objectives, max_latency_ms)
+    latency: LatencyTable | None = None    # measured ONNX Runtime timings (ort_* objectives, max_latency_ms);
+    #                                        the driver's only: trials run without it (`with_latency`)
+    latency_costs: LatencyCosts | None = None  # the table's candidates' costs (allocate mode's latency budget)
 
     def train_config(self) -> engine.TrainConfig:
         ft = self.space.finetune
@@ -161,12 +165,19 @@ def finetune_and_measure(model: nn.Module, data: Dataset, ctx: TrialContext,
         metrics["kept_start"] = float(kept_start)  # the guard put the start back: the fine-tune made it worse
     if "latency_ms" in ctx.space.objectives:
         metrics["latency_ms"] = engine.latency_ms(model, data.input_shape, device=ctx.device)
-    if ctx.latency is not None:  # `plan` None: the uncompressed model
-        predicted = ctx.latency.predict(plan or Plan())
-        metrics["ort_latency_ms"], metrics["ort_throughput"] = predicted.b1_ms, predicted.throughput
+    metrics.update(latency_figures(ctx, plan))
     if not math.isfinite(accuracy):
         raise AutorankError("evaluation produced a non-finite accuracy")
     return metrics
+
+
+def latency_figures(ctx: TrialContext, plan: Plan | None) -> dict[str, float]:
+    """`ort_latency_ms` and `ort_throughput` of `plan` (None: the uncompressed model) predicted from the
+    search's latency table, timing the blocks it lacks; none without a table. Called in the driver only."""
+    if ctx.latency is None:
+        return {}
+    predicted = ctx.latency.predict(plan or Plan())
+    return {"ort_latency_ms": predicted.b1_ms, "ort_throughput": predicted.throughput}
 
 
 def reference_metrics(ctx: TrialContext, data: Dataset) -> dict[str, float]:
@@ -256,18 +267,42 @@ def compute_trial(ctx: TrialContext, data: Dataset, params: Mapping[str, Any], n
         metrics["wall_s"] = time.perf_counter() - start
         outcome.metrics = metrics
         outcome.constraints = ctx.space.constraints.violations(metrics, ctx.reference)
-        summary = {"trial": number, "summary": outcome.summary, "metrics": metrics,
-                   "constraints": outcome.constraints, "params": outcome.params}
         return TrialOutput(outcome, {WEIGHTS_FILE: weights.getvalue(), PLAN_FILE: plan.to_json().encode(),
-                                     METRICS_FILE: json.dumps(summary, indent=2).encode()})
+                                     METRICS_FILE: _metrics_file(outcome)})
     except Exception as exc:  # noqa: BLE001 - a failing trial is recorded, the search goes on
         failed = failed_output(number, params, exc)
         outcome.state, outcome.metrics, outcome.constraints, outcome.reason = "failed", {}, {}, failed.record.reason
         return TrialOutput(outcome, failed.files)
 
 
+def _metrics_file(record: TrialRecord) -> bytes:
+    """A finished trial's `metrics.json`."""
+    summary = {"trial": record.number, "summary": record.summary, "metrics": record.metrics,
+               "constraints": record.constraints, "params": record.params}
+    return json.dumps(summary, indent=2).encode()
+
+
+def with_latency(ctx: TrialContext, output: TrialOutput) -> TrialOutput:
+    """In the driver: a trial computed without the latency table gets its `ort_*` figures from the
+    driver's table, its constraints again (`max_latency_ms`) and its metrics.json rewritten. Nothing to
+    add without a table or to a trial that did not complete; a prediction that fails fails the trial."""
+    record = output.record
+    if ctx.latency is None or record.state != "complete" or record.plan is None:
+        return output
+    try:
+        record.metrics.update(latency_figures(ctx, Plan.from_json(json.dumps(record.plan))))
+    except Exception as exc:  # noqa: BLE001 - as in compute_trial: a failing trial is recorded, the search goes on
+        failed = failed_output(record.number, record.params, exc)
+        record.state, record.metrics, record.constraints, record.reason = "failed", {}, {}, failed.record.reason
+        return TrialOutput(record, failed.files)
+    record.constraints = ctx.space.constraints.violations(record.metrics, ctx.reference)
+    return TrialOutput(record, {**output.files, METRICS_FILE: _metrics_file(record)})
+
+
 def run_trial(ctx: TrialContext, data: Dataset, params: Mapping[str, Any], number: int,
               seed: str | None = None, screened: tuple[Plan, dict[str, float], nn.Module, float] | None = None
               ) -> TrialRecord:
-    """`compute_trial` in the driver's own process, its files saved at once (the local executor, screening)."""
-    return save_trial(ctx.out_dir, compute_trial(ctx, data, params, number, seed=seed, screened=screened))
+    """`compute_trial` in the driver's own process, its files saved at once (the local executor, screening);
+    like a Ray trial it runs without the latency table, whose figures `with_latency` adds."""
+    output = compute_trial(replace(ctx, latency=None), data, params, number, seed=seed, screened=screened)
+    return save_trial(ctx.out_dir, with_latency(ctx, output))

@@ -131,3 +131,24 @@ def test_a_latency_budget_is_met_by_the_allocated_plan(digits_table, digits_cnn,
         allocate(digits_table, ratio=1.0, max_latency_ms=fastest * 0.9, latency=(costs, fixed))
     with pytest.raises(AutorankError, match="needs the candidates' measured latencies"):
         allocate(digits_table, ratio=1.0, max_latency_ms=limit)
+
+
+def test_latency_costs_taken_once_serve_any_weighted_view_without_timing(digits_table, digits_cnn, digits, tmp_path):
+    """A search takes its candidates' costs from the latency table once, in the driver; a trial's weighted
+    view of the sensitivity table (fewer candidates, other drops) then gets the same costs the table would
+    give it, with no timing (a Ray trial has no table, search.trial.with_latency)."""
+    import dataclasses
+
+    from autorank.engine.latency import LatencyTable
+    from autorank.search.allocation import latency_costs
+
+    timings = LatencyTable(digits_cnn, digits.input_shape, tmp_path / "latency.json", model_key="digits_cnn",
+                           threads=1, batch_size=8, seconds=0.005, runs=3)
+    costs = latency_costs(digits_table, timings)
+    timed = timings.measured
+    view = dataclasses.replace(digits_table, layers={
+        name: [cands[0]] + [dataclasses.replace(c, drop=c.drop * 2) for c in cands[1:] if c.precision != "int4"]
+        for name, cands in digits_table.layers.items()})
+    assert costs.of(view) == timings.candidate_costs(view) and costs.of(digits_table) == timings.candidate_costs(
+        digits_table)
+    assert timings.measured == timed and timed > 0

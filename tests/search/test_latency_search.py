@@ -8,7 +8,10 @@ import pytest
 import yaml
 
 from autorank.cli import main
+from autorank.compression import Plan
+from autorank.engine.latency import LatencyTable, default_path
 from autorank.errors import AutorankError
+from autorank.models import create_model
 from autorank.search import best_trial, load_search
 from autorank.search.run import run_search
 from autorank.search.space import load_space, parse_latency, space_from_dict
@@ -54,3 +57,43 @@ def test_a_search_measures_ort_latency_and_best_selects_on_it(tmp_path, monkeypa
         best_trial(search, max_latency_ms=fastest / 100)
     assert main(["best", "--search", str(out), "--max-latency", f"{fastest * 1.01:.6f}ms", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["trial"] in {t.number for t in done}
+
+
+def test_ray_trials_get_no_latency_table_and_the_driver_adds_their_figures(tmp_path, monkeypatch, digits,
+                                                                          pretrained_digits):
+    """Timings are the driver's: a Ray worker gets the context without the table (it would time missing
+    blocks beside other trials and write the driver's cache path on its own disk); the driver predicts
+    each finished trial's `ort_*` figures and its `max_latency_ms` constraint from its table."""
+    from ray import tune
+
+    monkeypatch.setenv("AUTORANK_CACHE", str(tmp_path / "cache"))
+    sent = []
+    with_parameters = tune.with_parameters
+
+    def spy(trainable, **kwargs):
+        sent.append(kwargs["ctx"])
+        return with_parameters(trainable, **kwargs)
+
+    monkeypatch.setattr(tune, "with_parameters", spy)
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({**TINY_SPACE, "objectives": ["accuracy", "ort_latency_ms"],
+                                     "finetune": {**TINY_SPACE["finetune"], "steps": 2},
+                                     "constraints": {"max_latency_ms": 1000.0},
+                                     "latency": {"threads": 1, "batch_size": 16},
+                                     "search": {**TINY_SPACE["search"], "trials": 2}}))
+    out = tmp_path / "search"
+    run_search(space, "small_cnn", pretrained_digits, "digits", out, data=digits, progress=False, executor="ray",
+               trial_resources={"cpu": 1.0, "gpu": 0.0}, max_concurrent=1)
+    assert len(sent) == 1 and sent[0].latency is None
+    done = [t for t in load_search(out).trials if t.finished_ok]
+    assert len(done) == 2
+    table = LatencyTable(create_model("small_cnn", digits, pretrained_digits), digits.input_shape,
+                         default_path("small_cnn", digits.input_shape, 1), model_key="small_cnn", threads=1,
+                         batch_size=16)
+    for t in done:
+        predicted = table.predict(Plan.from_json(json.dumps(t.plan)))
+        assert t.metrics["ort_latency_ms"] == predicted.b1_ms and t.metrics["ort_throughput"] == predicted.throughput
+        assert t.constraints["max_latency_ms"] == pytest.approx(predicted.b1_ms - 1000.0)
+        written = json.loads((out / "trials" / str(t.number) / "metrics.json").read_text())
+        assert written["metrics"]["ort_latency_ms"] == predicted.b1_ms
+    assert table.measured == 0  # every block the trials needed is in the driver's table file

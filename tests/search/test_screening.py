@@ -12,6 +12,7 @@ from autorank.search import load_search
 from autorank.search.run import run_search
 from autorank.search.screening import nondominated_ranks, promotion_order, promotions
 from autorank.tracking import MlflowCallback
+from tests.search.conftest import TINY_SPACE
 
 OBJECTIVES = ("accuracy", "size_bytes")
 
@@ -115,3 +116,24 @@ def test_screening_with_the_ray_executor_is_refused_before_compute(tmp_path, cap
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "screening runs with --executor local only" in err
     assert not out.exists()
+
+
+def test_a_screened_search_ranks_screens_on_ort_latency(tmp_path, monkeypatch, pretrained_digits, digits):
+    """An `ort_*` objective is a screen figure too (promotion ranks on every objective): predicted from
+    the search's latency table, it is already the fine-tuned trial's, as size is."""
+    monkeypatch.setenv("AUTORANK_CACHE", str(tmp_path / "cache"))
+    space = tmp_path / "screen.yaml"
+    space.write_text(yaml.safe_dump({**TINY_SPACE, "objectives": ["accuracy", "ort_latency_ms"],
+                                     "finetune": {**TINY_SPACE["finetune"], "steps": 2},
+                                     "screening": {"images": 120, "batch": 2, "keep": 0.5},
+                                     "latency": {"threads": 1, "batch_size": 16},
+                                     "search": {**TINY_SPACE["search"], "trials": 4}}))
+    out = tmp_path / "search"
+    run_search(space, "small_cnn", pretrained_digits, "digits", out, data=digits, progress=False)
+    candidates = [t for t in load_search(out).trials if t.counted and t.screen is not None]
+    assert len(candidates) >= 2 and {t.state for t in candidates} >= {"screened"}
+    assert all(t.screen["ort_latency_ms"] > 0 for t in candidates)
+    for t in candidates:
+        if t.state == "complete":
+            assert t.screen["ort_latency_ms"] == t.metrics["ort_latency_ms"]
+            assert t.screen["size_bytes"] == t.metrics["size_bytes"]
