@@ -114,23 +114,43 @@ def test_a_resnet56_sized_table_gets_plans_within_budget_that_improve_with_budge
     assert drops[0] >= drops[1] >= drops[2]
 
 
-def test_a_latency_budget_is_met_by_the_allocated_plan(digits_table, digits_cnn, digits, tmp_path):
-    """Measured ONNX Runtime costs (engine latency table) as a third budget row of the knapsack."""
+def _latency(plan, costs: dict[str, list[float]], fixed: float, table) -> float:
+    """A plan's milliseconds under per-candidate costs, as the allocator sums them."""
+    return fixed + sum(ms[[c.layer_plan() for c in table.layers[name]].index(plan.layers[name])]
+                       for name, ms in costs.items())
+
+
+def test_a_latency_budget_is_met_by_the_allocated_plan(digits_table):
+    """Latency costs as a third budget row of the knapsack: costs made up so that the size budget alone
+    picks the slowest plan (every layer's unconstrained choice costs 1 ms, any other 0.25 ms)."""
+    unconstrained = allocate(digits_table, ratio=1.0)
+    costs = {name: [1.0 if c.layer_plan() == unconstrained.layers[name] else 0.25 for c in cands]
+             for name, cands in digits_table.layers.items()}
+    fixed = 0.1
+    loose, fastest = _latency(unconstrained, costs, fixed, digits_table), fixed + 0.25 * len(costs)
+    limit = (loose + fastest) / 2
+    plan = allocate(digits_table, ratio=1.0, max_latency_ms=limit, latency=(costs, fixed))
+    assert _latency(plan, costs, fixed, digits_table) <= limit < loose
+    assert digits_table.predict(plan).drop >= digits_table.predict(unconstrained).drop  # speed is paid for
+    with pytest.raises(AutorankError, match=r"latency budget .* below the fastest plan the table reaches"):
+        allocate(digits_table, ratio=1.0, max_latency_ms=fastest * 0.9, latency=(costs, fixed))
+    with pytest.raises(AutorankError, match="needs the candidates' measured latencies"):
+        allocate(digits_table, ratio=1.0, max_latency_ms=limit)
+
+
+def test_measured_latency_costs_give_a_plan_within_the_budget(digits_table, digits_cnn, digits, tmp_path):
+    """With the engine's measured ONNX Runtime costs, a budget just above the fastest reachable plan is met, and
+    the table predicts the allocated plan's latency from the same costs."""
     from autorank.engine.latency import LatencyTable
 
     timings = LatencyTable(digits_cnn, digits.input_shape, tmp_path / "latency.json", model_key="digits_cnn",
                            threads=1, batch_size=8, seconds=0.005, runs=3)
     costs, fixed = timings.candidate_costs(digits_table)
     fastest = fixed + sum(min(ms) for ms in costs.values())
-    loose = timings.predict(allocate(digits_table, ratio=1.0)).b1_ms
-    assert loose > fastest  # the size budget alone does not pick the fastest plan
-    limit = (loose + fastest) / 2
+    limit = fastest * 1.001
     plan = allocate(digits_table, ratio=1.0, max_latency_ms=limit, latency=(costs, fixed))
-    assert timings.predict(plan).b1_ms <= limit + 1e-9
-    with pytest.raises(AutorankError, match=r"latency budget .* below the fastest plan the table reaches"):
-        allocate(digits_table, ratio=1.0, max_latency_ms=fastest * 0.9, latency=(costs, fixed))
-    with pytest.raises(AutorankError, match="needs the candidates' measured latencies"):
-        allocate(digits_table, ratio=1.0, max_latency_ms=limit)
+    assert timings.predict(plan).b1_ms == pytest.approx(_latency(plan, costs, fixed, digits_table))
+    assert timings.predict(plan).b1_ms <= limit * (1 + 1e-6)
 
 
 def test_latency_costs_taken_once_serve_any_weighted_view_without_timing(digits_table, digits_cnn, digits, tmp_path):
