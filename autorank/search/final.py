@@ -57,8 +57,8 @@ def finalize_trial(ctx: TrialContext, data: Dataset, record: TrialRecord, refere
     folder = record.directory
     try:
         plan = Plan.from_json((folder / PLAN_FILE).read_text())
-        model = load_compressed(ctx.model, plan, torch.load(folder / WEIGHTS_FILE, map_location="cpu",
-                                                             weights_only=True))
+        state = torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+        model = load_compressed(ctx.model, plan, state)
         metrics = finetune_and_measure(model, data, ctx, steps=ctx.space.final.steps, plan=plan)
         metrics["ratio"] = reference["size_bytes"] / metrics["size_bytes"]
         metrics["drop_points"] = (reference["accuracy"] - metrics["accuracy"]) * 100

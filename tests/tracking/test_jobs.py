@@ -74,8 +74,9 @@ def test_submit_refuses_a_relative_out_before_contacting_the_cluster(out, server
     assert fake.submitted == []
 
 
-@pytest.mark.parametrize("out", ["/srv/searches/x", "$HOME/autorank-jobs/x"])
-def test_submit_takes_an_absolute_or_home_out(out, server):
+@pytest.mark.parametrize("out", ["absolute", "$HOME/autorank-jobs/x"])
+def test_submit_takes_an_absolute_or_home_out(out, server, tmp_path):
+    out = str(tmp_path / "x") if out == "absolute" else out
     fake = server(FakeJobServer())
     assert jobs.submit_search(None, ["--config", "default"], {}, out=out, mlflow_uri=URI, job_id="j") == "j"
     assert fake.submitted[0]["metadata"]["autorank.out"] == out
@@ -96,12 +97,12 @@ def test_a_refused_submission_is_a_one_line_error(error, shown, server, capsys):
     assert code == 2 and capsys.readouterr().err == f"autorank: error: {shown}\n"
 
 
-def test_submit_waits_for_an_agent_then_submits(server):
+def test_submit_waits_for_an_agent_then_submits(server, tmp_path):
     """Ray's "No available agent" (agents registering after a node joined) is retried, not an error."""
     busy = RuntimeError("Request failed with status code 503: No available agent to submit job, please try again "
                         "later.")
     fake = server(FakeJobServer({"submit_job": [busy]}))
-    assert jobs.submit_search(None, [], {}, out="/srv/x", mlflow_uri=URI, job_id="j") == "j"
+    assert jobs.submit_search(None, [], {}, out=str(tmp_path), mlflow_uri=URI, job_id="j") == "j"
     assert len(fake.submitted) == 1 and fake.fail["submit_job"] == []
 
     def always_busy() -> None:
