@@ -2,12 +2,15 @@
 
     .venv/bin/python scripts/bench_sensitivity.py [--images 1000] [--levels 0.5,0.25] [--methods tucker2,svd]
         [--ratios 4,8,12] [--eval-split test] [--eval-images 2000] [--table table.json] [--fit 512]
+    .venv/bin/python scripts/bench_sensitivity.py --space resnet_cifar [--model resnet56 --weights W] [--ratios ""]
 
 Builds the per-layer sensitivity table (one layer compressed at a time, no fine-tuning, on a
 stratified val subset), prints its wall and CPU time and the table, then for each target ratio
 allocates a plan, compresses the model with it and measures its zero-shot accuracy on a stratified
 subset of --eval-split (test by default: never the images the table was measured on). With
---table, a saved table is reused (and a new one saved there). Figures go to docs/COMPRESSION.md
+--table, a saved table is reused (and a new one saved there). With --space, the table is the one a
+search with that space measures before its first trial (its layers, candidates, images, fit and
+seed; the table options above are ignored), timed per layer; --ratios "" stops after the table. Figures go to docs/COMPRESSION.md
 ("Allocator") with the command that produced them.
 """
 
@@ -22,9 +25,13 @@ import torch
 
 from autorank.cli.compress import parse_rank
 from autorank.compression import SensitivityTable, allocate, compress, profile
-from autorank.data import load_data
+from autorank.data import Dataset, load_data
 from autorank.engine import evaluate, sensitivity_table
+from autorank.engine.sensitivity import measure_layer
 from autorank.models import create_model
+from autorank.search.space import load_space, space_path
+from autorank.search.table import table_job
+from autorank.search.trial import TrialContext, layer_table
 
 SHARED = Path(os.environ.get("AUTORANK_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 ARCHIVE = SHARED / "data" / "cifar10-jpeg.tar.gz"
@@ -47,6 +54,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fit", type=int, default=0, metavar="N",
                         help="data-aware fit of every decomposed chain to N seeded training images (0: off)")
+    parser.add_argument("--space", help="measure the table a search with this space (name or YAML) measures")
     args = parser.parse_args()
 
     data = load_data(f"imagefolder:{ARCHIVE}")
@@ -56,7 +64,11 @@ def main() -> None:
     options = {}
     if args.fit:
         options["fit"] = data.calibration_images(args.fit, min(args.fit, 128), seed=args.seed)
-    if args.table is not None and args.table.is_file():
+    if args.space:
+        table = search_space_table(model, data, args.model, args.space)
+        if args.table is not None:
+            args.table.write_text(table.to_json())
+    elif args.table is not None and args.table.is_file():
         table = SensitivityTable.from_json(args.table.read_text())
         print(f"reusing {args.table}")
     else:
@@ -73,6 +85,8 @@ def main() -> None:
             args.table.write_text(table.to_json())
     print(table.format())
 
+    if not args.ratios:
+        return
     held_out = data.sample(args.eval_split, args.eval_images, seed=args.seed)
     reference = evaluate(model, held_out, args.eval_split, device="cpu")
     print(f"\nuncompressed: {table.model_bytes:,} bytes, {args.eval_split} ({args.eval_images} stratified) "
@@ -96,6 +110,31 @@ def main() -> None:
               f"{ms:>10.1f}  {summary}")
         for name, lp in plan.layers.items():
             print(f"{'':>8}{name:<18}{lp.method:<8}{str(lp.rank or ''):<10}{lp.precision}")
+
+
+def search_space_table(model: torch.nn.Module, data: Dataset, model_name: str, space_spec: str) -> SensitivityTable:
+    """The table a search with `space_spec` measures (the search's own `table_job`), one layer after
+    another in this process, with each layer's wall time."""
+    space = load_space(space_path(space_spec))
+    layers = layer_table(model, space)
+    groups = space.groups({name: info.kind for name, info in layers.items()})
+    ctx = TrialContext(space=space, groups=groups, layers=layers, model=model.cpu().eval(), reference={},
+                       out_dir=Path.cwd(), device="cpu")
+    start, cpu = time.perf_counter(), time.process_time()
+    job = table_job(ctx, data)
+    count = sum(len(c) for c in job.planned.values())
+    print(f"{model_name} table of space {space.name}: {len(job.planned)} layers, {count} candidates, "
+          f"{space.sensitivity.images} images, fit {space.sensitivity.fit_images if space.finetune.fit else 0}, "
+          f"levels x{list(space.sensitivity.levels)}; planned in {time.perf_counter() - start:.1f} s")
+    rows = {}
+    for name in job.planned:
+        began = time.perf_counter()
+        rows[name] = measure_layer(job, name, factors=ctx.factors)
+        print(f"  {name:<18}{len(job.planned[name]):>4} candidates {time.perf_counter() - began:>7.1f} s", flush=True)
+    table = job.assemble(rows, time.perf_counter() - start)
+    print(f"sensitivity table: {time.perf_counter() - start:.1f} s wall, {time.process_time() - cpu:.1f} s CPU, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    return table
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from autorank.errors import AutorankError
 
-from .fit import FIT_MODES, fit_chains
+from .fit import FIT_MODES, RecordedLayer, fit_chains, fit_recorded
 from .layers import find_layers, is_candidate
 from .methods import build_chain, decompose_layer
 from .plan import CONV_METHODS, LINEAR_METHODS, LayerPlan, Plan, RankSpec
@@ -152,7 +152,7 @@ def _decomposed(name: str, layer: nn.Module, lp: LayerPlan, n_iter_max: int, see
 
 def compress(model: nn.Module, plan: Plan, *, calibration: Iterable[Tensor] | None = None,
              decompose: bool = True, observer: str = "minmax", n_iter_max: int = 100,
-             seed: int = 0, fit: Iterable[Tensor] | None = None, fit_mode: str = "als",
+             seed: int = 0, fit: Iterable[Tensor] | RecordedLayer | None = None, fit_mode: str = "als",
              factors: dict | None = None, output_quant: bool = True) -> nn.Module:
     """A new model with `plan` applied; `model` is left untouched.
 
@@ -162,13 +162,20 @@ def compress(model: nn.Module, plan: Plan, *, calibration: Iterable[Tensor] | No
     (`calibration`: batches of inputs; without it, ranges come from the first
     batch seen). `decompose=False` builds the same structure without computing factors, for loading a
     saved state_dict of a compressed model. `fit`: calibration images to which every decomposed chain
-    is then fitted (data-aware, see `fit.fit_chains`; `fit_mode` als | pair | last). `factors`: a cache of
+    is then fitted (data-aware, see `fit.fit_chains`; `fit_mode` als | pair | last), or a `RecordedLayer`
+    when the plan decomposes that layer alone (its recorded input and output: no network pass). `factors`: a cache of
     weight-space chains shared by calls on the same `model` (a search's trials), see `_decomposed`.
     `output_quant=False` leaves out the output quantizers (the structure of weights saved before them).
     """
     if fit_mode not in FIT_MODES:
         raise AutorankError(f"fit mode {fit_mode!r}: choose from {', '.join(FIT_MODES)}")
     resolved = resolve_plan(model, plan)
+    decomposed = [n for n, lp in resolved.layers.items() if lp.method != "none"]
+    if isinstance(fit, RecordedLayer):
+        changed = {n for n, lp in resolved.layers.items() if (lp.method, lp.precision) != ("none", "fp32")}
+        if changed - {fit.name}:
+            raise AutorankError(f"fit: the input recorded at {fit.name} holds only for a plan that changes that "
+                                f"layer alone, not {sorted(changed)}")
     sites = _output_quant_sites(model, resolved) if output_quant else {}
     compressed = copy.deepcopy(model)
     for name, lp in resolved.layers.items():
@@ -192,8 +199,9 @@ def compress(model: nn.Module, plan: Plan, *, calibration: Iterable[Tensor] | No
         if site != name:  # after the conv's BatchNorm: the tensor the file's folded conv outputs
             compressed.set_submodule(site, nn.Sequential(compressed.get_submodule(site),
                                                          ActivationFakeQuant(output_of=name)))
-    decomposed = [n for n, lp in resolved.layers.items() if lp.method != "none"]
-    if fit is not None and decompose and decomposed:  # nothing to fit: no network passes either
+    if isinstance(fit, RecordedLayer) and decompose and decomposed:
+        fit_recorded(compressed, fit, mode=fit_mode)
+    elif fit is not None and decompose and decomposed:  # nothing to fit: no network passes either
         fit_chains(compressed, model, decomposed, fit, mode=fit_mode)
     if calibration is not None:
         calibrate(compressed, calibration, observer)

@@ -30,7 +30,8 @@ A fit that would increase the chain's output error on the calibration images is 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -62,8 +63,7 @@ def fit_chains(compressed: nn.Module, original: nn.Module, names: Iterable[str],
                *, mode: str = "als", chunk: int = 64) -> dict[str, FitStats]:
     """Refit the decomposed chains `names` of `compressed`, in place, to the outputs of the same-named
     layers of `original` on `images` (batches of inputs); returns the per-chain errors."""
-    if mode not in FIT_MODES:
-        raise AutorankError(f"fit mode {mode!r}: choose from {', '.join(FIT_MODES)}")
+    _check_mode(mode)
     device = next(compressed.parameters()).device
     x = torch.cat([b.to(device) for b in images])
     if len(x) == 0:
@@ -79,32 +79,94 @@ def fit_chains(compressed: nn.Module, original: nn.Module, names: Iterable[str],
             name, _fit_chain(chain, original.get_submodule(name), inputs[0].detach(), targets.pop(name), mode,
                              chunk))
 
-    quantizers = [m for m in compressed.modules() if isinstance(m, ActivationFakeQuant)]
-    states = (original.training, compressed.training)
+    state = original.training
     names = list(names)
     handles = [original.get_submodule(n).register_forward_hook(keep(n)) for n in names]
     try:
         with torch.no_grad():
             original.to(device).eval()(x)
         handles += [compressed.get_submodule(n).register_forward_pre_hook(fit(n)) for n in names]
-        for q in quantizers:  # float activations while fitting (calibration sets the ranges afterwards)
-            q.observer = "minmax"
-        with torch.no_grad():
-            compressed.eval()(x)
+        with _float_activations(compressed), torch.no_grad():
+            compressed(x)
     finally:
         for h in handles:
             h.remove()
+        original.train(state)
+    return stats
+
+
+class RecordedLayer:
+    """One layer's input and output in the original network on the calibration images, recorded in one
+    pass, and the second moments the "als" fit computes from them.
+
+    A chain that replaces this layer alone (every other layer as in the original: a sensitivity table's
+    candidates) sees exactly this input, so fitting each candidate of the layer needs no network pass
+    and no new moments: `compress(model, plan, fit=RecordedLayer(model, name, images))`.
+    """
+
+    def __init__(self, original: nn.Module, name: str, images: Iterable[Tensor]):
+        self.name = name
+        self.layer = original.get_submodule(name)
+        device = next(original.parameters()).device
+        x = torch.cat([b.to(device) for b in images])
+        if len(x) == 0:
+            raise AutorankError("fit: no calibration images")
+        seen: list[tuple[Tensor, Tensor]] = []
+        handle = self.layer.register_forward_hook(lambda _m, i, out: seen.append((i[0].detach(), out.detach())))
+        state = original.training
+        try:
+            with torch.no_grad():
+                original.eval()(x)
+        finally:
+            handle.remove()
+            original.train(state)
+        if len(seen) != 1:
+            raise AutorankError(f"fit: layer {name} ran {len(seen)} times in one forward pass; its chain is fitted "
+                                "within the network (fit_chains), not from one recorded input")
+        self.inputs, self.outputs = seen[0]
+        self._moments: dict[bool, _Moments] = {}
+
+    def moments(self, intercept: bool) -> _Moments:
+        if intercept not in self._moments:
+            self._moments[intercept] = _chain_moments(self.layer, self.inputs, self.outputs, intercept)
+        return self._moments[intercept]
+
+
+def fit_recorded(compressed: nn.Module, recorded: RecordedLayer, *, mode: str = "als",
+                 chunk: int = 64) -> FitStats:
+    """Refit the chain that replaced `recorded`'s layer in `compressed`, in place, to its recorded output."""
+    _check_mode(mode)
+    chain = compressed.get_submodule(recorded.name)
+    with _float_activations(compressed), torch.no_grad():
+        return _fit_chain(chain, recorded.layer, recorded.inputs, recorded.outputs, mode, chunk, recorded.moments)
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in FIT_MODES:
+        raise AutorankError(f"fit mode {mode!r}: choose from {', '.join(FIT_MODES)}")
+
+
+@contextmanager
+def _float_activations(compressed: nn.Module) -> Iterator[None]:
+    """Float activations while fitting (calibration sets the quantizers' ranges afterwards), eval mode."""
+    quantizers = [m for m in compressed.modules() if isinstance(m, ActivationFakeQuant)]
+    state = compressed.training
+    for q in quantizers:
+        q.observer = "minmax"
+    compressed.eval()
+    try:
+        yield
+    finally:
         for q in quantizers:
             q.observer = None
             q.min_val.fill_(float("inf"))
             q.max_val.fill_(float("-inf"))
             q.observed_batches.zero_()
-        original.train(states[0])
-        compressed.train(states[1])
-    return stats
+        compressed.train(state)
 
 
-def _fit_chain(chain: nn.Sequential, layer: nn.Module, x: Tensor, y: Tensor, mode: str, chunk: int) -> FitStats:
+def _fit_chain(chain: nn.Sequential, layer: nn.Module, x: Tensor, y: Tensor, mode: str, chunk: int,
+               moments: Callable[[bool], _Moments] | None = None) -> FitStats:
     modules = list(chain)
     weighted = [i for i, m in enumerate(modules) if isinstance(m, nn.Conv2d | nn.Linear)]
     last = weighted[-1]
@@ -112,7 +174,9 @@ def _fit_chain(chain: nn.Sequential, layer: nn.Module, x: Tensor, y: Tensor, mod
     before = _rel_error(modules, x, y, chunk)
     second = modules[weighted[-2]] if len(weighted) > 1 else None
     if mode == "als" and _composable([modules[i] for i in weighted], layer):
-        _fit_als([modules[i] for i in weighted], layer, x, y)
+        intercept = modules[last].bias is not None
+        m = moments(intercept) if moments is not None else _chain_moments(layer, x, y, intercept)
+        _fit_als([modules[i] for i in weighted], m)
     else:
         if mode != "last" and second is not None and _pairable(second, modules[last]):
             _fit_pair(modules, weighted[-2], last, x, y, chunk)
@@ -394,11 +458,10 @@ def _moment_error(modules: list[nn.Module], m: _Moments) -> float:
     return float(m.yy.trace() - 2 * (w @ m.xy).trace() + (w @ m.xx @ w.T).trace())
 
 
-def _fit_als(modules: list[nn.Module], layer: nn.Module, x: Tensor, y: Tensor) -> None:
+def _fit_als(modules: list[nn.Module], m: _Moments) -> None:
     """Alternate: first factor, then the rest (the pair where the chain is first-core-last, else the
     last factor), ending on the last factor fitted to the quantized factors before it; the sweep with
     the lowest moment error is kept."""
-    m = _chain_moments(layer, x, y, modules[-1].bias is not None)
     pair = len(modules) == 3 and _pairable(modules[1], modules[2])
     depthwise = len(modules) == 4 and all(getattr(mod, "groups", 1) == mod.weight.shape[0] > 1
                                           for mod in modules[1:3])

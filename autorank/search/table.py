@@ -12,8 +12,8 @@ Candidates follow the search space: per layer its methods and precisions (rules 
 levels at multiples of the layer's EVBMF ranks (`sensitivity.levels`: EVBMF is the prior), measured
 on `sensitivity.images` stratified val images, with the trials' decomposition iterations and seed and,
 when the trials fit (`finetune.fit`), a data-aware fit to `sensitivity.fit_images` training images
-(fewer than the trials' 512: the fit is most of a candidate's cost, and the table needs the order of
-the candidates, not the trials' exact figures).
+(fewer than the trials' 512: the table needs the order of the candidates, not the trials' exact
+figures).
 """
 
 from __future__ import annotations

@@ -158,3 +158,30 @@ def test_a_cp_trial_reusing_cached_factors_builds_the_same_model(digits_cnn, dig
     for model in (first, reused):
         assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values(),
                                                      strict=True))
+
+
+@pytest.mark.parametrize("name,lp", [("layer2.1.conv2", LayerPlan("cp", 0.3, "int8")),
+                                     ("layer1.1.conv1", LayerPlan("tucker2", 0.3, "int4"))])
+def test_a_recorded_layer_fits_its_chain_as_a_pass_through_the_network_does(cifar, resnet20, name, lp):
+    """A chain replacing one layer alone sees the original's input to that layer: fitting it from the
+    input and output recorded once (the sensitivity table's shortcut) gives the same chain."""
+    images = cifar.calibration_images(64, 32, seed=1)
+    plan = Plan({name: lp}, "int8")
+    calibration = cifar.calibration_images(64, 32, seed=2)
+    through = compress(resnet20, plan, fit=images, n_iter_max=10, calibration=calibration)
+    recorded = fit_module.RecordedLayer(resnet20, name, images)
+    assert len(recorded.inputs) == len(recorded.outputs) == 64
+    for _ in range(2):  # the second fit reuses the recorded moments
+        again = compress(resnet20, plan, fit=recorded, n_iter_max=10, calibration=calibration)
+        for (key, a), (_, b) in zip(through.state_dict().items(), again.state_dict().items(), strict=True):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), key
+    assert set(recorded._moments) == {False}  # the chains' last 1x1 has no bias: one set of moments, computed once
+
+
+def test_a_recorded_layer_refuses_a_plan_that_changes_another_layer(cifar, resnet20):
+    recorded = fit_module.RecordedLayer(resnet20, "layer2.0.conv1", cifar.calibration_images(16, 16, seed=0))
+    plan = Plan({"layer1.0.conv1": LayerPlan("none", None, "int8"),
+                 "layer2.0.conv1": LayerPlan("tucker2", 0.3, "int8")})
+    with patch.object(fit_module, "_fit_chain", side_effect=AssertionError("fitted")):
+        with pytest.raises(AutorankError, match="recorded at layer2.0.conv1 holds only .* changes that layer alone"):
+            compress(resnet20, plan, fit=recorded, n_iter_max=10)

@@ -125,3 +125,57 @@ def test_layer_by_layer_measurement_equals_the_whole_table(digits_table, digits_
         plan_table(digits_cnn, digits, layers={"features.99": ((), ("int8",), ("int8",))}, **options)
     with pytest.raises(AutorankError, match="not measured"):
         job.assemble({"features.7": rows["features.7"]}, seconds=0.0)
+
+
+def test_a_layers_candidates_run_only_the_network_from_that_layer_on(cifar, shared):
+    """The table records the values that cross into the graph at a layer (on ResNet-20 the block input
+    feeds both a block's first conv and its shortcut) and runs each candidate from there: the accuracy of a
+    full pass."""
+    from autorank.engine import evaluate
+    from autorank.engine.sensitivity import _Downstream, plan_table
+    from autorank.models import create_model
+
+    model = create_model("resnet20", cifar, shared / "models" / "cifar10" / "resnet20-12fca82f-jpeg-adapted.pt").eval()
+    choices = {name: (("tucker2",), ("int8",), ("int4",)) for name in ("layer2.0.conv1", "layer3.2.conv2")}
+    job = plan_table(model, cifar, layers=choices, levels=(0.3,), activations="int8", limit=200, seed=0, device="cpu",
+                     n_iter_max=10)
+    for name in choices:
+        downstream = _Downstream.record(job, name)
+        assert downstream is not None and downstream.nodes[downstream.start].target == name
+        crossing = downstream.recorded[0][0]
+        # conv1: the block's input (conv1 and the shortcut read it); conv2: its own input and the block's input
+        assert len(crossing) == (1 if name.endswith("conv1") else 2)
+        assert all(value.shape[0] == 200 for value in crossing.values())  # one batch: the subset
+        assert downstream.accuracy(model) == job.reference
+        for lp, _ in job.planned[name]:
+            small = compress(model, Plan({name: lp}, "int8"), calibration=job.calibration, n_iter_max=10)
+            assert downstream.accuracy(small) == evaluate(small, job.subset, "val", device="cpu")
+
+
+def test_a_model_torch_fx_cannot_trace_is_measured_by_full_passes(digits_cnn, digits):
+    """Data-dependent control flow defeats fx: the table still measures every candidate, by full passes."""
+    import torch
+    from torch import nn
+
+    from autorank.engine.sensitivity import _Downstream, plan_table
+
+    class Branchy(nn.Module):
+        def __init__(self, inner: nn.Module):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x) if x.sum() > -1e9 else -self.inner(x)
+
+    model = Branchy(digits_cnn)
+    job = plan_table(model, digits, include=["inner.features.10"], methods=("tucker2",), levels=(0.5,),
+                     precisions=("int8",), decomposed_precisions=("int8",), limit=60, device="cpu", n_iter_max=5)
+    assert _Downstream.record(job, "inner.features.10") is None
+    table = sensitivity_table(model, digits, include=["inner.features.10"], methods=("tucker2",), levels=(0.5,),
+                              precisions=("int8",), decomposed_precisions=("int8",), limit=60, device="cpu",
+                              n_iter_max=5)
+    plain = sensitivity_table(digits_cnn, digits, include=["features.10"], methods=("tucker2",), levels=(0.5,),
+                              precisions=("int8",), decomposed_precisions=("int8",), limit=60, device="cpu",
+                              n_iter_max=5)
+    assert [c.accuracy for c in table.layers["inner.features.10"]] == [c.accuracy for c in plain.layers["features.10"]]
+    assert torch.is_grad_enabled()
