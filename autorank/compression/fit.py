@@ -26,6 +26,8 @@ beyond one chain's input):
 - "last": least squares for the last factor (bias included where the layer has one).
 Chains "als" cannot express (a first factor that is not 1x1) get "pair".
 A fit that would increase the chain's output error on the calibration images is rolled back.
+Where one layer alone is replaced (a sensitivity table's candidates), `RecordedLayer` records its input
+and output once and keeps the moments, so each candidate's fit costs no network pass.
 """
 
 from __future__ import annotations
