@@ -13,7 +13,7 @@ from autorank.errors import AutorankError
 
 from .fit import FIT_MODES, fit_chains
 from .layers import find_layers, is_candidate
-from .methods import build_chain, decompose_layer
+from .methods import Recomposed, build_chain, decompose_layer
 from .plan import CONV_METHODS, LINEAR_METHODS, LayerPlan, Plan, RankSpec
 from .quantize import INT_BITS, ActivationFakeQuant, calibrate, quantize_weights_
 from .ranks import method_params, parse_vbmf, ratio_ranks, resolve_rank
@@ -190,6 +190,8 @@ def compress(model: nn.Module, plan: Plan, *, calibration: Iterable[Tensor] | No
         if resolved.activations == "int8" and lp.precision in INT_BITS:
             # recomposed: one op runs in the file, so only the chain's input is rounded
             chain = _with_input_quant(chain) if lp.run == "chain" else nn.Sequential(ActivationFakeQuant(), *chain)
+        if lp.run == "recomposed":
+            chain = Recomposed(lp.method, *chain)
             if sites.get(name) == name:
                 chain.append(ActivationFakeQuant(output_of=name))
         if chain is not layer:

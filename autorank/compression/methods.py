@@ -154,6 +154,18 @@ def decompose_layer(layer: nn.Module, name: str, ranks: Ranks, *, stabilize: str
     return decomposition(name).factorise(layer, ranks, stabilize, n_iter_max, seed)
 
 
+class Recomposed(nn.Sequential):
+    """A chain that the exported file runs recomposed (`LayerPlan.run`): in PyTorch the same modules and
+    state_dict as the chain; `method` names its decomposition, for export to compose its kernel."""
+
+    def __init__(self, method: str, *modules: nn.Module) -> None:
+        super().__init__(*modules)
+        self.method = method
+
+    def extra_repr(self) -> str:
+        return f"recomposed {self.method}"
+
+
 def recomposed(chain: nn.Sequential, name: str) -> nn.Conv2d | nn.Linear:
     """The one layer a chain computes: its kernel composed from the chain's weights (in float64, as they
     are: fake-quantized weights compose on their grid) with the layer's stride, padding and dilation,
