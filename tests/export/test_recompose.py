@@ -1,0 +1,81 @@
+"""A ResNet-20 layer run recomposed (LayerPlan.run): the file stores its factors, ONNX Runtime runs one conv.
+
+The same factors are exported as a chain and recomposed; the recomposed file agrees with its PyTorch
+model, is no larger, and ONNX Runtime's optimised graph has the layer as one conv, with nothing left
+of the subgraph that composes its kernel.
+"""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from autorank.compression import LayerPlan, Plan, compress
+from autorank.export import ExportResult, export_model
+from autorank.models import create_model
+from tests.conftest import CIFAR_MODELS
+
+WEIGHTS = CIFAR_MODELS / "resnet20-12fca82f-jpeg-adapted.pt"
+LAYER = "layer2.1.conv1"
+CONVS = ("Conv", "FusedConv", "QLinearConv")
+
+
+@pytest.fixture(scope="module")
+def resnet20(cifar) -> nn.Module:
+    return create_model("resnet20", cifar, WEIGHTS).eval()
+
+
+@pytest.fixture(scope="module")
+def calibration(cifar) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return [x for x, _ in cifar.batches("train", 128, shuffle=True, generator=generator, limit=256)]
+
+
+def _export(resnet20, cifar, calibration, folder: Path, method: str, rank, precision: str, run: str,
+            factors: dict) -> ExportResult:
+    activations = "int8" if precision == "int8" else "fp32"
+    plan = Plan({LAYER: LayerPlan(method, rank, "int8" if precision == "int8" else "fp32", run=run)}, activations)
+    model = compress(resnet20, plan, calibration=calibration, n_iter_max=10, factors=factors).eval()
+    return export_model(model, cifar, folder / f"{method}-{run}.onnx", precision, verify_limit=1000, bench=False)
+
+
+def _optimised_ops(path: Path, folder: Path) -> collections.Counter:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(folder / f"{path.stem}.optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return collections.Counter(n.op_type for n in onnx.load_model(options.optimized_model_filepath).graph.node)
+
+
+@pytest.mark.parametrize("method, rank, precision, chain_convs", [
+    ("tucker2", "vbmf:0.2", "int8", 3), ("cp", 0.5, "int8", 4), ("tucker2", "vbmf:0.2", "fp32", 3),
+    ("cp", 0.5, "fp16", 4),
+])
+def test_a_recomposed_layer_runs_as_one_conv_from_a_file_as_small_as_its_chain(resnet20, cifar, calibration,
+                                                                                tmp_path, method, rank, precision,
+                                                                                chain_convs):
+    factors: dict = {}  # one decomposition for both runs
+    chain = _export(resnet20, cifar, calibration, tmp_path, method, rank, precision, "chain", factors)
+    one = _export(resnet20, cifar, calibration, tmp_path, method, rank, precision, "recomposed", factors)
+    v = one.verification
+    print(f"{method} {precision}: chain {chain.file_bytes:,} B (tensors {chain.payload_bytes:,}), recomposed "
+          f"{one.file_bytes:,} B (tensors {one.payload_bytes:,}); agreement {v.top1_agreement:.4f}, "
+          f"max |diff| {v.max_abs_error:.3g} (chain {chain.verification.max_abs_error:.3g})")
+    assert v.torch_accuracy > 0.7 and abs(v.onnx_accuracy - v.torch_accuracy) <= 0.005
+    assert v.top1_agreement >= 0.99
+    assert one.payload_bytes <= chain.payload_bytes  # the same factors; the chain's inner QDQ parameters go
+    assert one.file_bytes <= chain.file_bytes * 1.005
+    written = collections.Counter(n.op_type for n in onnx.load_model(one.path).graph.node)
+    assert written["Einsum"] == 1  # what the file holds: the composing subgraph over the stored factors
+    ops, chain_ops = _optimised_ops(one.path, tmp_path), _optimised_ops(chain.path, tmp_path)
+    print(f"optimised: chain {dict(chain_ops)}; recomposed {dict(ops)}")
+    assert sum(ops[op] for op in CONVS) == sum(chain_ops[op] for op in CONVS) - (chain_convs - 1)
+    assert ops["Einsum"] == ops["Mul"] == 0  # folded when the session was created
+    assert ops["QLinearConv"] == 0  # the layer's chain was the only integer layer; recomposed, it runs in float
