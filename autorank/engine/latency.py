@@ -112,8 +112,11 @@ def block_graph(chain: list[nn.Module], precision: str, *, rounded_input: bool =
         inits += [numpy_helper.from_array(np.array(0.05, np.float32), "a_scale"),
                   numpy_helper.from_array(np.array(128, np.uint8), "a_zero")]
         nodes.append(helper.make_node("QuantizeLinear", [name, "a_scale", "a_zero"], ["q0"]))
-    if rounded_input and not integer:
-        nodes.append(helper.make_node("DequantizeLinear", ["q0", "a_scale", "a_zero"], ["x_rounded"]))
+    if rounded_input and not integer:  # per channel, as export writes it (precision.quantize_inputs)
+        channels = _ops(chain)[0].weight.shape[1]
+        inits += [numpy_helper.from_array(np.full(channels, 0.05, np.float32), "a_scales"),
+                  numpy_helper.from_array(np.full(channels, 128, np.uint8), "a_zeros")]
+        nodes.append(helper.make_node("DequantizeLinear", ["q0", "a_scales", "a_zeros"], ["x_rounded"], axis=1))
         name = "x_rounded"
     ops = _ops(chain)
     for i, op in enumerate(ops):

@@ -12,8 +12,9 @@ the factors: ONNX Runtime keeps DequantizeLinear nodes for its QDQ fusions and d
 
 The composed kernel is not on an integer grid, so the recomposed op computes in float; with int8
 activations its input keeps the chain's input quantizer (`quantize_inputs` puts that QuantizeLinear /
-DequantizeLinear pair in front of this node only), which is exactly what the quantization-aware model
-computes for a recomposed chain (it rounds nothing inside the chain).
+DequantizeLinear pair in front of this node only, in a form that keeps ONNX Runtime from re-quantizing
+the composed kernel), which is exactly what the quantization-aware model computes for a recomposed
+chain (it rounds nothing inside the chain).
 """
 
 from __future__ import annotations
@@ -33,13 +34,14 @@ def recomposed_chains(model: nn.Module) -> dict[str, Recomposed]:
     return {name: module for name, module in model.named_modules() if isinstance(module, Recomposed)}
 
 
-def input_qparams(chain: Recomposed) -> tuple[float, int] | None:
-    """(scale, int8 zero point) of the chain's calibrated input quantizer, None without one."""
+def input_qparams(chain: Recomposed) -> tuple[float, int, int] | None:
+    """(scale, int8 zero point, input channels) of the chain's calibrated input quantizer, None without one."""
     first = chain[0]
     if not (isinstance(first, ActivationFakeQuant) and first.calibrated):
         return None
     scale, zero_point = first.qparams()
-    return float(scale), int(zero_point)
+    op = chain[1]
+    return float(scale), int(zero_point), op.in_channels if isinstance(op, nn.Conv2d) else op.in_features
 
 
 def _integer(name: str, q: np.ndarray, precision: str) -> onnx.TensorProto:

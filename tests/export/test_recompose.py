@@ -79,3 +79,19 @@ def test_a_recomposed_layer_runs_as_one_conv_from_a_file_as_small_as_its_chain(r
     assert sum(ops[op] for op in CONVS) == sum(chain_ops[op] for op in CONVS) - (chain_convs - 1)
     assert ops["Einsum"] == ops["Mul"] == 0  # folded when the session was created
     assert ops["QLinearConv"] == 0  # the layer's chain was the only integer layer; recomposed, it runs in float
+
+
+def test_consecutive_recomposed_int8_layers_keep_their_float_kernels_in_onnx_runtime(resnet20, cifar, calibration,
+                                                                                     tmp_path):
+    """A recomposed conv whose output reaches the next layer's QuantizeLinear (conv1 -> ReLU -> conv2) is what
+    ONNX Runtime's WeightBiasQuantization re-quantizes to per-tensor int8 when its input's DequantizeLinear
+    is per tensor; export's per-channel form keeps both convs in float, as the PyTorch model computes."""
+    plan = Plan({name: LayerPlan("tucker2", "vbmf:0.2", "int8", run="recomposed")
+                 for name in ("layer2.1.conv1", "layer2.1.conv2")}, "int8")
+    model = compress(resnet20, plan, calibration=calibration, n_iter_max=10).eval()
+    result = export_model(model, cifar, tmp_path / "both.onnx", "int8", verify_limit=1000, bench=False)
+    ops = _optimised_ops(result.path, tmp_path)
+    v = result.verification
+    print(f"optimised: {dict(ops)}; agreement {v.top1_agreement:.4f}, max |diff| {v.max_abs_error:.3g}")
+    assert ops["QLinearConv"] == 0 and ops["Einsum"] == 0
+    assert v.top1_agreement >= 0.995 and v.max_abs_error < 0.05
