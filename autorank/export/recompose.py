@@ -88,8 +88,9 @@ def recompose(graph_model: onnx.ModelProto, model: nn.Module, mapping: dict[str,
         if len(nodes) != len(ops) or any(n is None or n.input[1] not in arrays for n in nodes):
             raise AutorankError(f"recomposed layer {path}: its chain is not {len(ops)} compute nodes with weight "
                                 "initializers in the exported graph")
-        if any(n.op_type == "Gemm" and not any(a.name == "transB" and a.i for a in n.attribute) for n in nodes):
-            raise AutorankError(f"recomposed layer {path}: a Gemm without transB cannot be composed")
+        if any(n.op_type not in ("Conv", "Gemm") or n.op_type == "Gemm" and not any(
+                a.name == "transB" and a.i for a in n.attribute) for n in nodes):  # weights as (out, in, ...)
+            raise AutorankError(f"recomposed layer {path}: only Conv and Gemm(transB) chains can be composed")
         precision = precisions[ops[0][0]]
         inits, new, factors = [], [], []
         for i, node in enumerate(nodes):

@@ -95,3 +95,30 @@ def test_consecutive_recomposed_int8_layers_keep_their_float_kernels_in_onnx_run
     print(f"optimised: {dict(ops)}; agreement {v.top1_agreement:.4f}, max |diff| {v.max_abs_error:.3g}")
     assert ops["QLinearConv"] == 0 and ops["Einsum"] == 0
     assert v.top1_agreement >= 0.995 and v.max_abs_error < 0.05
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp32"])
+def test_every_layer_recomposed_including_an_svd_classifier(digits, precision):
+    """A small CNN with every conv (Tucker-2) and its classifier (SVD, a Gemm) recomposed: the file has one
+    compute node per layer and computes what PyTorch does."""
+    import tempfile
+
+    from autorank.compression import find_layers
+    from autorank.engine import TrainConfig, train
+
+    torch.manual_seed(0)
+    model = create_model("small_cnn", digits)
+    train(model, digits, TrainConfig(steps=30, batch_size=64, lr=0.05, seed=0, device="cpu"))
+    layers = find_layers(model.eval())
+    plan = Plan({name: LayerPlan("svd" if isinstance(layer, nn.Linear) else "tucker2", 0.5, precision,
+                                 run="recomposed") for name, layer in layers.items()},
+                "int8" if precision == "int8" else "fp32")
+    calibration = [x for x, _ in digits.batches("train", 64, limit=256)]
+    compressed = compress(model, plan, calibration=calibration, n_iter_max=10).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        result = export_model(compressed, digits, Path(tmp) / "all.onnx", precision, bench=False)
+        written = onnx.load_model(result.path)
+    ops = collections.Counter(n.op_type for n in written.graph.node)
+    assert ops["Einsum"] == len(layers) and ops["Conv"] + ops["Gemm"] == len(layers) + 1  # + the first conv
+    v = result.verification
+    assert v.top1_agreement >= 0.99 and abs(v.onnx_accuracy - v.torch_accuracy) <= 0.005
