@@ -190,10 +190,10 @@ def compress(model: nn.Module, plan: Plan, *, calibration: Iterable[Tensor] | No
         if resolved.activations == "int8" and lp.precision in INT_BITS:
             # recomposed: one op runs in the file, so only the chain's input is rounded
             chain = _with_input_quant(chain) if lp.run == "chain" else nn.Sequential(ActivationFakeQuant(), *chain)
-        if lp.run == "recomposed":
-            chain = Recomposed(lp.method, *chain)
             if sites.get(name) == name:
                 chain.append(ActivationFakeQuant(output_of=name))
+        if lp.run == "recomposed":
+            chain = Recomposed(lp.method, *chain)
         if chain is not layer:
             compressed.set_submodule(name, chain)
     for name, site in sites.items():

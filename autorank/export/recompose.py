@@ -3,7 +3,7 @@
 The exported fp32 graph holds a decomposed layer as its chain of Conv (or Gemm) nodes, the last one
 with its BatchNorm folded in. For a recomposed layer the chain's nodes are replaced by one node of the
 layer's geometry whose weight is a small constant subgraph over the factors:
-Cast(int8/int4 factor) x per-channel scale (int8/int4 layers, on the search's grid), Cast(fp16 factor)
+Cast(int8/int4 factor) x per-channel scale (int8/int4 layers of an int8 file, on the search's grid), Cast(fp16 factor)
 (fp16 layers of an int8 file) or the float factor itself, then one Einsum (the method's equation,
 `methods.Method.recompose`). ONNX Runtime constant-folds that subgraph when it creates the session, so
 the file is as small as the chain's and runs as one conv. DequantizeLinear is deliberately not used for
@@ -27,6 +27,7 @@ from torch import nn
 from autorank.compression.methods import Recomposed, decomposition, recomposed
 from autorank.compression.quantize import INT_BITS, QMAX, ActivationFakeQuant
 from autorank.errors import AutorankError
+from autorank.export.precision import weight_scales
 
 
 def recomposed_chains(model: nn.Module) -> dict[str, Recomposed]:
@@ -56,12 +57,10 @@ def _integer(name: str, q: np.ndarray, precision: str) -> onnx.TensorProto:
 
 
 def _factor(name: str, weight: np.ndarray, precision: str, file_precision: str) -> tuple[list, list, str]:
-    """(initializers, nodes, float tensor name) storing one factor as the plan stores it."""
-    if precision in INT_BITS:
-        channels = weight.reshape(weight.shape[0], -1)
-        absmax = np.abs(channels).max(axis=1)
-        scale = np.where(absmax > 0, absmax / np.float32(QMAX[precision]), np.float32(1.0)).astype(np.float32)
-        scale = scale.reshape(-1, *[1] * (weight.ndim - 1))
+    """(initializers, nodes, float tensor name) storing one factor as an int8 file stores its layer's weights
+    (fp32 and fp16 files: float, as for chains)."""
+    if precision in INT_BITS and file_precision == "int8":
+        scale = weight_scales(weight, precision).reshape(-1, *[1] * (weight.ndim - 1))
         q = np.clip(np.round(weight / scale), -QMAX[precision], QMAX[precision]).astype(np.int8)
         inits = [_integer(f"{name}_q", q, precision), numpy_helper.from_array(scale, f"{name}_scale")]
         nodes = [helper.make_node("Cast", [f"{name}_q"], [f"{name}_int"], to=TensorProto.FLOAT, name=f"{name}_cast"),
