@@ -107,3 +107,35 @@ def test_a_table_measured_at_another_input_resolution_is_not_reused(tmp_path):
     assert large.measured == small.measured
     assert large._input_shapes()["3"] == (16, 32, 32) and small._input_shapes()["3"] == (16, 16, 16)
     assert default_path("cnn", (3, 16, 16), 1) != default_path("cnn", (3, 32, 32), 1)
+
+
+def test_a_recomposed_layer_has_its_own_entry_shared_by_every_method_and_rank(tmp_path):
+    """Run recomposed, a decomposed layer is one float conv of the layer's geometry behind a rounded input:
+    its own entry, distinct from the chain's, timed once for any decomposition of that layer."""
+    table = _table(_cnn(), tmp_path / "latency.json")
+    chain = Plan({"3": LayerPlan("tucker2", [8, 8], "int8")}, activations="int8")
+    table.predict(chain)
+    timed = table.measured
+    table.predict(Plan({"3": LayerPlan("tucker2", [8, 8], "int8", run="recomposed")}, activations="int8"))
+    assert table.measured == timed + 1
+    assert {"3|tucker2|8x8|int8", "3|recomposed|int8"} <= table.entries.keys()
+    assert table.entries["3|recomposed|int8"] != table.entries["3|tucker2|8x8|int8"]
+    for other in (LayerPlan("cp", [12], "int8", run="recomposed"), LayerPlan("tt", [4, 8, 8], "int4", run="recomposed")):
+        table.predict(Plan({"3": other}, activations="int8"))
+    assert table.measured == timed + 2  # int4 is its own entry; cp at int8 reuses tucker2's
+    # float compute (fp32 activations): the recomposed layer is the layer itself, already in the table
+    weight_only = Plan({"3": LayerPlan("cp", [12], "int8", run="recomposed")}, activations="fp32")
+    assert table.predict(weight_only) == table.predict(Plan({}, activations="fp32"))
+    assert table.measured == timed + 2
+
+
+def test_a_recomposed_block_is_one_float_conv_behind_a_rounded_input(resnet20, tmp_path):
+    layer = resnet20.get_submodule("layer2.1.conv2")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(block_graph([layer], "fp32", rounded_input=True).SerializeToString(), options,
+                         providers=["CPUExecutionProvider"])
+    ops = collections.Counter(n.op_type for n in onnx.load_model(tmp_path / "optimized.onnx").graph.node)
+    assert ops["Conv"] + ops["FusedConv"] == 1 and ops["QLinearConv"] == 0
+    assert ops["QuantizeLinear"] == ops["DequantizeLinear"] == 1

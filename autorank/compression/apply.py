@@ -13,7 +13,7 @@ from autorank.errors import AutorankError
 
 from .fit import FIT_MODES, RecordedLayer, fit_chains, fit_recorded
 from .layers import find_layers, is_candidate
-from .methods import build_chain, decompose_layer
+from .methods import Recomposed, build_chain, decompose_layer
 from .plan import CONV_METHODS, LINEAR_METHODS, LayerPlan, Plan, RankSpec
 from .quantize import INT_BITS, ActivationFakeQuant, calibrate, quantize_weights_
 from .ranks import method_params, parse_vbmf, ratio_ranks, resolve_rank
@@ -37,6 +37,9 @@ def _check(name: str, layer: nn.Module, lp: LayerPlan) -> None:
     if lp.method not in allowed:
         raise AutorankError(f"layer {name!r} ({type(layer).__name__}): method {lp.method!r} not applicable, "
                             f"choose from {', '.join(allowed)}")
+    if lp.run == "recomposed" and getattr(layer, "padding_mode", "zeros") != "zeros":
+        raise AutorankError(f"layer {name!r}: run 'recomposed' needs zero padding (one ONNX Conv), the layer pads "
+                            f"with {layer.padding_mode!r}")
     if lp.method == "none" or lp.rank is None or (isinstance(lp.rank, str) and parse_vbmf(lp.rank) is not None):
         return
     if isinstance(lp.rank, str):
@@ -71,7 +74,8 @@ def resolve_plan(model: nn.Module, plan: Plan) -> Plan:
                 notes[name] = (f"{method} at ranks {'x'.join(map(str, ranks))} would hold {decomposed:,} weights, "
                                f"the layer holds {weights:,}")
                 method, ranks = "none", None
-        resolved[name] = LayerPlan(method, ranks, lp.precision, lp.stabilize)
+        run = lp.run if method != "none" else "chain"
+        resolved[name] = LayerPlan(method, ranks, lp.precision, lp.stabilize, run)
     return Plan(resolved, plan.activations, notes)
 
 
@@ -97,8 +101,8 @@ def _output_quant_sites(model: nn.Module, plan: Plan) -> dict[str, str]:
     if plan.activations != "int8":
         return {}
     quantized = {name for name, lp in plan.layers.items() if lp.precision in INT_BITS}
-    int8_convs = {name for name, lp in plan.layers.items()
-                  if lp.precision == "int8" and isinstance(model.get_submodule(name), nn.Conv2d)}
+    int8_convs = {name for name, lp in plan.layers.items()  # a recomposed layer computes in float
+                  if lp.precision == "int8" and lp.run == "chain" and isinstance(model.get_submodule(name), nn.Conv2d)}
     if not int8_convs:
         return {}
     try:
@@ -158,7 +162,8 @@ def compress(model: nn.Module, plan: Plan, *, calibration: Iterable[Tensor] | No
 
     Decomposed layers become nn.Sequential chains of plain Conv2d/Linear; layers at fp16/int8/int4 get
     weight fake-quant; with `plan.activations == "int8"` the inputs of int8/int4 layers get calibrated
-    activation fake-quant, as do the outputs of int8 convs no quantized layer reads (`_output_quant_sites`)
+    activation fake-quant (a chain run recomposed: only its input), as do the outputs of int8 convs no
+    quantized layer reads (`_output_quant_sites`)
     (`calibration`: batches of inputs; without it, ranges come from the first
     batch seen). `decompose=False` builds the same structure without computing factors, for loading a
     saved state_dict of a compressed model. `fit`: calibration images to which every decomposed chain
@@ -190,9 +195,12 @@ def compress(model: nn.Module, plan: Plan, *, calibration: Iterable[Tensor] | No
             if isinstance(module, nn.Conv2d | nn.Linear):
                 quantize_weights_(module, lp.precision)
         if resolved.activations == "int8" and lp.precision in INT_BITS:
-            chain = _with_input_quant(chain)
+            # recomposed: one op runs in the file, so only the chain's input is rounded
+            chain = _with_input_quant(chain) if lp.run == "chain" else nn.Sequential(ActivationFakeQuant(), *chain)
             if sites.get(name) == name:
                 chain.append(ActivationFakeQuant(output_of=name))
+        if lp.run == "recomposed":
+            chain = Recomposed(lp.method, *chain)
         if chain is not layer:
             compressed.set_submodule(name, chain)
     for name, site in sites.items():

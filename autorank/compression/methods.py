@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from autorank.errors import AutorankError
 
-from .decompose import cp_chain, cp_conv, svd_chain, svd_linear, tt_chain, tt_conv, tucker2_chain, tucker2_conv
+from .decompose import _explicit_padding, cp_chain, cp_conv, svd_chain, svd_linear, tt_chain, tt_conv, tucker2_chain, tucker2_conv
 from .vbmf import guarded_rank, vbmf_ranks, weaken
 
 Shape = tuple[int, ...]
@@ -45,6 +45,9 @@ class Method:
     params: Callable[[Shape, Ranks], int]                   # weight parameters of the chain (bias excluded)
     evbmf_ranks: Callable[[torch.Tensor, float], Ranks]     # (weight, weakening) -> EVBMF-derived ranks
     attainable: Callable[[Shape, Ranks], Ranks] = lambda shape, ranks: ranks  # what the factoriser can return
+    # the chain's weights, in chain order and as stored (4-D conv kernels, 2-D linear weights), -> the layer's
+    # weight: an einsum equation that ONNX (Einsum) and torch read alike; singleton axes are summed away
+    recompose: str = field(default="", kw_only=True)
 
 
 def _clamp(rank: int, full: int) -> int:
@@ -118,16 +121,17 @@ DECOMPOSITIONS: dict[str, Method] = {m.name: m for m in (
     Method("cp", nn.Conv2d, lambda layer, ranks: cp_chain(layer, ranks[0]),
            lambda layer, ranks, stabilize, n_iter_max, seed: cp_conv(layer, ranks[0], stabilize=stabilize,
                                                                      n_iter_max=n_iter_max, seed=seed),
-           _cp_full, lambda shape, ranks: ranks[0] * sum(shape), _cp_evbmf),
+           _cp_full, lambda shape, ranks: ranks[0] * sum(shape), _cp_evbmf, recompose="rcab,rdhe,rfgw,trij->tchw"),
     Method("tucker2", nn.Conv2d, tucker2_chain,
            lambda layer, ranks, stabilize, n_iter_max, seed: tucker2_conv(layer, ranks, n_iter_max=n_iter_max),
-           lambda shape: (shape[1], shape[0]), _tucker2_params, _tucker2_evbmf, _tucker2_attainable),
+           lambda shape: (shape[1], shape[0]), _tucker2_params, _tucker2_evbmf, _tucker2_attainable,
+           recompose="pcab,qphw,tqde->tchw"),
     Method("tt", nn.Conv2d, tt_chain, lambda layer, ranks, stabilize, n_iter_max, seed: tt_conv(layer, ranks),
-           _tt_full, _tt_params, _tt_evbmf, _tt_attainable),
+           _tt_full, _tt_params, _tt_evbmf, _tt_attainable, recompose="pcab,qphd,sqew,tsfg->tchw"),
     Method("svd", nn.Linear, lambda layer, ranks: svd_chain(layer, ranks[0]),
            lambda layer, ranks, stabilize, n_iter_max, seed: svd_linear(layer, ranks[0]),
            lambda shape: (min(shape),), lambda shape, ranks: ranks[0] * (shape[0] + shape[1]),
-           lambda weight, weakening: (vbmf_ranks(weight, weakening)[0],)),
+           lambda weight, weakening: (vbmf_ranks(weight, weakening)[0],), recompose="ri,or->oi"),
 )}
 
 
@@ -148,3 +152,39 @@ def decompose_layer(layer: nn.Module, name: str, ranks: Ranks, *, stabilize: str
                     n_iter_max: int = 100, seed: int = 0) -> nn.Sequential:
     """Decompose one layer at integer `ranks` (validated by the caller)."""
     return decomposition(name).factorise(layer, ranks, stabilize, n_iter_max, seed)
+
+
+class Recomposed(nn.Sequential):
+    """A chain that the exported file runs recomposed (`LayerPlan.run`): in PyTorch the same modules and
+    state_dict as the chain; `method` names its decomposition, for export to compose its kernel."""
+
+    def __init__(self, method: str, *modules: nn.Module) -> None:
+        super().__init__(*modules)
+        self.method = method
+
+    def extra_repr(self) -> str:
+        return f"recomposed {self.method}"
+
+
+def recomposed(chain: nn.Sequential, name: str) -> nn.Conv2d | nn.Linear:
+    """The one layer a chain computes: its kernel composed from the chain's weights (in float64, as they
+    are: fake-quantized weights compose on their grid) with the layer's stride, padding and dilation,
+    and the chain's last bias. Exact for the chains `build_chain` makes: their inner ops have no bias
+    and zero padding, which commute with the 1x1 and separable factors."""
+    ops = [m for m in chain if isinstance(m, nn.Conv2d | nn.Linear)]
+    last = ops[-1]
+    weight = torch.einsum(decomposition(name).recompose, *(m.weight.detach().double() for m in ops))
+    kw = {"bias": last.bias is not None, "device": last.weight.device, "dtype": last.weight.dtype}
+    if isinstance(last, nn.Linear):
+        layer: nn.Conv2d | nn.Linear = nn.Linear(weight.shape[1], weight.shape[0], **kw)
+    else:
+        axes = range(2)
+        layer = nn.Conv2d(weight.shape[1], weight.shape[0], tuple(weight.shape[2:]),
+                          stride=tuple(math.prod(m.stride[i] for m in ops) for i in axes),
+                          padding=tuple(sum(_explicit_padding(m)[i] for m in ops) for i in axes),
+                          dilation=tuple(max(m.dilation[i] for m in ops) for i in axes), **kw)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if last.bias is not None:
+            layer.bias.copy_(last.bias)
+    return layer

@@ -19,6 +19,9 @@ METHODS = ("none", *DECOMPOSITIONS)
 CONV_METHODS = ("none", *(name for name, m in DECOMPOSITIONS.items() if m.layer is nn.Conv2d))
 LINEAR_METHODS = ("none", *(name for name, m in DECOMPOSITIONS.items() if m.layer is nn.Linear))
 ACTIVATIONS = ("fp32", "int8")
+# how a decomposed layer runs in the exported file: its chain of small ops, or one op of the layer's own
+# geometry whose weight ONNX Runtime composes from the stored factors when the session loads
+RUNS = ("chain", "recomposed")
 
 RankSpec = int | float | str | list[int] | None
 
@@ -30,12 +33,17 @@ class LayerPlan:
     rank: ints (one per rank position, or one int for all), a parameter-retention ratio in (0, 1],
     "vbmf" (EVBMF ranks) or "vbmf:W" (EVBMF with MUSCO weakening W in [0, 1]); None means "vbmf".
     stabilize: CP only — "epc" (balance + EPC correction, default), "balance", or "none".
+    run: decomposed layers only — "chain" (default) runs the chain; "recomposed" stores the same
+    factors but runs one conv/linear of the layer's geometry (its kernel composed from the factors
+    when ONNX Runtime loads the file), for layers whose chain is slower than the layer; with int8
+    activations the chain then quantizes only its input, as that one op does.
     """
 
     method: str = "none"
     rank: RankSpec = None
     precision: str = "fp32"
     stabilize: str = "epc"
+    run: str = "chain"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -44,8 +52,21 @@ class LayerPlan:
             raise AutorankError(f"precision {self.precision!r}: choose from {', '.join(PRECISIONS)}")
         if self.stabilize not in CP_STABILIZE:
             raise AutorankError(f"stabilize {self.stabilize!r}: choose from {', '.join(CP_STABILIZE)}")
+        if self.run not in RUNS:
+            raise AutorankError(f"run {self.run!r}: choose from {', '.join(RUNS)}")
+        if self.run == "recomposed" and self.method == "none":
+            raise AutorankError("run 'recomposed' needs a decomposition method: a whole layer runs as itself")
         if isinstance(self.rank, tuple):
             self.rank = list(self.rank)
+
+
+def _layer_json(lp: LayerPlan) -> dict:
+    """A layer plan's JSON object; the default `run` is left out, so plans written before it existed
+    (and the hashes and caches keyed by their JSON) stay byte-identical."""
+    raw = asdict(lp)
+    if raw["run"] == "chain":
+        del raw["run"]
+    return raw
 
 
 @dataclass
@@ -62,7 +83,7 @@ class Plan:
             raise AutorankError(f"activations {self.activations!r}: choose from {', '.join(ACTIVATIONS)}")
 
     def to_json(self) -> str:
-        return json.dumps({"layers": {n: asdict(lp) for n, lp in self.layers.items()},
+        return json.dumps({"layers": {n: _layer_json(lp) for n, lp in self.layers.items()},
                            "activations": self.activations}, indent=2)
 
     @classmethod

@@ -14,7 +14,7 @@ can cache it.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from autorank.errors import AutorankError
@@ -37,11 +37,12 @@ class Candidate:
     params: int
     accuracy: float  # on the table's images, with only this layer compressed
     drop: float  # accuracy points below the uncompressed model on the same images (may be < 0)
+    run: str = "chain"  # LayerPlan.run; measured tables hold chains, `with_recomposed` adds the other run
 
     @property
     def label(self) -> str:
         ranks = f"[{','.join(map(str, self.rank))}]" if self.rank else ""
-        return f"{self.method}{ranks}/{self.precision}"
+        return f"{self.method}{ranks}/{self.precision}" + ("/recomposed" if self.run == "recomposed" else "")
 
     @property
     def kind(self) -> str:
@@ -50,9 +51,11 @@ class Candidate:
             f"{self.method}@{self.level}/{self.precision}"
 
     def layer_plan(self) -> LayerPlan:
-        return LayerPlan(self.method, list(self.rank) if self.rank else None, self.precision)
+        return LayerPlan(self.method, list(self.rank) if self.rank else None, self.precision, run=self.run)
 
     def matches(self, lp: LayerPlan) -> bool:
+        """The same method, ranks and precision, however it runs (a recomposed run stores the chain's
+        factors: its bytes and drop are the chain's)."""
         rank = list(lp.rank) if isinstance(lp.rank, list | tuple) else lp.rank
         return (lp.method, lp.precision) == (self.method, self.precision) and (rank or None) == self.rank
 
@@ -89,9 +92,9 @@ class SensitivityTable:
     def candidate(self, name: str, lp: LayerPlan) -> Candidate:
         if name not in self.layers:
             raise AutorankError(f"layer {name!r} is not in the sensitivity table")
-        for cand in self.layers[name]:
-            if cand.matches(lp):
-                return cand
+        found = [cand for cand in self.layers[name] if cand.matches(lp)]
+        if found:
+            return next((cand for cand in found if cand.run == lp.run), found[0])
         raise AutorankError(f"layer {name!r}: {lp.method} {lp.rank} {lp.precision} is not a candidate of the "
                             "sensitivity table")
 
@@ -105,8 +108,21 @@ class SensitivityTable:
                           self.fixed_bytes + sum(c.size_bytes for c in chosen.values()),
                           self.fixed_macs + sum(c.macs for c in chosen.values()))
 
+    def with_recomposed(self) -> SensitivityTable:
+        """The table with each decomposed candidate also run recomposed: the same factors, so the same
+        bytes and (as an estimate: the recomposed int8 layer rounds only its input) the same drop, and
+        the layer's own MACs. What the allocator chooses from where latency is budgeted."""
+        layers = {name: [v for c in cands for v in ((c,) if c.method == "none" else
+                                                      (c, replace(c, run="recomposed", macs=cands[0].macs)))]
+                  for name, cands in self.layers.items()}
+        return replace(self, layers=layers)
+
     def to_json(self) -> str:
         raw = asdict(self)
+        for cands in raw["layers"].values():  # tables written before `run` existed stay byte-identical
+            for cand in cands:
+                if cand["run"] == "chain":
+                    del cand["run"]
         raw["format"] = TABLE_FORMAT
         return json.dumps(raw, indent=1)
 

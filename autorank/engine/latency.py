@@ -12,7 +12,10 @@ the same machine and model.
 Blocks are lowered as export lowers layers: float convs for fp32/fp16 layers (fp16 layers of an
 int8 file compute in fp32), and for int8/int4 layers QuantizeLinear/DequantizeLinear on every
 conv's input and output with per-channel integer weights and int32 biases, which ONNX Runtime
-fuses into QLinearConv (int8) as in the exported file.
+fuses into QLinearConv (int8) as in the exported file. A layer run recomposed (`LayerPlan.run`) is
+timed as the file runs it: one float op of the layer's geometry, behind a QuantizeLinear /
+DequantizeLinear pair when its input is int8; that block depends on the layer alone, so every method
+and rank shares it.
 """
 
 from __future__ import annotations
@@ -95,18 +98,26 @@ def _ops(chain: list[nn.Module]) -> list[nn.Module]:
     return [m for m in chain if isinstance(m, nn.Conv2d | nn.Linear)]
 
 
-def block_graph(chain: list[nn.Module], precision: str) -> onnx.ModelProto:
+def block_graph(chain: list[nn.Module], precision: str, *, rounded_input: bool = False) -> onnx.ModelProto:
     """One layer's chain as an ONNX graph: float ops, or QDQ around every op for int8/int4.
 
-    The last op carries a bias (a BatchNorm folds into it in the exported file).
+    The last op carries a bias (a BatchNorm folds into it in the exported file). `rounded_input`
+    (float ops only): the input passes QuantizeLinear/DequantizeLinear first, as a recomposed int8
+    layer's does in the exported file.
     """
     nodes, inits = [], []
     integer = precision in INT_BITS
     name = BLOCK_INPUT
-    if integer:  # one activation grid for all: timing does not depend on values
+    if integer or rounded_input:  # one activation grid for all: timing does not depend on values
         inits += [numpy_helper.from_array(np.array(0.05, np.float32), "a_scale"),
                   numpy_helper.from_array(np.array(128, np.uint8), "a_zero")]
         nodes.append(helper.make_node("QuantizeLinear", [name, "a_scale", "a_zero"], ["q0"]))
+    if rounded_input and not integer:  # per channel, as export writes it (precision.quantize_inputs)
+        channels = _ops(chain)[0].weight.shape[1]
+        inits += [numpy_helper.from_array(np.full(channels, 0.05, np.float32), "a_scales"),
+                  numpy_helper.from_array(np.full(channels, 128, np.uint8), "a_zeros")]
+        nodes.append(helper.make_node("DequantizeLinear", ["q0", "a_scales", "a_zeros"], ["x_rounded"], axis=1))
+        name = "x_rounded"
     ops = _ops(chain)
     for i, op in enumerate(ops):
         weight = op.weight.detach().float().numpy()
@@ -236,13 +247,22 @@ class LatencyTable:
         options.log_severity_level = 3
         return options
 
-    def block(self, name: str, method: str, ranks: list[int] | None, precision: str) -> Timing:
-        """The timing of one layer configuration (measured now only if not in the table)."""
-        key = f"{name}|{method}|{'x'.join(map(str, ranks or []))}|{precision}"
+    def block(self, name: str, method: str, ranks: list[int] | None, precision: str, run: str = "chain") -> Timing:
+        """The timing of one layer configuration (measured now only if not in the table).
+
+        A recomposed layer (`run`) is one float op of the layer's geometry whatever its method and ranks:
+        the layer's fp32 block, or with an integer `precision` (int8 activations) that op behind a
+        rounded input, one entry per layer (`name|recomposed|<precision>`)."""
+        if run == "recomposed" and precision not in INT_BITS:
+            return self.block(name, "none", None, "fp32")
+        recomposed = run == "recomposed"
+        key = f"{name}|recomposed|{precision}" if recomposed else \
+            f"{name}|{method}|{'x'.join(map(str, ranks or []))}|{precision}"
         if key not in self.entries:
             layer, shape = self.layers[name], self._input_shapes()[name]
-            chain = [layer] if method == "none" else list(build_chain(layer, method, tuple(ranks)))
-            raw = self._time(block_graph(chain, precision), BLOCK_INPUT, shape)
+            chain = [layer] if method == "none" or recomposed else list(build_chain(layer, method, tuple(ranks)))
+            graph = block_graph(chain, "fp32", rounded_input=True) if recomposed else block_graph(chain, precision)
+            raw = self._time(graph, BLOCK_INPUT, shape)
             overhead = self._overhead(shape)
             self.entries[key] = Timing(max(raw.b1_ms - overhead.b1_ms, 0.0), max(raw.batch_ms - overhead.batch_ms, 0.0))
             self._save()
@@ -280,7 +300,7 @@ class LatencyTable:
         if lp is None:
             return self.block(name, "none", None, "fp32")
         compute = lp.precision if activations == "int8" or lp.precision not in INT_BITS else "fp32"
-        return self.block(name, lp.method, lp.rank, compute)
+        return self.block(name, lp.method, lp.rank, compute, lp.run)
 
     def predict(self, plan: Plan) -> LatencyPrediction:
         """A plan's ONNX Runtime latency (batch 1) and throughput, from the table plus the remainder."""

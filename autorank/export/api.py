@@ -28,8 +28,9 @@ from autorank.data import Dataset
 from autorank.errors import AutorankError, TrackingFailed
 from autorank.export.bench import benchmark
 from autorank.engine.deploy import to_onnx
-from autorank.export.precision import (CALIBRATION_METHODS, INT8_SCOPES, compact, payload_bytes, round_biases, to_fp16,
-                                     to_int8)
+from autorank.export.precision import (CALIBRATION_METHODS, INT8_SCOPES, compact, payload_bytes, quantize_inputs,
+                                     round_biases, to_fp16, to_int8)
+from autorank.export.recompose import input_qparams, recompose, recomposed_chains
 from autorank.export.registry import check_registered_name, register_model, write_card
 from autorank.export.result import ExportResult
 from autorank.export.verify import onnx_accuracy, verify
@@ -170,26 +171,37 @@ def write_onnx(model: nn.Module, data: Dataset, out: str | Path, precision: str 
         unmapped = [name for name in precisions if name not in mapping]
         if unmapped:  # e.g. a layer used through a functional call: its plan could not be honoured
             raise AutorankError(f"no ONNX node found for layers {', '.join(unmapped[:4])}; cannot honour the plan")
+        chains = recomposed_chains(plain)
+        recomposed: dict[str, list[str]] = {}
+        if chains:  # their chains' nodes become one op over the factors, which quantization leaves alone
+            graph = onnx.load_model(fp32_path)
+            recomposed = recompose(graph, plain, mapping, precisions, precision)
+            onnx.save_model(graph, fp32_path)
         if precision == "fp16":
             to_fp16(fp32_path, out)
         elif precision == "int8":
             def nodes(wanted: str) -> list[str]:
-                return [node for name, p in precisions.items() if p == wanted for node in mapping[name]]
+                return [node for name, p in precisions.items() if p == wanted for node in mapping.get(name, [])]
 
             weight_only = not any(isinstance(m, ActivationFakeQuant) for m in model.modules())
             fp32 = onnx.load_model(fp32_path)
             ranges = _trained_ranges(model, mapping, fp32)
             output_qparams = _output_quantizers(model, mapping, fp32)
             if not weight_only:
-                integer = {node: p for name, p in precisions.items() if p in QMAX for node in mapping[name]}
+                integer = {node: p for name, p in precisions.items() if p in QMAX for node in mapping.get(name, [])}
                 reference = _shift_biases(model, mapping, round_biases(fp32, ranges, integer))
                 onnx.save_model(fp32, fp32_path)
             with _quiet():
                 to_int8(fp32_path, out, _calibration(data, calibration_batches, calibration_batch_size, seed),
-                        exclude_fp32=nodes("fp32"), exclude_fp16=nodes("fp16"), int4_nodes=nodes("int4"),
+                        exclude_fp32=nodes("fp32") + [n for added in recomposed.values() for n in added],
+                        exclude_fp16=nodes("fp16"), int4_nodes=nodes("int4"),
                         activation_ranges=ranges, output_qparams=output_qparams, method=calibration_method, activation_type=activation_type,
                         scope=int8_scope, weight_only=weight_only)
-    written = compact(onnx.load_model(out))
+    written = onnx.load_model(out)
+    if precision == "int8":  # a recomposed layer's input is rounded as its chain's input quantizer rounds it
+        qparams = {path: input_qparams(model.get_submodule(path)) for path in chains}
+        quantize_inputs(written, {path: qp for path, qp in qparams.items() if qp is not None}, activation_type)
+    written = compact(written)
     onnx.save_model(written, out)
     if precision == "int8" and reference is not model:
         reference = _fold_batchnorms(reference, mapping, batchnorms, written)

@@ -44,7 +44,9 @@ class LatencyCosts:
 
 
 def latency_costs(table: SensitivityTable, latency: LatencyTable) -> LatencyCosts:
-    """Every candidate's measured cost (timing the blocks the latency table lacks, here in the driver)."""
+    """Every candidate's measured cost, each decomposed one also run recomposed (`with_recomposed`),
+    timing the blocks the latency table lacks, here in the driver."""
+    table = table.with_recomposed()
     costs, fixed = latency.candidate_costs(table)
     return LatencyCosts({name: {c.label: ms for c, ms in zip(cands, costs[name], strict=True)}
                          for name, cands in table.layers.items()}, fixed)
@@ -103,7 +105,8 @@ def allocated_plan(table: SensitivityTable, space: SearchSpace, groups: Sequence
     allowed candidates could not reach the target and every candidate was allowed), `predicted_drop`
     (the table's own drops, unweighted) and `predicted_bytes` (exact). With the space's
     `max_latency_ms` and the search's measured `latency` costs, the allocator also keeps the plan's
-    predicted ONNX Runtime latency within that limit (raised to the fastest reachable plan if lower)."""
+    predicted ONNX Runtime latency within that limit (raised to the fastest reachable plan if lower), choosing
+    per decomposed layer to run its chain or the layer recomposed (`LayerPlan.run`), whichever the budget needs."""
     seen = weighted_table(table, space, groups, params)
     target = math.floor(table.model_bytes / params.get("ratio", space.allocate.ratio[0]))
     widened = smallest_bytes(seen) > target
@@ -112,6 +115,7 @@ def allocated_plan(table: SensitivityTable, space: SearchSpace, groups: Sequence
     budget = max(target, smallest_bytes(seen))
     limit = space.constraints.max_latency_ms
     if latency is not None and limit is not None:
+        seen = seen.with_recomposed()  # where a chain is slower than its layer, the layer may run recomposed
         costs, fixed = latency.of(seen)
         fastest = fixed + sum(min(ms) for ms in costs.values())
         plan = allocate(seen, budget, max_latency_ms=max(limit, fastest), latency=(costs, fixed))

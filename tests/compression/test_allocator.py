@@ -172,3 +172,28 @@ def test_latency_costs_taken_once_serve_any_weighted_view_without_timing(digits_
     assert costs.of(view) == timings.candidate_costs(view) and costs.of(digits_table) == timings.candidate_costs(
         digits_table)
     assert timings.measured == timed and timed > 0
+
+
+def test_a_latency_budget_runs_layers_recomposed_where_their_chains_are_slower():
+    """With each decomposed candidate also offered run recomposed (same bytes and drop, the layer's MACs),
+    a latency budget that no plan of chains meets is met by running the chosen decompositions recomposed,
+    at the size budget's optimal drop; without a latency budget nothing is recomposed."""
+    table = synthetic_table(4, 4, 0)
+    offered = table.with_recomposed()
+    for name, cands in offered.layers.items():
+        assert len(cands) == 1 + 2 * (len(table.layers[name]) - 1)
+        for chain, one in zip(cands[1::2], cands[2::2], strict=True):
+            assert one.run == "recomposed" and one.label == f"{chain.label}/recomposed"
+            assert (one.size_bytes, one.drop, one.macs) == (chain.size_bytes, chain.drop, cands[0].macs)
+    # made-up costs: the layer whole 1 ms, any chain 3 ms, any recomposed run 1 ms
+    costs = {name: [1.0 if c.method == "none" or c.run == "recomposed" else 3.0 for c in cands]
+             for name, cands in offered.layers.items()}
+    smallest = table.fixed_bytes + sum(min(c.size_bytes for c in cands) for cands in table.layers.values())
+    budget = (table.model_bytes + smallest) // 2
+    plan = allocate(offered, budget, max_latency_ms=len(costs) * 1.0, latency=(costs, 0.0))
+    assert table.predict(plan).drop == pytest.approx(table.predict(allocate(table, budget)).drop)
+    assert table.predict(plan).size_bytes <= budget
+    decomposed = {name: lp for name, lp in plan.layers.items() if lp.method != "none"}
+    assert decomposed and all(lp.run == "recomposed" for lp in decomposed.values())
+    assert all(offered.candidate(name, lp).run == "recomposed" for name, lp in decomposed.items())
+    assert all(lp.run == "chain" for lp in allocate(offered, budget).layers.values())

@@ -196,3 +196,30 @@ def test_ray_executor_measures_the_table_in_ray_tasks(tmp_path, pretrained_digit
         # a Ray task computes on 1 thread, the local search on 2: float sums in another order, which moves
         # a wrecked candidate (a ~37-point drop) by a few images of 180 (36.7 vs 40.0 on an Intel Xeon host)
         assert [c.drop for c in cands] == pytest.approx([c.drop for c in local.layers[name]], abs=2.0, rel=0.15)
+
+
+def test_a_latency_budget_lets_allocated_plans_run_layers_recomposed(allocate_search):
+    """Allocate mode under `max_latency_ms`: made-up costs where every chain is slower than its layer (4 ms
+    against 1 ms) and the limit allows no chain; the plan runs its decompositions recomposed, at the drop
+    of the plan without a latency limit."""
+    import dataclasses
+
+    from autorank.search.allocation import LatencyCosts
+
+    search = load_search(allocate_search.out_dir)
+    space = space_from_dict(search.info["space"])
+    groups = space.groups({name: layer["kind"] for name, layer in search.info["layers"].items()})
+    table = SensitivityTable.from_json((search.out_dir / "sensitivity.json").read_text())
+    costs = LatencyCosts({name: {c.label: 4.0 if c.method != "none" and c.run == "chain" else 1.0
+                                 for c in cands} for name, cands in table.with_recomposed().layers.items()}, 0.5)
+    limited = dataclasses.replace(space, constraints=dataclasses.replace(space.constraints,
+                                                                         max_latency_ms=0.5 + len(table.layers)))
+    params = {"sharpness": 1.0, "decomposed_weight": 1.0, "allow.tucker2": True, "allow.svd": True,
+              "lowest_precision": "int4", "ratio": 12.0}
+    plan, predicted = allocated_plan(table, limited, groups, params, costs)
+    free, free_predicted = allocated_plan(table, space, groups, params)
+    decomposed = [lp for lp in plan.layers.values() if lp.method != "none"]
+    assert decomposed and all(lp.run == "recomposed" for lp in decomposed)
+    assert all(lp.run == "chain" for lp in free.layers.values())
+    assert predicted["predicted_drop"] == pytest.approx(free_predicted["predicted_drop"])
+    assert predicted["predicted_bytes"] <= predicted["budget_bytes"]
