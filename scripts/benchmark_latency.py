@@ -2,9 +2,9 @@
 
 For each model: the fp32 original exported and timed; a measured latency table (engine/latency.py)
 at `--threads`; `--plans` seeded plans (per layer: kept or Tucker-2 at an EVBMF weakening, fp32 or
-int8, int8 activations) and a few uniform ones, each compressed (optionally QAT-fine-tuned for
-`--finetune-steps` with the original as teacher), exported to int8 ONNX, timed end to end and scored
-on the test split. Prints and writes (`--out`, JSON):
+int8, a decomposed layer run as its chain or recomposed, int8 activations) and a few uniform ones,
+each compressed (optionally QAT-fine-tuned for `--finetune-steps` with the original as teacher),
+exported to int8 ONNX, timed end to end and scored on the test split. Prints and writes (`--out`, JSON):
 - predicted vs measured batch-1 latency of every plan: Spearman rank correlation, median error;
 - the accuracy-vs-latency front (non-dominated exported plans);
 - `fp32_original` and `best_within_1pt` (the exported plan within 1.0 point of the original's test
@@ -45,18 +45,22 @@ WEAKENINGS = ("vbmf:0.1", "vbmf:0.2", "vbmf:0.4", "vbmf:0.7")
 
 
 def _plans(model: torch.nn.Module, count: int, seed: int, weakenings: list[str]) -> list[tuple[str, Plan]]:
-    """Uniform plans (all int8; Tucker-2 at each weakening, int8) and `count` seeded random ones."""
+    """Uniform plans (all int8; Tucker-2 at each weakening, int8, as chains and recomposed) and `count`
+    seeded random ones (per layer: kept or Tucker-2, fp32 or int8, a decomposed layer run as its chain
+    or recomposed)."""
     layers = [name for name, m in find_layers(model).items() if isinstance(m, torch.nn.Conv2d)]
     plans = [("int8 (no decomposition)", Plan({n: LayerPlan("none", None, "int8") for n in layers}, "int8"))]
-    plans += [(f"tucker2 {w} int8", Plan({n: LayerPlan("tucker2", w, "int8") for n in layers}, "int8"))
-              for w in weakenings]
+    plans += [(f"tucker2 {w} int8{' recomposed' if run == 'recomposed' else ''}",
+               Plan({n: LayerPlan("tucker2", w, "int8", run=run) for n in layers}, "int8"))
+              for w in weakenings for run in ("chain", "recomposed")]
     rng = random.Random(seed)
     for k in range(count):
         chosen = {}
         for name in layers:
             method = rng.choice(("none", "tucker2"))
-            chosen[name] = LayerPlan(method, rng.choice(weakenings) if method != "none" else None,
-                                     rng.choice(("fp32", "int8", "int8")))
+            rank = rng.choice(weakenings) if method != "none" else None
+            run = rng.choice(("chain", "recomposed")) if method != "none" else "chain"
+            chosen[name] = LayerPlan(method, rank, rng.choice(("fp32", "int8", "int8")), run=run)
         plans.append((f"random {k}", Plan(chosen, "int8")))
     return plans
 
