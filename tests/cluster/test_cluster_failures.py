@@ -29,7 +29,9 @@ def test_losing_the_worker_node_mid_trial_records_it_failed_and_the_search_compl
     trials = 3  # one is lost with the node, the others complete on the new one (with 2, both ended before a
                 # `ray list` under load saw one running)
     out, log = cluster.driver_root / "lost-worker", tmp_path / "search.log"
-    space = write_space(tmp_path, name="lost", trials=trials, steps=4)
+    # ~10 s of fine-tuning per trial on a worker's thread, so that the kill lands mid-trial: with 4 steps, on an
+    # idle fast host the trial seen running ended before the worker died and no trial failed
+    space = write_space(tmp_path, name="lost", trials=trials, steps=2000)
     args = cluster_search_args(cluster, space, out, trials=trials)
     args[args.index("--max-concurrent") + 1] = "1"
     proc = start_search(cluster, args, log)
