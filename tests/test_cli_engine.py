@@ -84,3 +84,15 @@ def test_mismatched_checkpoint_through_the_installed_command(shared):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.count("\n") == 1
     assert "does not fit CifarResNet" in proc.stderr and "missing" in proc.stderr and "conv1.weight" in proc.stderr
+
+
+def test_ctrl_c_while_the_commands_import_exits_130_without_a_traceback(capsys, monkeypatch):
+    """Importing torch takes seconds; a Ctrl-C then is an interrupt like any other."""
+    import autorank.cli
+
+    def interrupted(command):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(autorank.cli, "build_parser", interrupted)
+    code, out, err = run_cli(capsys, "ui", "--search", "anywhere")
+    assert (code, out, err) == (130, "", "autorank: interrupted\n")

@@ -41,8 +41,8 @@ def _parser(modules: tuple[str, ...]) -> tuple[argparse.ArgumentParser, argparse
 
 def main(argv: list[str] | None = None) -> int:
     given = sys.argv[1:] if argv is None else argv
-    args = build_parser(given[0] if given else None).parse_args(argv)
-    try:
+    try:  # Ctrl-C while the commands import (torch alone takes seconds) is an interrupt too, not a traceback
+        args = build_parser(given[0] if given else None).parse_args(argv)
         result = args.handler(args)
     except AutorankError as exc:
         print(f"autorank: error: {exc}", file=sys.stderr)

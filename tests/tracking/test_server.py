@@ -249,14 +249,16 @@ def test_ui_on_a_broken_store_says_why_in_one_line(tmp_path, capfd):
     assert "Traceback" in (out / "ui.log").read_text()
 
 
-def _children(pid: int) -> list[int]:
+def _mlflow_children(pid: int) -> list[int]:
+    """`pid`'s children running `mlflow server` (importing torch runs other children, e.g. `ldconfig -p`)."""
     kids = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
+            command = (stat.parent / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if int(fields[1]) == pid:
+        if int(fields[1]) == pid and any(part.endswith(b"mlflow") for part in command) and b"server" in command:
             kids.append(int(stat.parent.name))
     return kids
 
@@ -271,7 +273,7 @@ def test_ctrl_c_while_the_ui_starts_leaves_no_server_behind(tmp_path):
     ui = subprocess.Popen([sys.executable, "-m", "autorank", "ui", "--search", str(out), "--port", "0"],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while not (server := _children(ui.pid)) and time.monotonic() < deadline:
+    while not (server := _mlflow_children(ui.pid)) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert server, "autorank ui never started the MLflow server"
     ui.send_signal(signal.SIGINT)  # before the server answers /health
