@@ -2,13 +2,19 @@
 
 The sample says how small (`ratio`, times below the uncompressed fp32 size), with what (`allow.<method>`
 switches a decomposition on or off, `lowest_precision` allows that precision and every wider one;
-keeping a layer fp32 is always allowed) and how to read the table (`sharpness` p and `decomposed_weight` w turn each candidate's measured drop d
-into w^[decomposed] * max(d, 0)^p). The allocator then picks, per layer, the candidate that minimises
-the summed weighted drops within the byte budget. Why the two weights: single-layer zero-shot drops
-add up only roughly (the table over-predicts at moderate ratios and under-predicts where many layers
-are decomposed, docs/COMPRESSION.md), p > 1 spreads damage thinly and p < 1 concentrates it, and a
-fine-tune recovers decompositions (data-aware fit + distillation) far more than it recovers the
-table's zero-shot figure suggests, which w < 1 credits. The search learns both.
+keeping a layer fp32 is always allowed) and how to read the table (`sharpness` p and `decomposed_weight` w).
+The allocator then picks, per layer, the candidate that minimises the summed costs within the byte budget.
+
+Why costs, not the table's drops: single-layer zero-shot drops add up only roughly after a trial's
+fine-tune. On ResNet-20 (docs/BENCHMARKS.md) their sum over-predicted int-only plans (3.4 pt predicted,
+0.5 measured) and under-predicted plans that decompose many convs (0.8-2.8 predicted, 3.0-3.3 measured;
+a fifth of the decomposition candidates measure a drop <= 0 on 500 images, so the raw table takes them
+for free). So the search fits `DropCosts` to its own finished trials: measured drop ~ a*Q + b*D + c*n,
+Q and D the summed table drops of a plan's whole and decomposed layers, n its decomposed layers
+(leave-one-out error 0.25 pt there, against 2.63 for the raw sum). A candidate then costs
+a*max(d, 0)^p kept whole and w*(b*max(d, 0)^p + c) decomposed; before enough trials, a = b = 1 and c = 0
+(the raw table). The sampled p and w perturb that reading: p > 1 spreads damage thinly, p < 1
+concentrates it, w rescales what decompositions cost.
 
 The sampled ratio is kept even where the allowed families cannot reach it: the sample then plans with
 every candidate of the table (`widened`). Capping it at the smallest allowed size instead let a sampler
@@ -18,12 +24,16 @@ int4 plan again and again: 7 of 21 sampled ResNet-20 trials trained the same 7.1
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from autorank.compression import Plan, SensitivityTable, allocate
+import numpy as np
+from scipy.optimize import nnls
+
+from autorank.compression import Candidate, Plan, SensitivityTable, allocate
 from autorank.engine.latency import LatencyTable
 from autorank.search.space import Group, SearchSpace
 
@@ -52,6 +62,66 @@ def latency_costs(table: SensitivityTable, latency: LatencyTable) -> LatencyCost
                          for name, cands in table.layers.items()}, fixed)
 
 
+MIN_FIT_TRIALS = 4  # finished trials before the costs leave the raw table (three coefficients, one to spare)
+
+
+@dataclass(frozen=True)
+class DropCosts:
+    """What a plan's measured val drop after a trial's fine-tune costs in the table's terms (module
+    docstring): `quantized` a per point of whole-layer table drop, `decomposed` b per point of
+    decomposed-layer drop, `per_decomposition` c per decomposed layer; `trials` the fit saw (0: raw)."""
+
+    quantized: float = 1.0
+    decomposed: float = 1.0
+    per_decomposition: float = 0.0
+    trials: int = 0
+
+    def of(self, candidate: Candidate, sharpness: float = 1.0) -> float:
+        """The candidate's cost (its drop d read through `sharpness`)."""
+        drop = max(candidate.drop, 0.0) ** sharpness
+        if candidate.method == "none":
+            return self.quantized * drop
+        return self.decomposed * drop + self.per_decomposition
+
+    def predict(self, features: tuple[float, float, int]) -> float:
+        quantized, decomposed, count = features
+        return self.quantized * quantized + self.decomposed * decomposed + self.per_decomposition * count
+
+
+def plan_features(table: SensitivityTable, layers: Mapping[str, Mapping[str, Any]]) -> tuple[float, float, int] | None:
+    """(Q, D, n) of a plan (its JSON `layers`): the summed table drops (>= 0) of its whole and of its
+    decomposed layers, and how many it decomposes; None when a layer's choice is not a table candidate
+    (a warm-start recipe's uniform ranks), since then the table says nothing of it."""
+    quantized = decomposed = 0.0
+    count = 0
+    for name, cands in table.layers.items():
+        lp = layers.get(name, {"method": "none", "precision": "fp32"})
+        match = next((c for c in cands if c.method == lp["method"] and c.precision == lp["precision"]
+                      and (c.method == "none" or list(c.rank) == list(lp["rank"]))), None)
+        if match is None:
+            return None
+        if match.method == "none":
+            quantized += max(match.drop, 0.0)
+        else:
+            decomposed += max(match.drop, 0.0)
+            count += 1
+    return quantized, decomposed, count
+
+
+def fit_drop_costs(table: SensitivityTable, finished: Iterable[tuple[Mapping[str, Any], float]]) -> DropCosts:
+    """`DropCosts` fitted to finished trials, each (plan JSON, measured drop in points): nonnegative
+    least squares, pulled towards the raw table by one pseudo-observation per coefficient so that what
+    the trials cannot tell apart yet (no decomposed plan so far, say) stays the table's own reading."""
+    rows = [(f, drop) for plan, drop in finished if (f := plan_features(table, plan["layers"])) is not None]
+    if len(rows) < MIN_FIT_TRIALS:
+        return DropCosts()
+    prior = DropCosts()
+    x = np.array([f for f, _ in rows] + [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    y = np.array([drop for _, drop in rows] + [prior.quantized, prior.decomposed, prior.per_decomposition])
+    (a, b, c), _ = nnls(x, y)
+    return DropCosts(float(a), float(b), float(c), len(rows))
+
+
 def table_choices(space: SearchSpace, groups: Sequence[Group]) -> dict[str, tuple[list[str], list[str], list[str]]]:
     """Per searched layer: (decompositions, precisions kept whole, precisions of decomposed layers) the
     table measures. Decomposed layers take the layer's integer precisions when it has any (a decomposed
@@ -78,17 +148,17 @@ def _allowed(space: SearchSpace, groups: Sequence[Group], params: Mapping[str, A
 
 
 def weighted_table(table: SensitivityTable, space: SearchSpace, groups: Sequence[Group],
-                   params: Mapping[str, Any], everything: bool = False) -> SensitivityTable:
+                   params: Mapping[str, Any], everything: bool = False, costs: DropCosts = DropCosts()
+                   ) -> SensitivityTable:
     """The table the allocator sees for `params`: only the allowed candidates (keep fp32 always;
-    `everything`: every candidate), each drop replaced by its weighted value (module docstring)."""
+    `everything`: every candidate), each drop replaced by its cost (module docstring)."""
     methods, precisions = _allowed(space, groups, params, everything)
     sharpness = params.get("sharpness", space.allocate.sharpness[0])
     weight = params.get("decomposed_weight", space.allocate.decomposed_weight[0])
     layers = {}
     for name, cands in table.layers.items():
         kept = [c for c in cands[1:] if c.precision in precisions and (c.method == "none" or c.method in methods)]
-        layers[name] = [cands[0]] + [replace(c, drop=max(c.drop, 0.0) ** sharpness * (1.0 if c.method == "none"
-                                                                                          else weight))
+        layers[name] = [cands[0]] + [replace(c, drop=costs.of(c, sharpness) * (1.0 if c.method == "none" else weight))
                                      for c in kept]
     return replace(table, layers=layers)
 
@@ -99,28 +169,33 @@ def smallest_bytes(table: SensitivityTable) -> int:
 
 
 def allocated_plan(table: SensitivityTable, space: SearchSpace, groups: Sequence[Group],
-                   params: Mapping[str, Any], latency: LatencyCosts | None = None) -> tuple[Plan, dict[str, float]]:
-    """The trial's plan and what the table says of it: `budget_bytes` (the sampled target; raised to the
-    smallest reachable size only when no candidate of the table goes that low), `widened` (1.0 when the
-    allowed candidates could not reach the target and every candidate was allowed), `predicted_drop`
-    (the table's own drops, unweighted) and `predicted_bytes` (exact). With the space's
+                   params: Mapping[str, Any], latency: LatencyCosts | None = None, costs: DropCosts = DropCosts()
+                   ) -> tuple[Plan, dict[str, float]]:
+    """The trial's plan, allocated with `costs` (the search's fit to its finished trials), and what the table
+    says of it: `budget_bytes` (the sampled target; raised to the smallest reachable size only when no
+    candidate of the table goes that low), `widened` (1.0 when the allowed candidates could not reach the
+    target and every candidate was allowed), `predicted_drop` (the table's own drops summed),
+    `calibrated_drop` (what `costs` predict at p = w = 1), `cost_trials` (how many trials `costs` were
+    fitted to) and `predicted_bytes` (exact). With the space's
     `max_latency_ms` and the search's measured `latency` costs, the allocator also keeps the plan's
     predicted ONNX Runtime latency within that limit (raised to the fastest reachable plan if lower), choosing
     per decomposed layer to run its chain or the layer recomposed (`LayerPlan.run`), whichever the budget needs."""
-    seen = weighted_table(table, space, groups, params)
+    seen = weighted_table(table, space, groups, params, costs=costs)
     target = math.floor(table.model_bytes / params.get("ratio", space.allocate.ratio[0]))
     widened = smallest_bytes(seen) > target
     if widened:
-        seen = weighted_table(table, space, groups, params, everything=True)
+        seen = weighted_table(table, space, groups, params, everything=True, costs=costs)
     budget = max(target, smallest_bytes(seen))
     limit = space.constraints.max_latency_ms
     if latency is not None and limit is not None:
         seen = seen.with_recomposed()  # where a chain is slower than its layer, the layer may run recomposed
-        costs, fixed = latency.of(seen)
-        fastest = fixed + sum(min(ms) for ms in costs.values())
-        plan = allocate(seen, budget, max_latency_ms=max(limit, fastest), latency=(costs, fixed))
+        timings, fixed = latency.of(seen)
+        fastest = fixed + sum(min(ms) for ms in timings.values())
+        plan = allocate(seen, budget, max_latency_ms=max(limit, fastest), latency=(timings, fixed))
     else:
         plan = allocate(seen, budget)  # the table's activations: the space's one
     predicted = table.predict(plan)
+    features = plan_features(table, json.loads(plan.to_json())["layers"])
     return plan, {"budget_bytes": float(budget), "widened": float(widened), "predicted_drop": predicted.drop,
+                  "calibrated_drop": costs.predict(features), "cost_trials": float(costs.trials),
                   "predicted_bytes": float(predicted.size_bytes)}

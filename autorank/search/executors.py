@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import math
 import os
 import pickle
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Any
 
 import optuna
@@ -29,7 +30,8 @@ from optuna.trial import TrialState
 from autorank.data import Dataset
 from autorank.errors import AutorankError
 from autorank.records import TrialRecord
-from autorank.search.study import annotate, make_sampler, objective_values
+from autorank.search.allocation import DropCosts
+from autorank.search.study import annotate, drop_costs, make_sampler, objective_values
 from autorank.search.trial import TrialContext, TrialOutput, compute_trial, run_trial, save_trial, with_latency
 
 EXECUTORS = ("local", "ray")
@@ -56,7 +58,8 @@ def run_local(study: optuna.Study, ctx: TrialContext, data: Dataset, budget_left
         trial = study.ask()
         started += 1
         params = ctx.space.suggest(trial, ctx.groups)
-        outcome = run_trial(ctx, data, params, trial.number, seed=trial.user_attrs.get("seed"))
+        costs = drop_costs(study, trial, ctx.space, ctx.table)
+        outcome = run_trial(ctx, data, params, trial.number, seed=trial.user_attrs.get("seed"), costs=costs)
         tell(study, trial, ctx, outcome)
         on_done(outcome)
 
@@ -124,10 +127,11 @@ def _ray_trial(config: dict[str, Any], ctx: TrialContext, data: Dataset, inbox: 
     from ray import tune
 
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    params = {k: v for k, v in config.items() if k not in ("trial_number", "seed")}
+    params = {k: v for k, v in config.items() if k not in ("trial_number", "seed", "costs")}
     number = int(config["trial_number"])
     worker_ctx = replace(ctx, device=trial_device(ctx.device, ray.get_gpu_ids()))
-    output = compute_trial(worker_ctx, data, params, number, seed=config.get("seed"))
+    output = compute_trial(worker_ctx, data, params, number, seed=config.get("seed"),
+                           costs=DropCosts(**json.loads(config["costs"])))
     ray.get(inbox.put.remote(number, output.files))  # delivered before the result says the trial finished
     report = {name: float(output.record.metrics.get(name, math.nan)) for name in ctx.space.objectives}
     tune.report({**report, "outcome": output.record.to_json()})
@@ -239,7 +243,8 @@ def run_ray(study: optuna.Study, storage: optuna.storages.BaseStorage, ctx: Tria
 
     def define_by_run(trial) -> dict[str, Any]:
         ctx.space.suggest(trial, ctx.groups)  # Ray captures the suggested values as the config
-        return {"trial_number": trial.number, "seed": trial.user_attrs.get("seed")}
+        costs = drop_costs(trial.study, trial, ctx.space, ctx.table)  # fitted here, in the driver
+        return {"trial_number": trial.number, "seed": trial.user_attrs.get("seed"), "costs": json.dumps(asdict(costs))}
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     inbox = ray.remote(_Inbox).options(num_cpus=0, scheduling_strategy=here).remote()

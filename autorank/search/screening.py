@@ -38,6 +38,8 @@ from autorank import engine
 from autorank.compression import Plan, profile
 from autorank.data import Dataset
 from autorank.records import TrialRecord, dominates
+from autorank.search.allocation import DropCosts
+from autorank.search.study import drop_costs
 from autorank.search.trial import (TrialContext, compress_trial, failed_record, latency_figures, run_trial, summarize,
                                    trial_plan)
 
@@ -96,11 +98,11 @@ def promotions(figures: Mapping[int, Mapping[str, float]], batch: Sequence[int],
     return chosen
 
 
-def screen(ctx: TrialContext, data: Dataset, subset: Dataset, params: Mapping[str, Any]
-           ) -> tuple[Plan, dict[str, float], nn.Module, dict[str, float]]:
+def screen(ctx: TrialContext, data: Dataset, subset: Dataset, params: Mapping[str, Any],
+           costs: DropCosts = DropCosts()) -> tuple[Plan, dict[str, float], nn.Module, dict[str, float]]:
     """(plan, table prediction, compressed model, screen figures) of a candidate: zero-shot, no fine-tune."""
     start = time.perf_counter()
-    plan, predicted = trial_plan(ctx, params)
+    plan, predicted = trial_plan(ctx, params, costs=costs)
     model = compress_trial(ctx, data, plan)
     compressed = time.perf_counter()
     accuracy = engine.evaluate(model, subset, "val", device=ctx.device,
@@ -135,7 +137,8 @@ def run_screened(study: optuna.Study, ctx: TrialContext, data: Dataset, budget_l
                 tell(trial, run_trial(ctx, data, params, trial.number, seed=seed))
                 continue
             try:
-                plan, predicted, model, figures = screen(ctx, data, subset, params)
+                plan, predicted, model, figures = screen(ctx, data, subset, params,
+                                                         drop_costs(study, trial, ctx.space, ctx.table))
             except Exception as exc:  # noqa: BLE001 - a failing candidate is recorded, the search goes on
                 tell(trial, failed_record(trial.number, params, exc, ctx.out_dir))
                 continue

@@ -179,7 +179,8 @@ class Allocate:
 
     ratio: tuple[float, float] = (2.0, 20.0)              # target size ratio vs fp32 (log scale)
     sharpness: tuple[float, float] = (0.5, 2.0)           # exponent on each predicted drop (log scale)
-    decomposed_weight: tuple[float, float] = (0.25, 1.0)  # factor on decomposed candidates' drops (log)
+    decomposed_weight: tuple[float, float] = (0.5, 2.0)   # factor on decomposed candidates' costs (log)
+    calibrate: bool = True                                # fit the costs to finished trials (search.allocation)
 
 
 @dataclass(frozen=True)
@@ -596,7 +597,8 @@ def parse_space(raw: Any, source: str = "<dict>", default_name: str = "search") 
     allocate = Allocate(ratio=ratio, sharpness=r.range(alloc.get("sharpness", list(a.sharpness)), "allocate.sharpness",
                                                        0.0, 16.0),
                         decomposed_weight=r.range(alloc.get("decomposed_weight", list(a.decomposed_weight)),
-                                                  "allocate.decomposed_weight", 0.0, 1.0))
+                                                  "allocate.decomposed_weight", 0.0, 16.0),
+                        calibrate=r.flag(alloc.get("calibrate", a.calibrate), "allocate.calibrate"))
 
     screening = None
     if "screening" in doc:
@@ -652,7 +654,8 @@ def parse_space(raw: Any, source: str = "<dict>", default_name: str = "search") 
 def space_from_dict(data: Mapping[str, Any]) -> SearchSpace:
     """Rebuild a SearchSpace from `SearchSpace.to_dict()` (search.json) without re-validating.
 
-    A search.json written before the allocate mode holds `evbmf_seeds` (now `seeds`) and no mode."""
+    A search.json written before the allocate mode holds `evbmf_seeds` (now `seeds`) and no mode; one
+    written before `allocate.calibrate` ran on the raw table."""
     data = dict(data)
     if "evbmf_seeds" in data:
         data["seeds"] = data.pop("evbmf_seeds")
@@ -672,7 +675,9 @@ def space_from_dict(data: Mapping[str, Any]) -> SearchSpace:
            "latency": Latency(**data.get("latency", asdict(Latency()))),
            "finetune": Finetune(**data["finetune"]),
            "sensitivity": Sensitivity(**{**sensitivity, "levels": tuple(sensitivity["levels"])}) if sensitivity else None,
-           "allocate": Allocate(**{k: tuple(v) for k, v in data.get("allocate", asdict(Allocate())).items()}),
+           "allocate": Allocate(**{"calibrate": False,  # written before the costs were fitted
+                                   **{k: tuple(v) if isinstance(v, list) else v
+                                      for k, v in data.get("allocate", asdict(Allocate())).items()}}),
            "final": Final(**data.get("final", asdict(Final()))),
            "screening": Screening(**data["screening"]) if data.get("screening") else None,
            "seed_ratios": tuple(data.get("seed_ratios", SearchSpace.seed_ratios))})

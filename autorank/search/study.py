@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
+from autorank.compression import SensitivityTable
 from autorank.records import TrialRecord
+from autorank.search.allocation import DropCosts, fit_drop_costs
 from autorank.search.results import TRIALS_DIR, record_from_trial
 from autorank.search.space import SearchSpace
+
+COSTS_ATTR = "drop_costs"
 
 
 def make_sampler(space: SearchSpace) -> optuna.samplers.BaseSampler:
@@ -53,10 +58,27 @@ def recover_interrupted(study: optuna.Study, storage: optuna.storages.BaseStorag
         storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
         if trial.params:
             study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, **{
-                k: v for k, v in trial.user_attrs.items() if k == "seed"}})
+                k: v for k, v in trial.user_attrs.items() if k in ("seed", COSTS_ATTR)}})
         shutil.rmtree(out_dir / TRIALS_DIR / str(trial.number), ignore_errors=True)
         lost.append(trial.number)
     return lost
+
+
+def drop_costs(study: optuna.Study, trial: optuna.Trial, space: SearchSpace, table: SensitivityTable | None
+               ) -> DropCosts:
+    """The costs allocate mode plans `trial` with (autorank.search.allocation), fitted to the study's
+    finished trials as it is asked and kept on it: a re-run of an interrupted trial plans as it would have.
+    The raw table where the space does not calibrate, and for a warm-start recipe (it plans nothing)."""
+    if space.mode != "allocate" or table is None or not space.allocate.calibrate or "seed" in trial.user_attrs:
+        return DropCosts()
+    if COSTS_ATTR in trial.user_attrs:
+        return DropCosts(**trial.user_attrs[COSTS_ATTR])
+    finished = [(t.user_attrs["plan"], t.user_attrs["metrics"]["drop_points"])
+                for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if "plan" in t.user_attrs and "drop_points" in t.user_attrs.get("metrics", {})]
+    costs = fit_drop_costs(table, finished)
+    trial.set_user_attr(COSTS_ATTR, asdict(costs))
+    return costs
 
 
 def annotate(trial: optuna.trial.BaseTrial, outcome: TrialRecord) -> None:

@@ -36,7 +36,7 @@ from autorank.data import Dataset
 from autorank.engine.latency import LatencyTable
 from autorank.errors import AutorankError
 from autorank.records import WEIGHTS_FILE, TrialRecord
-from autorank.search.allocation import LatencyCosts, allocated_plan
+from autorank.search.allocation import DropCosts, LatencyCosts, allocated_plan
 from autorank.search.results import METRICS_FILE, PLAN_FILE, TRIALS_DIR
 from autorank.search.seeds import Recipe, recipe_plan
 from autorank.search.space import Group, SearchSpace
@@ -90,15 +90,17 @@ def build_plan(space: SearchSpace, groups: Sequence[Group], layers: Mapping[str,
     return Plan(layers=plan_layers, activations=params.get("activations", space.activations[0]))
 
 
-def trial_plan(ctx: TrialContext, params: Mapping[str, Any], seed: str | None = None) -> tuple[Plan, dict[str, float]]:
+def trial_plan(ctx: TrialContext, params: Mapping[str, Any], seed: str | None = None,
+               costs: DropCosts = DropCosts()) -> tuple[Plan, dict[str, float]]:
     """The trial's resolved plan, and in allocate mode what the table predicts for it. `seed`: the
-    warm-start name of an enqueued trial; a recipe's trial runs the recipe (autorank.search.seeds)."""
+    warm-start name of an enqueued trial; a recipe's trial runs the recipe (autorank.search.seeds).
+    `costs`: how allocate mode reads the table (fitted by the driver, `study.drop_costs`)."""
     recipe = Recipe.parse(seed)
     if recipe is not None:
         activations = params.get("activations", ctx.space.activations[0])
         return resolve_plan(ctx.model, recipe_plan(recipe, ctx.groups, activations)), {}
     if ctx.space.mode == "allocate":
-        plan, predicted = allocated_plan(ctx.table, ctx.space, ctx.groups, params, ctx.latency_costs)
+        plan, predicted = allocated_plan(ctx.table, ctx.space, ctx.groups, params, ctx.latency_costs, costs)
         return resolve_plan(ctx.model, plan), predicted
     return resolve_plan(ctx.model, build_plan(ctx.space, ctx.groups, ctx.layers, params)), {}
 
@@ -239,17 +241,17 @@ def failed_record(number: int, params: Mapping[str, Any], exc: Exception, out_di
 
 
 def compute_trial(ctx: TrialContext, data: Dataset, params: Mapping[str, Any], number: int,
-                  seed: str | None = None, screened: tuple[Plan, dict[str, float], nn.Module, float] | None = None
-                  ) -> TrialOutput:
+                  seed: str | None = None, screened: tuple[Plan, dict[str, float], nn.Module, float] | None = None,
+                  costs: DropCosts = DropCosts()) -> TrialOutput:
     """Run one trial and return what it produced, writing nothing (`seed`: its warm-start name, if any;
-    `screened`: the plan, prediction, compressed model and compression seconds of its screen, so that it
+    `costs`: allocate mode's reading of the table; `screened`: the plan, prediction, compressed model and compression seconds of its screen, so that it
     is not compressed twice); any failure (divergence included) becomes a failed record with a reason."""
     start = time.perf_counter()
     warnings.filterwarnings("ignore", category=UserWarning, module="tensorly")  # rank clipping notes
     outcome = TrialRecord(number=number, state="complete", params=dict(params))
     try:
         # integer ranks, layers that would not shrink left whole: export rebuilds exactly this model
-        plan, predicted = trial_plan(ctx, params, seed) if screened is None else screened[:2]
+        plan, predicted = trial_plan(ctx, params, seed, costs) if screened is None else screened[:2]
         outcome.summary = summarize(plan)
         outcome.plan = json.loads(plan.to_json())  # recorded even if compressing it fails
         if screened is None:
@@ -300,9 +302,10 @@ def with_latency(ctx: TrialContext, output: TrialOutput) -> TrialOutput:
 
 
 def run_trial(ctx: TrialContext, data: Dataset, params: Mapping[str, Any], number: int,
-              seed: str | None = None, screened: tuple[Plan, dict[str, float], nn.Module, float] | None = None
-              ) -> TrialRecord:
+              seed: str | None = None, screened: tuple[Plan, dict[str, float], nn.Module, float] | None = None,
+              costs: DropCosts = DropCosts()) -> TrialRecord:
     """`compute_trial` in the driver's own process, its files saved at once (the local executor, screening);
     like a Ray trial it runs without the latency table, whose figures `with_latency` adds."""
-    output = compute_trial(replace(ctx, latency=None), data, params, number, seed=seed, screened=screened)
+    output = compute_trial(replace(ctx, latency=None), data, params, number, seed=seed, screened=screened,
+                           costs=costs)
     return save_trial(ctx.out_dir, with_latency(ctx, output))

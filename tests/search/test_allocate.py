@@ -3,6 +3,7 @@ starts first, allocated plans within their budget, the final fine-tune preferred
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -17,7 +18,7 @@ from autorank.compression.ranks import attainable_ranks, full_ranks, method_para
 from autorank.export.api import export_onnx
 from autorank.records import pareto_front
 from autorank.search import best_trial, load_search, rebuild_trial
-from autorank.search.allocation import allocated_plan
+from autorank.search.allocation import MIN_FIT_TRIALS, allocated_plan, fit_drop_costs
 from autorank.search.run import run_search
 from autorank.search.seeds import EVBMF_TARGET
 from autorank.search.space import space_from_dict
@@ -120,6 +121,26 @@ def test_warm_starts_come_first_then_allocated_plans_within_their_budget(allocat
                        for c in table.layers[name])
 
 
+def test_each_sampled_trial_plans_with_costs_fitted_to_the_trials_finished_before_it(allocate_search):
+    """The driver fits the costs as a trial is asked (local executor: every earlier trial has finished),
+    keeps them on the trial and the trial's metrics say how many trials they saw; warm starts plan raw."""
+    search = load_search(allocate_search.out_dir)
+    table = SensitivityTable.from_json((search.out_dir / "sensitivity.json").read_text())
+    study = optuna.load_study(study_name=search.info["study_name"], storage=search.info["storage"])
+    records = {t.number: t for t in search.trials}
+    fitted = 0
+    for trial in study.trials:
+        if "seed" in trial.user_attrs:
+            assert "drop_costs" not in trial.user_attrs
+            continue
+        before = [(records[n].plan, records[n].metrics["drop_points"]) for n in range(trial.number)]
+        expected = fit_drop_costs(table, before)
+        assert trial.user_attrs["drop_costs"] == pytest.approx(dataclasses.asdict(expected))
+        assert records[trial.number].metrics["cost_trials"] == expected.trials
+        fitted += expected.trials >= MIN_FIT_TRIALS
+    assert fitted >= 2  # the last sampled trials planned with fitted costs
+
+
 def test_a_ratio_the_allowed_families_cannot_reach_plans_with_every_candidate(allocate_search):
     """The sampled ratio is kept: with every decomposition switched off and int8 as the lowest precision
     a 12x target is out of reach, so the plan uses the whole table and meets the target; a reachable
@@ -202,8 +223,6 @@ def test_a_latency_budget_lets_allocated_plans_run_layers_recomposed(allocate_se
     """Allocate mode under `max_latency_ms`: made-up costs where every chain is slower than its layer (4 ms
     against 1 ms) and the limit allows no chain; the plan runs its decompositions recomposed, at the drop
     of the plan without a latency limit."""
-    import dataclasses
-
     from autorank.search.allocation import LatencyCosts
 
     search = load_search(allocate_search.out_dir)

@@ -162,12 +162,15 @@ def test_allocate_mode_samples_a_few_global_parameters():
         trial = study.ask()
         params = space.suggest(trial, groups)
         assert set(params) == {"ratio", "decomposed_weight", "allow.tucker2", "allow.cp", "lowest_precision"}
-        assert 3 <= params["ratio"] <= 24 and 0.25 <= params["decomposed_weight"] <= 1.0  # sharpness fixed
+        assert 3 <= params["ratio"] <= 24 and 0.5 <= params["decomposed_weight"] <= 2.0  # sharpness fixed
         seen.add((params["allow.tucker2"], params["allow.cp"], params["lowest_precision"]))
         study.tell(trial, [0.5, 1.0])
     assert len(seen) > 4
-    assert space.sensitivity.levels == (2.0, 4.0) and space.final.top == 0
+    assert space.sensitivity.levels == (2.0, 4.0) and space.final.top == 0 and space.allocate.calibrate
     assert space_from_dict(space.to_dict()) == space
+    old = space.to_dict()  # a search.json from before the costs were fitted ran on the raw table
+    del old["allocate"]["calibrate"]
+    assert not space_from_dict(old).allocate.calibrate
 
 
 @pytest.mark.parametrize("doc, key", [
@@ -178,7 +181,8 @@ def test_allocate_mode_samples_a_few_global_parameters():
     ({"mode": "allocate", "methods": ["none"], "precisions": ["fp32"]}, "methods"),
     ({"mode": "allocate", "allocate": {"ratio": [0.5, 4]}}, "allocate.ratio"),
     ({"mode": "allocate", "allocate": {"sharpness": [2, 1]}}, "allocate.sharpness"),
-    ({"mode": "allocate", "allocate": {"decomposed_weight": [0.5, 2]}}, "allocate.decomposed_weight"),
+    ({"mode": "allocate", "allocate": {"decomposed_weight": [0.5, 20]}}, "allocate.decomposed_weight"),
+    ({"mode": "allocate", "allocate": {"calibrate": "yes"}}, "allocate.calibrate"),
     ({"mode": "allocate", "sensitivity": {"levels": []}}, "sensitivity.levels"),
     ({"mode": "allocate", "sensitivity": {"levels": [2, 2]}}, "sensitivity.levels"),
     ({"mode": "allocate", "sensitivity": {"images": 0}}, "sensitivity.images"),
