@@ -244,8 +244,9 @@ def compute_trial(ctx: TrialContext, data: Dataset, params: Mapping[str, Any], n
                   seed: str | None = None, screened: tuple[Plan, dict[str, float], nn.Module, float] | None = None,
                   costs: DropCosts = DropCosts()) -> TrialOutput:
     """Run one trial and return what it produced, writing nothing (`seed`: its warm-start name, if any;
-    `costs`: allocate mode's reading of the table; `screened`: the plan, prediction, compressed model and compression seconds of its screen, so that it
-    is not compressed twice); any failure (divergence included) becomes a failed record with a reason."""
+    `costs`: allocate mode's reading of the table; `screened`: the plan, prediction, compressed model and
+    compression seconds of its screen, so that it is not compressed twice); any failure (divergence
+    included) becomes a failed record with a reason."""
     start = time.perf_counter()
     warnings.filterwarnings("ignore", category=UserWarning, module="tensorly")  # rank clipping notes
     outcome = TrialRecord(number=number, state="complete", params=dict(params))
