@@ -35,6 +35,7 @@ from scipy.optimize import nnls
 
 from autorank.compression import Candidate, Plan, SensitivityTable, allocate
 from autorank.engine.latency import LatencyTable
+from autorank.errors import AutorankError
 from autorank.search.space import Group, SearchSpace
 
 
@@ -92,13 +93,13 @@ def plan_features(table: SensitivityTable, layers: Mapping[str, Mapping[str, Any
     """(Q, D, n) of a plan (its JSON `layers`): the summed table drops (>= 0) of its whole and of its
     decomposed layers, and how many it decomposes; None when a layer's choice is not a table candidate
     (a warm-start recipe's uniform ranks), since then the table says nothing of it."""
+    plan = Plan.from_json(json.dumps({"layers": dict(layers)}))
     quantized = decomposed = 0.0
     count = 0
-    for name, cands in table.layers.items():
-        lp = layers.get(name, {"method": "none", "precision": "fp32"})
-        match = next((c for c in cands if c.method == lp["method"] and c.precision == lp["precision"]
-                      and (c.method == "none" or list(c.rank) == list(lp["rank"]))), None)
-        if match is None:
+    for name in table.layers:
+        try:
+            match = table.candidate(name, plan.layers[name]) if name in plan.layers else table.reference(name)
+        except AutorankError:
             return None
         if match.method == "none":
             quantized += max(match.drop, 0.0)
