@@ -539,7 +539,8 @@ class Bench:
         from autorank.search import rebuild_trial
 
         runs = load_runs(self.out)
-        config = dataclasses.replace(self.ctx.train_config(), steps=self.s.final_steps)
+        # unguarded, as the search's own final fine-tune (docs/SEARCH.md, "Final fine-tune")
+        config = dataclasses.replace(self.ctx.train_config(), steps=self.s.final_steps, guard=0)
         ref_val = runs["reference"][0]["val_accuracy"]
         chosen = [("reference", None)]
         chosen += [(r["name"], r) for r in final_choice(runs["search"], ref_val, self.s.final_top)]
@@ -566,7 +567,7 @@ class Bench:
                 out["summary"] = (source or {}).get("summary") or name
                 return out
 
-            rows.append(cached(self.run_path("final", name), self.s.config("final_steps"), compute))
+            rows.append(cached(self.run_path("final", name), {**self.s.config("final_steps"), "guard": 0}, compute))
         return rows
 
     # ---- stage: findings -----------------------------------------------------------------

@@ -167,6 +167,8 @@ def test_final_fine_tune_figures_are_preferred_by_front_best_export_and_mlflow(a
     for t in finalized:  # continued from the trial's weights: the final figures are measured on the final weights
         assert t.figures is t.final["metrics"] and t.figures["steps"] == 12
         assert (t.directory / "final.pt").is_file() and (t.directory / "final.json").is_file()
+        # the space guards its trials (finetune.guard 1000), the final continuation is never put back
+        assert "kept_start" in t.metrics and "kept_start" not in t.figures
         assert t.figures["drop_points"] == pytest.approx(
             (search.final_reference["accuracy"] - t.figures["accuracy"]) * 100)
         model = rebuild_trial(search.out_dir, trial=t.number).model
