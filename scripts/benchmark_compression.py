@@ -567,7 +567,7 @@ class Bench:
                 out["summary"] = (source or {}).get("summary") or name
                 return out
 
-            rows.append(cached(self.run_path("final", name), {**self.s.config("final_steps"), "guard": 0}, compute))
+            rows.append(cached(self.run_path("final", name), {**self.s.config("final_steps"), "guard": config.guard}, compute))
         return rows
 
     # ---- stage: findings -----------------------------------------------------------------

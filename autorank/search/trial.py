@@ -149,9 +149,8 @@ def finetune_and_measure(model: nn.Module, data: Dataset, ctx: TrialContext,
     distillation is the pretrained model, for the trials and the reference alike. `guard=False` drops
     the space's `finetune.guard` (the final fine-tune's continuation, docs/SEARCH.md)."""
     start = time.perf_counter()
-    config = ctx.train_config() if steps is None else replace(ctx.train_config(), steps=steps)
-    if not guard:
-        config = replace(config, guard=0)
+    config = ctx.train_config()
+    config = replace(config, steps=config.steps if steps is None else steps, guard=config.guard if guard else 0)
     kept_start = False
     if config.steps > 0:
         kept_start = engine.train(model, data, config, teacher=ctx.model).kept_start
