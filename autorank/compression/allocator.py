@@ -20,11 +20,21 @@ larger than the chosen one's replaces it if the budget still holds. The predicte
 and no single layer could be made larger at no cost, so a loose budget does not become a model far
 smaller than asked for on the strength of drops the subset cannot resolve. (Exactly the largest
 plan at the optimal drop would be a second knapsack, a subset-sum that took HiGHS up to a second.)
+
+`tied` groups of layers (a network's stages, say) take one choice together: the same method, rank
+level and precision (`Candidate.kind`) on every member, each at its own ranks, like the research's
+uniform recipes but per group. A member without that level (a rank that would not shrink it, a method
+its rules forbid) stays whole at that precision, as a recipe leaves it. Each group is then one layer of
+the knapsack whose candidates add up their members'. Why: summed single-layer drops cannot tell that
+moderate ranks spread over a whole stage recover better in fine-tuning than a few low-rank layers;
+tied, the spread plan is one choice a search can ask for.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
@@ -56,15 +66,71 @@ def _minimum(table: SensitivityTable, attr: str) -> int:
     return fixed + sum(min(getattr(c, attr) for c in cands) for cands in table.layers.values())
 
 
+Latency = tuple[dict[str, list[float]], float]  # layer -> ms of each table candidate; ms of everything else
+
+
+def _tie(table: SensitivityTable, tied: Sequence[Sequence[str]], latency: Latency | None
+         ) -> tuple[SensitivityTable, Latency | None, dict[int, list[tuple[str, Candidate]]]]:
+    """The table with each tied group as one layer (named by its first member) whose candidates are the
+    choices every member can take, summed; their members by id; the latencies likewise."""
+    grouped = {name for group in tied for name in group}
+    unknown = sorted(grouped - set(table.layers))
+    if unknown or sum(map(len, tied)) != len(grouped):
+        raise AutorankError(f"allocate: tied groups must name distinct table layers; not in the table: {unknown}"
+                            if unknown else "allocate: a layer is in more than one tied group")
+    order = {name: i for i, name in enumerate(table.layers)}
+    groups = sorted([sorted(g, key=order.get) for g in tied if g] + [[n] for n in table.layers if n not in grouped],
+                    key=lambda g: order[g[0]])
+    ms = {id(c): t for n, cands in table.layers.items() for c, t in zip(cands, latency[0][n], strict=True)} \
+        if latency is not None else {}
+    layers: dict[str, list[Candidate]] = {}
+    times: dict[str, list[float]] = {}
+    members: dict[int, list[tuple[str, Candidate]]] = {}
+    for group in groups:
+        own = [{(c.kind, c.run): c for c in table.layers[name]} for name in group]
+        kinds = list(dict.fromkeys(key for choices in own for key in choices))
+        layers[group[0]], times[group[0]] = [], []
+        for kind, run in kinds:
+            method, precision = kind.split("@")[0].split("/")[0], kind.rsplit("/", 1)[-1]
+            picks = []
+            for name, choices in zip(group, own, strict=True):
+                pick = choices.get((kind, run)) or choices.get((f"none/{precision}", "chain"))
+                if pick is None:
+                    break
+                picks.append((name, pick))
+            else:
+                first = picks[0][1] if len(group) == 1 else None
+                tie = first or Candidate(
+                    method, None, precision, next(c.level for _, c in picks if c.kind == kind),
+                    sum(c.size_bytes for _, c in picks), sum(c.macs for _, c in picks), sum(c.params for _, c in picks),
+                    math.nan, sum(max(c.drop, 0.0) for _, c in picks), run)
+                layers[group[0]].append(tie)
+                times[group[0]].append(sum(ms.get(id(c), 0.0) for _, c in picks))
+                members[id(tie)] = picks
+    return replace(table, layers=layers), (times, latency[1]) if latency is not None else None, members
+
+
+def smallest_size(table: SensitivityTable, tied: Sequence[Sequence[str]] = ()) -> int:
+    """The smallest size in bytes any plan over `table` reaches (with `tied` groups taking one choice)."""
+    return _minimum(_tie(table, tied, None)[0] if tied else table, "size_bytes")
+
+
+def fastest_latency(table: SensitivityTable, latency: Latency, tied: Sequence[Sequence[str]] = ()) -> float:
+    """The smallest latency in ms any plan over `table` reaches, under `latency` (as `allocate` takes it)."""
+    times, fixed = _tie(table, tied, latency)[1] if tied else latency
+    return fixed + sum(min(ms) for ms in times.values())
+
+
 def allocate(table: SensitivityTable, budget: int | None = None, *, ratio: float | None = None,
              max_macs: int | None = None, max_latency_ms: float | None = None,
-             latency: tuple[dict[str, list[float]], float] | None = None) -> Plan:
+             latency: Latency | None = None, tied: Sequence[Sequence[str]] = ()) -> Plan:
     """The plan with the smallest predicted drop whose size is at most `budget` bytes (or the table's
     uncompressed size / `ratio`) and, with `max_macs`, whose MACs are at most that, and with
     `max_latency_ms` whose predicted latency is at most that. `latency`: (layer → milliseconds of
     each of its table candidates, in table order; the milliseconds of everything else), as measured
-    by the engine (`LatencyTable.candidate_costs`). Every table layer gets a layer plan with integer
-    ranks; the plan's activations are the table's.
+    by the engine (`LatencyTable.candidate_costs`). `tied`: groups of layers that take one choice
+    together (module docstring). Every table layer gets a layer plan with integer ranks; the plan's
+    activations are the table's.
 
     Raises AutorankError (one line, naming the smallest reachable size or MACs) when no combination
     of the table's candidates fits.
@@ -76,6 +142,13 @@ def allocate(table: SensitivityTable, budget: int | None = None, *, ratio: float
             raise AutorankError(f"target ratio {ratio} must be > 0")
         budget = math.floor(table.model_bytes / ratio)
     target = f"{budget:,} bytes" + (f" (x{ratio:g} smaller)" if ratio is not None else "")
+    if latency is not None and (set(latency[0]) != set(table.layers) or
+                                any(len(latency[0][n]) != len(c) for n, c in table.layers.items())):
+        raise AutorankError("allocate: the latencies do not match the sensitivity table's candidates")
+    members: dict[int, list[tuple[str, Candidate]]] = {}
+    whole = table
+    if tied:
+        table, latency, members = _tie(table, tied, latency)
     smallest = _minimum(table, "size_bytes")
     if budget < smallest:
         raise AutorankError(f"size budget {target} is below the smallest size the sensitivity table reaches: "
@@ -90,10 +163,8 @@ def allocate(table: SensitivityTable, budget: int | None = None, *, ratio: float
         if latency is None:
             raise AutorankError("allocate: a latency budget needs the candidates' measured latencies")
         costs, fixed_ms = latency
-        if set(costs) != set(table.layers) or any(len(costs[n]) != len(c) for n, c in table.layers.items()):
-            raise AutorankError("allocate: the latencies do not match the sensitivity table's candidates")
         ms = {id(c): t for n, cands in table.layers.items() for c, t in zip(cands, costs[n], strict=True)}
-        fastest = fixed_ms + sum(min(costs[n]) for n in table.layers)
+        fastest = fastest_latency(table, latency)
         if max_latency_ms < fastest:
             raise AutorankError(f"latency budget {max_latency_ms:g} ms is below the fastest plan the table "
                                 f"reaches: {fastest:.3f} ms")
@@ -123,7 +194,8 @@ def allocate(table: SensitivityTable, budget: int | None = None, *, ratio: float
     _grow(chosen, [table.layers[n] for n in names], names, budget - table.fixed_bytes,
           None if max_macs is None else max_macs - table.fixed_macs,
           None if ms is None else (ms, max_latency_ms - fixed_ms))
-    return Plan({name: chosen[name].layer_plan() for name in names}, table.activations)
+    picks = {name: c for unit, c in chosen.items() for name, c in members.get(id(c), [(unit, c)])}
+    return Plan({name: picks[name].layer_plan() for name in whole.layers}, table.activations)
 
 
 def _grow(chosen: dict[str, Candidate], options: list[list[Candidate]], names: list[str], room: int,

@@ -2,8 +2,10 @@
 
 The sample says how small (`ratio`, times below the uncompressed fp32 size), with what (`allow.<method>`
 switches a decomposition on or off, `lowest_precision` allows that precision and every wider one;
-keeping a layer fp32 is always allowed) and how to read the table (`sharpness` p and `decomposed_weight` w).
-The allocator then picks, per layer, the candidate that minimises the summed costs within the byte budget.
+keeping a layer fp32 is always allowed), how to read the table (`sharpness` p and `decomposed_weight` w)
+and, where the space allows both, whether each layer chooses alone or each stage as one (`granularity`).
+The allocator then picks, per layer (or per stage), the candidate that minimises the summed costs within
+the byte budget.
 
 Why costs, not the table's drops: single-layer zero-shot drops add up only roughly after a trial's
 fine-tune. On ResNet-20 (docs/BENCHMARKS.md) their sum over-predicted int-only plans (3.4 pt predicted,
@@ -33,7 +35,7 @@ from typing import Any
 import numpy as np
 from scipy.optimize import nnls
 
-from autorank.compression import Candidate, Plan, SensitivityTable, allocate
+from autorank.compression import Candidate, Plan, SensitivityTable, allocate, fastest_latency, smallest_size
 from autorank.engine.latency import LatencyTable
 from autorank.errors import AutorankError
 from autorank.search.space import Group, SearchSpace
@@ -164,15 +166,19 @@ def weighted_table(table: SensitivityTable, space: SearchSpace, groups: Sequence
     return replace(table, layers=layers)
 
 
-def smallest_bytes(table: SensitivityTable) -> int:
-    """The smallest size any plan over `table` reaches."""
-    return table.fixed_bytes + sum(min(c.size_bytes for c in cands) for cands in table.layers.values())
+def stage_groups(table: SensitivityTable, space: SearchSpace) -> list[list[str]]:
+    """The table's layers by stage (`SearchSpace.stage`), for the allocator's `tied` groups."""
+    stages: dict[str, list[str]] = {}
+    for name in table.layers:
+        stages.setdefault(space.stage(name), []).append(name)
+    return list(stages.values())
 
 
 def allocated_plan(table: SensitivityTable, space: SearchSpace, groups: Sequence[Group],
                    params: Mapping[str, Any], latency: LatencyCosts | None = None, costs: DropCosts = DropCosts()
                    ) -> tuple[Plan, dict[str, float]]:
-    """The trial's plan, allocated with `costs` (the search's fit to its finished trials), and what the table
+    """The trial's plan, allocated with `costs` (the search's fit to its finished trials) per layer or, with
+    `granularity: stage`, one choice per stage (`stage_groups`), and what the table
     says of it: `budget_bytes` (the sampled target; raised to the smallest reachable size only when no
     candidate of the table goes that low), `widened` (1.0 when the allowed candidates could not reach the
     target and every candidate was allowed), `predicted_drop` (the table's own drops summed),
@@ -182,19 +188,20 @@ def allocated_plan(table: SensitivityTable, space: SearchSpace, groups: Sequence
     predicted ONNX Runtime latency within that limit (raised to the fastest reachable plan if lower), choosing
     per decomposed layer to run its chain or the layer recomposed (`LayerPlan.run`), whichever the budget needs."""
     seen = weighted_table(table, space, groups, params, costs=costs)
+    tied = stage_groups(table, space) if params.get("granularity", space.allocate.granularity[0]) == "stage" else []
     target = math.floor(table.model_bytes / params.get("ratio", space.allocate.ratio[0]))
-    widened = smallest_bytes(seen) > target
+    widened = smallest_size(seen, tied) > target
     if widened:
         seen = weighted_table(table, space, groups, params, everything=True, costs=costs)
-    budget = max(target, smallest_bytes(seen))
+    budget = max(target, smallest_size(seen, tied))
     limit = space.constraints.max_latency_ms
     if latency is not None and limit is not None:
         seen = seen.with_recomposed()  # where a chain is slower than its layer, the layer may run recomposed
         timings, fixed = latency.of(seen)
-        fastest = fixed + sum(min(ms) for ms in timings.values())
-        plan = allocate(seen, budget, max_latency_ms=max(limit, fastest), latency=(timings, fixed))
+        fastest = fastest_latency(seen, (timings, fixed), tied)
+        plan = allocate(seen, budget, max_latency_ms=max(limit, fastest), latency=(timings, fixed), tied=tied)
     else:
-        plan = allocate(seen, budget)  # the table's activations: the space's one
+        plan = allocate(seen, budget, tied=tied)  # the table's activations: the space's one
     predicted = table.predict(plan)
     features = plan_features(table, json.loads(plan.to_json())["layers"])
     return plan, {"budget_bytes": float(budget), "widened": float(widened), "predicted_drop": predicted.drop,

@@ -14,7 +14,8 @@ EVBMF ranks.
 A recipe trial runs the recipe's plan (`recipe_plan`); its Optuna parameters are the point of the
 space that describes it (layers mode: per group the recipe's method, the rank multiplier or ratio
 nearest to the recipe's retention and its precision; allocate mode: the recipe's own size ratio, only
-its method allowed and its precision as the lowest), so that the sampler learns from it like from any trial.
+its method allowed, its precision as the lowest and, where sampled, stage granularity; the EVBMF target
+plans per layer), so that the sampler learns from it like from any trial.
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ def _layers_params(space: SearchSpace, groups: Sequence[Group], layers: Mapping[
 
 
 def _allocate_params(space: SearchSpace, groups: Sequence[Group], ratio: float, methods: set[str],
-                     lowest: str) -> dict[str, Any]:
+                     lowest: str, granularity: str) -> dict[str, Any]:
     params: dict[str, Any] = {}
     for key, value in (("ratio", ratio), ("sharpness", 1.0), ("decomposed_weight", 1.0)):
         bounds = getattr(space.allocate, key)
@@ -132,6 +133,8 @@ def _allocate_params(space: SearchSpace, groups: Sequence[Group], ratio: float, 
     reduced = space.reduced_precisions(groups)
     if len(reduced) > 1:
         params["lowest_precision"] = lowest if lowest in reduced else reduced[-1]
+    if len(space.allocate.granularity) > 1:
+        params["granularity"] = granularity
     return params
 
 
@@ -162,11 +165,12 @@ def warm_starts(space: SearchSpace, groups: Sequence[Group], layers: Mapping[str
         else:
             plan = resolve_plan(model, recipe_plan(recipe, groups, space.activations[0]))
             size = profile(compress(model, plan, decompose=False), input_shape).size_bytes
-            params = _allocate_params(space, groups, model_bytes / size, {recipe.method}, recipe.precision)
+            params = _allocate_params(space, groups, model_bytes / size, {recipe.method}, recipe.precision,
+                                      "stage")  # one choice for every conv
         starts.append((recipe.name, params))
     if space.mode == "allocate":
         narrowest = (space.reduced_precisions(groups) or ["fp32"])[-1]
         everything = _allocate_params(space, groups, evbmf_ratio(model, layers, groups), set(space.families(groups)),
-                                      narrowest)
+                                      narrowest, "layer")
         starts.insert(1 if found and found[0].method == "none" else 0, (EVBMF_TARGET, everything))
     return starts[:limit] if limit is not None else starts

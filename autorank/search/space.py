@@ -32,6 +32,7 @@ from autorank.records import OBJECTIVES
 MODES = ("layers", "allocate")
 REDUCED_PRECISIONS = ("fp16", "int8", "int4")  # below fp32, widest first
 GROUPINGS = ("layer", "stage", "global")
+GRANULARITIES = ("layer", "stage")  # allocate mode: a choice per layer, or one per stage (`allocate(tied=...)`)
 RANK_MODES = ("evbmf", "ratio")
 SAMPLERS = ("nsga2", "tpe", "gp", "random")
 OPTIMIZERS = ("sgd", "adamw")
@@ -181,6 +182,7 @@ class Allocate:
     sharpness: tuple[float, float] = (0.5, 2.0)           # exponent on each predicted drop (log scale)
     decomposed_weight: tuple[float, float] = (0.5, 2.0)   # factor on decomposed candidates' costs (log)
     calibrate: bool = True                                # fit the costs to finished trials (search.allocation)
+    granularity: tuple[str, ...] = ("layer",)             # per layer, or one choice per stage (sampled if both)
 
 
 @dataclass(frozen=True)
@@ -286,10 +288,7 @@ class SearchSpace:
             return name
         if self.grouping == "global":
             return "all"
-        for stage, globs in self.stages:
-            if _matches(name, globs):
-                return stage
-        return name.split(".", 1)[0]
+        return self.stage(name)
 
     # ---- sampling ------------------------------------------------------------------------
     def suggest(self, trial: Any, groups: Sequence[Group]) -> dict[str, Any]:
@@ -328,7 +327,16 @@ class SearchSpace:
         reduced = self.reduced_precisions(groups)
         if len(reduced) > 1:
             params["lowest_precision"] = trial.suggest_categorical("lowest_precision", reduced)
+        if len(self.allocate.granularity) > 1:
+            params["granularity"] = trial.suggest_categorical("granularity", list(self.allocate.granularity))
         return params
+
+    def stage(self, name: str) -> str:
+        """The stage a layer belongs to: the first of `stages` whose globs match it, else its top-level module."""
+        for stage, globs in self.stages:
+            if _matches(name, globs):
+                return stage
+        return name.split(".", 1)[0]
 
     def layer_choices(self, params: Mapping[str, Any], groups: Sequence[Group]) -> dict[str, tuple[str, float | None, str]]:
         """Per layer: (method, rank multiplier or ratio, precision) from a trial's params."""
@@ -598,7 +606,9 @@ def parse_space(raw: Any, source: str = "<dict>", default_name: str = "search") 
                                                        0.0, 16.0),
                         decomposed_weight=r.range(alloc.get("decomposed_weight", list(a.decomposed_weight)),
                                                   "allocate.decomposed_weight", 0.0, 16.0),
-                        calibrate=r.flag(alloc.get("calibrate", a.calibrate), "allocate.calibrate"))
+                        calibrate=r.flag(alloc.get("calibrate", a.calibrate), "allocate.calibrate"),
+                        granularity=r.choices(alloc.get("granularity", list(a.granularity)), "allocate.granularity",
+                                              GRANULARITIES))
 
     screening = None
     if "screening" in doc:

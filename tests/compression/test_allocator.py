@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -197,3 +198,72 @@ def test_a_latency_budget_runs_layers_recomposed_where_their_chains_are_slower()
     assert decomposed and all(lp.run == "recomposed" for lp in decomposed.values())
     assert all(offered.candidate(name, lp).run == "recomposed" for name, lp in decomposed.items())
     assert all(lp.run == "chain" for lp in allocate(offered, budget).layers.values())
+
+
+def leveled_table(layers: int, per_layer: int, seed: int) -> SensitivityTable:
+    """`synthetic_table` with every layer's j-th decomposed candidate at rank level j, int8 or int4 at
+    random (so some kinds are shared, some not), plus each layer kept whole at int8."""
+    table = synthetic_table(layers, per_layer, seed)
+    rng = random.Random(seed)
+    out = {}
+    for name, cands in table.layers.items():
+        full = cands[0]
+        whole = Candidate("none", None, "int8", None, full.size_bytes // 4, full.macs, full.params, 0.9, 0.1)
+        out[name] = [full, whole] + [replace(c, level=f"vbmf*{j}", precision=rng.choice(["int8", "int4"]))
+                                     for j, c in enumerate(cands[1:], 1)]
+    return replace(table, layers=out)
+
+
+def brute_force_tied(table: SensitivityTable, budget: int, tied: list[list[str]]) -> float | None:
+    """The smallest predicted drop over the combinations where each tied group's members share one kind
+    (method, level, precision), a member lacking the kind kept whole at that precision."""
+    best = None
+    for combo in itertools.product(*table.layers.values()):
+        chosen = dict(zip(table.layers, combo))
+        if any(not _one_choice([chosen[n] for n in group], [table.layers[n] for n in group]) for group in tied):
+            continue
+        if table.fixed_bytes + sum(c.size_bytes for c in combo) <= budget:
+            drop = sum(max(c.drop, 0.0) for c in combo)
+            best = drop if best is None else min(best, drop)
+    return best
+
+
+def _one_choice(picks: list[Candidate], options: list[list[Candidate]]) -> bool:
+    for kind in {c.kind for c in picks}:
+        precision = kind.rsplit("/", 1)[-1]
+        if all(c.kind == kind or (c.kind == f"none/{precision}" and all(o.kind != kind for o in opts))
+               for c, opts in zip(picks, options, strict=True)):
+            return True
+    return False
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_tied_groups_take_one_choice_and_the_tied_plan_is_optimal_by_brute_force(seed):
+    table = leveled_table(5, 4, seed)
+    names = list(table.layers)
+    # the last layer loses its level-1 candidates: tied to level 1, it stays whole at that precision
+    table.layers[names[4]] = [c for c in table.layers[names[4]] if c.level != "vbmf*1"]
+    tied = [[names[0], names[2]], [names[3], names[4]]]
+    low = table.fixed_bytes + sum(min(c.size_bytes for c in cands) for cands in table.layers.values())
+    for budget in sorted(random.Random(seed).sample(range(low, table.model_bytes), 10)):
+        best = brute_force_tied(table, budget, tied)
+        if best is None:
+            with pytest.raises(AutorankError, match="below the smallest size"):
+                allocate(table, budget, tied=tied)
+            continue
+        plan = allocate(table, budget, tied=tied)
+        picks = {name: table.candidate(name, lp) for name, lp in plan.layers.items()}
+        assert table.predict(plan).size_bytes <= budget
+        assert table.predict(plan).drop == pytest.approx(best, abs=1e-9)
+        for group in tied:
+            assert _one_choice([picks[n] for n in group], [table.layers[n] for n in group])
+        assert table.predict(plan).drop >= table.predict(allocate(table, budget)).drop - 1e-9  # ties cost
+
+
+def test_tied_groups_must_be_distinct_table_layers():
+    table = leveled_table(3, 3, 0)
+    names = list(table.layers)
+    with pytest.raises(AutorankError, match="not in the table: \\['conv9'\\]"):
+        allocate(table, ratio=1.0, tied=[[names[0], "conv9"]])
+    with pytest.raises(AutorankError, match="more than one tied group"):
+        allocate(table, ratio=1.0, tied=[[names[0], names[1]], [names[1], names[2]]])

@@ -30,7 +30,7 @@ ALLOCATE_SPACE = {
     "methods": ["none", "tucker2", "svd"],
     "precisions": ["fp32", "int8", "int4"],
     "sensitivity": {"images": 120, "levels": [2, 4], "fit_images": 32},
-    "allocate": {"ratio": [2.0, 12.0]},
+    "allocate": {"ratio": [2.0, 12.0], "granularity": ["layer", "stage"]},
     "constraints": {"max_drop": 5.0},
     "finetune": {"steps": 8, "lr": 0.05, "batch_size": 64, "decompose_iters": 5, "fit_images": 64},
     "final": {"top": 2, "steps": 12},
@@ -93,6 +93,7 @@ def test_warm_starts_come_first_then_allocated_plans_within_their_budget(allocat
     # the allocator's first target: the EVBMF total (everything allowed), a real cut within the range
     layers = search.info["layers"]
     assert evbmf.params["allow.tucker2"] and evbmf.params["allow.svd"] and evbmf.params["lowest_precision"] == "int4"
+    assert evbmf.params["granularity"] == "layer"
     assert 2.0 < evbmf.params["ratio"] <= 12.0
     # the uniform recipe: Tucker-2 at 50% retention on every conv, int8 weights; never above a layer's size
     for name, lp in recipe.plan["layers"].items():
@@ -106,7 +107,7 @@ def test_warm_starts_come_first_then_allocated_plans_within_their_budget(allocat
             assert method_params("tucker2", shape, tuple(lp["rank"])) < math.prod(shape)
     assert recipe.params == {"ratio": pytest.approx(table.model_bytes / recipe.metrics["size_bytes"]),
                              "sharpness": 1.0, "decomposed_weight": 1.0, "allow.tucker2": True,
-                             "allow.svd": False, "lowest_precision": "int8"}
+                             "allow.svd": False, "lowest_precision": "int8", "granularity": "stage"}
     # allocated trials: exactly as large as the table predicted, within the sampled budget, allowed choices only
     for t in [evbmf, *trials[3:]]:
         m = t.metrics
@@ -119,6 +120,7 @@ def test_warm_starts_come_first_then_allocated_plans_within_their_budget(allocat
             assert lp["method"] in allowed and lp["precision"] in precisions
             assert any(c.method == lp["method"] and c.rank == lp["rank"] and c.precision == lp["precision"]
                        for c in table.layers[name])
+    assert {t.params["granularity"] for t in trials[3:]} == {"layer", "stage"}  # both sampled
 
 
 def test_each_sampled_trial_plans_with_costs_fitted_to_the_trials_finished_before_it(allocate_search):
@@ -158,6 +160,33 @@ def test_a_ratio_the_allowed_families_cannot_reach_plans_with_every_candidate(al
     near, near_predicted = allocated_plan(table, space, groups, {**narrow, "ratio": 2.0})
     assert near_predicted["widened"] == 0.0 and near_predicted["predicted_bytes"] <= table.model_bytes / 2.0
     assert all(lp.method == "none" and lp.precision in ("fp32", "int8") for lp in near.layers.values())
+
+
+def test_stage_granularity_gives_every_layer_of_a_stage_the_same_choice(allocate_search):
+    """`granularity: stage`: the allocator ties each stage's layers (the digits CNN's `features` convs);
+    each ratio's tied plan is within its budget, gives all of them one method, level and precision (a
+    layer without that level kept whole at that precision), and is predicted no better than per layer."""
+    search = load_search(allocate_search.out_dir)
+    space = space_from_dict(search.info["space"])
+    groups = space.groups({name: layer["kind"] for name, layer in search.info["layers"].items()})
+    table = SensitivityTable.from_json((search.out_dir / "sensitivity.json").read_text())
+    stages = {}
+    for name in table.layers:
+        stages.setdefault(space.stage(name), []).append(name)
+    assert any(len(names) > 1 for names in stages.values())
+    params = {"sharpness": 1.0, "decomposed_weight": 1.0, "allow.tucker2": True, "allow.svd": True,
+              "lowest_precision": "int4"}
+    for ratio in (2.0, 4.0, 8.0):
+        tied, tied_predicted = allocated_plan(table, space, groups, {**params, "ratio": ratio, "granularity": "stage"})
+        free, free_predicted = allocated_plan(table, space, groups, {**params, "ratio": ratio, "granularity": "layer"})
+        assert tied_predicted["predicted_bytes"] <= tied_predicted["budget_bytes"]
+        assert tied_predicted["predicted_drop"] >= free_predicted["predicted_drop"] - 1e-9
+        for names in stages.values():
+            picks = [table.candidate(name, tied.layers[name]) for name in names]
+            kinds = {c.kind for c in picks}
+            decomposed = {k for k in kinds if not k.startswith("none/")}
+            assert len(kinds) == 1 or (len(decomposed) == 1 and all(
+                c.kind in decomposed or c.kind == f"none/{next(iter(decomposed)).rsplit('/', 1)[1]}" for c in picks))
 
 
 def test_final_fine_tune_figures_are_preferred_by_front_best_export_and_mlflow(allocate_search, digits, capsys):

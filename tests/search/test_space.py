@@ -171,6 +171,24 @@ def test_allocate_mode_samples_a_few_global_parameters():
     old = space.to_dict()  # a search.json from before the costs were fitted ran on the raw table
     del old["allocate"]["calibrate"]
     assert not space_from_dict(old).allocate.calibrate
+    assert space.allocate.granularity == ("layer",) and space_from_dict(old).allocate.granularity == ("layer",)
+
+
+def test_allocate_mode_samples_the_granularity_when_both_are_allowed():
+    """`allocate.granularity: [layer, stage]` adds a sampled `granularity`; a layer's stage is its top-level
+    module (ResNet's layer1..layer3, the classifier alone)."""
+    space = parse_space({"mode": "allocate", "methods": ["none", "cp"], "precisions": ["fp32", "int8"],
+                         "allocate": {"granularity": ["layer", "stage"]}})
+    groups = space.groups(RESNET_LAYERS)
+    study = optuna.create_study(directions=space.directions, sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(12):
+        trial = study.ask()
+        seen.add(space.suggest(trial, groups)["granularity"])
+        study.tell(trial, [0.5, 1.0])
+    assert seen == {"layer", "stage"}
+    assert {space.stage(name) for name in RESNET_LAYERS} == {"layer1", "layer2", "layer3", "linear"}
+    assert space_from_dict(space.to_dict()) == space
 
 
 @pytest.mark.parametrize("doc, key", [
@@ -183,6 +201,7 @@ def test_allocate_mode_samples_a_few_global_parameters():
     ({"mode": "allocate", "allocate": {"sharpness": [2, 1]}}, "allocate.sharpness"),
     ({"mode": "allocate", "allocate": {"decomposed_weight": [0.5, 20]}}, "allocate.decomposed_weight"),
     ({"mode": "allocate", "allocate": {"calibrate": "yes"}}, "allocate.calibrate"),
+    ({"mode": "allocate", "allocate": {"granularity": ["block"]}}, "allocate.granularity"),
     ({"mode": "allocate", "sensitivity": {"levels": []}}, "sensitivity.levels"),
     ({"mode": "allocate", "sensitivity": {"levels": [2, 2]}}, "sensitivity.levels"),
     ({"mode": "allocate", "sensitivity": {"images": 0}}, "sensitivity.images"),
