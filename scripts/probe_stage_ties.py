@@ -33,17 +33,17 @@ from autorank.engine import TrainConfig, evaluate, train
 from autorank.models import create_model
 from autorank.search import load_search
 from autorank.search.allocation import fit_drop_costs, stage_groups
-from autorank.search.space import space_from_dict
+from autorank.search.space import SearchSpace, space_from_dict
 
 SHARED = Path(os.environ.get("AUTORANK_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 
 
-def spec_plan(spec: str, table: SensitivityTable, model) -> Plan:
-    """The plan a spec names (module docstring), every table layer by its stage."""
+def spec_plan(spec: str, table: SensitivityTable, model, space: SearchSpace) -> Plan:
+    """The plan a spec names (module docstring), every table layer by its stage (`SearchSpace.stage`)."""
     stages = dict(part.split("=", 1) for part in spec.split(","))
     layers = {}
     for name, cands in table.layers.items():
-        choice = stages[name.split(".", 1)[0]]
+        choice = stages[space.stage(name)]
         if "@" not in choice:
             layers[name] = LayerPlan("none", None, choice)
             continue
@@ -57,11 +57,11 @@ def spec_plan(spec: str, table: SensitivityTable, model) -> Plan:
     return Plan(layers, table.activations)
 
 
-def stages_of(plan: Plan, table: SensitivityTable) -> str:
+def stages_of(plan: Plan, space: SearchSpace) -> str:
     """Per layer `method[ranks]/precision`, grouped by stage."""
     out: dict[str, list[str]] = {}
     for name, lp in plan.layers.items():
-        out.setdefault(name.split(".", 1)[0], []).append(
+        out.setdefault(space.stage(name), []).append(
             lp.precision if lp.method == "none" else f"{lp.method}{list(lp.rank)}/{lp.precision}")
     return "; ".join(f"{stage}: {', '.join(choices)}" for stage, choices in out.items())
 
@@ -96,7 +96,7 @@ def main() -> None:
     budget = int(table.model_bytes / args.ratio)
     plans = {f"per-layer-{args.ratio:g}x": allocate(seen, budget),
              f"tied-{args.ratio:g}x": allocate(seen, budget, tied=stage_groups(table, space))}
-    plans.update({name: spec_plan(spec, table, model) for name, spec in (s.split("=", 1) for s in args.spec)})
+    plans.update({name: spec_plan(spec, table, model, space) for name, spec in (s.split("=", 1) for s in args.spec)})
     fit = data.calibration_images(512, 128, seed=0)
     config = TrainConfig(steps=100, batch_size=128, lr=0.003, distill=0.9, temperature=4.0, guard=1000,
                          channels_last=True, seed=0)
@@ -111,7 +111,7 @@ def main() -> None:
             path.write_text(json.dumps({
                 "ratio": table.model_bytes / profile(small, data.input_shape).size_bytes, "zero_shot": zero_shot,
                 "test": evaluate(small, data, "test"), "val": evaluate(small, data, "val"),
-                "seconds": time.perf_counter() - started, "plan": stages_of(plan, table)}, indent=1))
+                "seconds": time.perf_counter() - started, "plan": stages_of(plan, space)}, indent=1))
         r = json.loads(path.read_text())
         print(f"| {name} | {r['ratio']:.2f}x | {100 * r['zero_shot']:.2f} | {100 * r['test']:.2f} | "
               f"{100 * r['val']:.2f} |  {r['plan']}", flush=True)

@@ -88,22 +88,23 @@ def _tie(table: SensitivityTable, tied: Sequence[Sequence[str]], latency: Latenc
     members: dict[int, list[tuple[str, Candidate]]] = {}
     for group in groups:
         own = [{(c.kind, c.run): c for c in table.layers[name]} for name in group]
-        kinds = list(dict.fromkeys(key for choices in own for key in choices))
+        kinds = {}  # (kind, run) -> the first member's candidate of that kind: its method, precision, level
+        for choices in own:
+            for key, c in choices.items():
+                kinds.setdefault(key, c)
         layers[group[0]], times[group[0]] = [], []
-        for kind, run in kinds:
-            method, precision = kind.split("@")[0].split("/")[0], kind.rsplit("/", 1)[-1]
+        for key, like in kinds.items():
             picks = []
             for name, choices in zip(group, own, strict=True):
-                pick = choices.get((kind, run)) or choices.get((f"none/{precision}", "chain"))
+                pick = choices.get(key) or choices.get((f"none/{like.precision}", "chain"))
                 if pick is None:
                     break
                 picks.append((name, pick))
             else:
-                first = picks[0][1] if len(group) == 1 else None
-                tie = first or Candidate(
-                    method, None, precision, next(c.level for _, c in picks if c.kind == kind),
-                    sum(c.size_bytes for _, c in picks), sum(c.macs for _, c in picks), sum(c.params for _, c in picks),
-                    math.nan, sum(max(c.drop, 0.0) for _, c in picks), run)
+                tie = picks[0][1] if len(group) == 1 else replace(
+                    like, rank=None, size_bytes=sum(c.size_bytes for _, c in picks),
+                    macs=sum(c.macs for _, c in picks), params=sum(c.params for _, c in picks),
+                    accuracy=math.nan, drop=sum(max(c.drop, 0.0) for _, c in picks))
                 layers[group[0]].append(tie)
                 times[group[0]].append(sum(ms.get(id(c), 0.0) for _, c in picks))
                 members[id(tie)] = picks

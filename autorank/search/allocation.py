@@ -190,10 +190,12 @@ def allocated_plan(table: SensitivityTable, space: SearchSpace, groups: Sequence
     seen = weighted_table(table, space, groups, params, costs=costs)
     tied = stage_groups(table, space) if params.get("granularity", space.allocate.granularity[0]) == "stage" else []
     target = math.floor(table.model_bytes / params.get("ratio", space.allocate.ratio[0]))
-    widened = smallest_size(seen, tied) > target
+    smallest = smallest_size(seen, tied)
+    widened = smallest > target
     if widened:
         seen = weighted_table(table, space, groups, params, everything=True, costs=costs)
-    budget = max(target, smallest_size(seen, tied))
+        smallest = smallest_size(seen, tied)
+    budget = max(target, smallest)
     limit = space.constraints.max_latency_ms
     if latency is not None and limit is not None:
         seen = seen.with_recomposed()  # where a chain is slower than its layer, the layer may run recomposed
