@@ -98,6 +98,7 @@ class Settings:
     layer_limit: int | None = None  # first N decomposable layers in the one-layer-at-a-time finding
     cp_finetune: bool = True        # also fine-tune the unstabilised CP variants
     batch_size: int | None = None   # per-step batch (None: the search space's)
+    table: tuple[tuple[str, Any], ...] = ()  # overrides of the space's `sensitivity` section
     seed: int = 0
 
     @property
@@ -123,13 +124,19 @@ FULL_OVERRIDES: dict[str, dict[str, Any]] = {
 }
 
 
+# The quick search's wall budget is the quick baselines' (~95 s): the shipped table (500 images, three
+# rank levels, ~90 s) left no time for a single trial, so the quick run measures a smaller one.
+QUICK_TABLE = (("images", 200), ("levels", [2, 4]), ("fit_images", 64))
+
+
 def _settings(model: str, quick: bool, steps: int | None, space_steps: int) -> Settings:
     if quick:
         steps = steps or 10
         return Settings(model=model, quick=True, steps=steps, val_limit=500, test_limit=1000,
                         ratios=(0.2,), methods=("tucker2", "tt", "cp"), final_steps=2 * steps, final_top=1,
                         eff_trials=4, eff_steps=5, eff_val_limit=300, eff_seeds=(0,), layer_ratio=0.2,
-                        layer_val_limit=300, cp_ratio=0.2, layer_limit=3, cp_finetune=False, batch_size=64)
+                        layer_val_limit=300, cp_ratio=0.2, layer_limit=3, cp_finetune=False, batch_size=64,
+                        table=QUICK_TABLE)
     steps = steps or space_steps
     full = Settings(model=model, quick=False, steps=steps, val_limit=None, test_limit=None,
                     ratios=(0.1, 0.2, 0.5, 0.8), methods=("tucker2", "tt", "cp"), final_steps=3 * steps, final_top=3,
@@ -270,6 +277,8 @@ class Bench:
             for key in ("allocate", "sensitivity"):
                 raw.pop(key, None)
             raw.update(copy.deepcopy(LAYERS_MODE))
+        if raw.get("mode") == "allocate":
+            raw.setdefault("sensitivity", {}).update(copy.deepcopy(dict(self.s.table)))
         ft, search = raw.setdefault("finetune", {}), raw.setdefault("search", {})
         if self.s.batch_size is not None:
             ft["batch_size"] = self.s.batch_size

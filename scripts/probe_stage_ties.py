@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/probe_stage_ties.py [--search runs/benchmark/resnet20-full/search] [--ratio 10]
         [--sharpness 1] [--weight 1] [--spec NAME=layer1=int8,layer2=int4,layer3=cp@0.5/int4,linear=fp32 ...]
-        [--out runs/probe-ties]
+        [--table TABLE.json] [--out runs/probe-ties]
 
 Reads a finished allocate-mode search (its sensitivity table and its trials), fits the search's drop costs
 to all of its finished trials (`fit_drop_costs`), allocates a plan at `--ratio` per layer and with each
@@ -12,7 +12,9 @@ trial's treatment: a 512-image data-aware fit, 100 distilled QAT steps at lr 0.0
 fine-tuned val accuracy. A spec names per stage `int8` / `int4` / `fp32` (kept whole) or
 `METHOD@LEVEL/PRECISION`: a table level (`cp@vbmf*8/int4`, each layer at its own table ranks, a layer
 without that level kept whole at that precision) or a parameter-retention ratio (`cp@0.5/int4`).
-Results are cached per plan under --out, so a stopped run resumes. Adapted ResNet-20 and CIFAR-10
+`--table` replaces the search's table with one measured since (`scripts/bench_sensitivity.py --space
+resnet_cifar --table`; the costs are fitted to the search's trials on it). Results are cached per plan
+under --out, so a stopped run resumes. Adapted ResNet-20 and CIFAR-10
 from ../shared.
 """
 
@@ -73,13 +75,14 @@ def main() -> None:
     parser.add_argument("--sharpness", type=float, default=1.0)
     parser.add_argument("--weight", type=float, default=1.0)
     parser.add_argument("--spec", action="append", default=[], help="NAME=stage choices (module docstring)")
+    parser.add_argument("--table", type=Path, help="a sensitivity table to use instead of the search's")
     parser.add_argument("--out", type=Path, default=Path("runs/probe-ties"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
     search = load_search(args.search)
     space = space_from_dict(search.info["space"])
-    table = SensitivityTable.from_json((args.search / "sensitivity.json").read_text())
+    table = SensitivityTable.from_json((args.table or args.search / "sensitivity.json").read_text())
     study = optuna.load_study(study_name=search.info["study_name"], storage=search.info["storage"])
     finished = [(t.user_attrs["plan"], t.user_attrs["metrics"]["drop_points"])
                 for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
