@@ -334,7 +334,8 @@ class Bench:
 
     def decompose(self, method: str, rank: Any, stabilize: str = "epc"):
         """(fp32 decomposed pretrained model, its resolved plan, seconds): computed once per recipe,
-        kept on disk so that the int8 variant and the findings reuse the same factors."""
+        kept on disk so that the findings reuse the same factors (the int8 variant reuses the weight-space
+        factors within a sitting and is fitted at int8, `quantized`)."""
         import torch
 
         from autorank.compression import Plan, compress, resolve_plan
@@ -354,7 +355,8 @@ class Bench:
             start = time.perf_counter()
             plan = resolve_plan(self.pretrained, self.plan(method, rank, "fp32", stabilize))
             fit = self.data.calibration_images(ft.fit_images, ft.batch_size, seed=self.s.seed) if ft.fit else None
-            model = compress(self.pretrained, plan, n_iter_max=self.n_iter, seed=self.s.seed, fit=fit).eval()
+            model = compress(self.pretrained, plan, n_iter_max=self.n_iter, seed=self.s.seed, fit=fit,
+                             factors=self.ctx.factors).eval()
             seconds = time.perf_counter() - start
             state_file.parent.mkdir(parents=True, exist_ok=True)
             torch.save(model.state_dict(), state_file)
@@ -363,9 +365,21 @@ class Bench:
         self.decomposed[key] = result
         return result
 
+    def quantized(self, plan, precision: str):
+        """A baseline's recipe at `precision`, compressed as a trial compresses its plan (`compress_trial`):
+        the weight-space factors (shared with the fp32 variant within a sitting) fitted with the factors
+        before the last quantized, every int8/int4 weight rounded on the fit images: the trials' recovery."""
+        from autorank.compression import Plan
+        from autorank.search.trial import compress_trial
+
+        qplan = Plan({n: dataclasses.replace(lp, precision=precision) for n, lp in plan.layers.items()},
+                     activations=self.space.activations[0])
+        return compress_trial(self.ctx, self.data, qplan).eval(), qplan
+
     def with_precision(self, fp32_model, plan, precision: str, activations: str = "fp32"):
-        """The same factors with fake-quantized weights (and activations): the compression core
-        builds the quantized structure, the fp32 factors are copied in, then calibrated."""
+        """The same factors with fake-quantized weights (and activations), rounded to nearest (the research
+        findings' protocol): the compression core builds the quantized structure, the fp32 factors are
+        copied in, then calibrated."""
         from autorank.compression import Plan, calibrate, compress
 
         qplan = Plan({n: dataclasses.replace(lp, precision=precision) for n, lp in plan.layers.items()},
@@ -425,8 +439,8 @@ class Bench:
             if precision == "fp32":
                 model = copy.deepcopy(fp32_model)
             else:
-                model, plan = self.with_precision(fp32_model, plan, precision, self.space.activations[0])
-                seconds = time.perf_counter() - start  # the factors were shared with the fp32 variant
+                model, plan = self.quantized(plan, precision)
+                seconds = time.perf_counter() - start  # weight-space factors shared with the fp32 variant
             pre = self.evaluate(model, "val")
             metrics = finetune_and_measure(model, self.data, self.ctx)
             test = self.evaluate(model, "test")
@@ -451,7 +465,9 @@ class Bench:
         def compute() -> dict[str, Any]:
             reference = self.reference_model()
             plan = self.plan("none", None, "int8")
-            model = compress(reference, plan)
+            ft = self.space.finetune  # rounded on the fit images, as the trials' int8 layers
+            fit = self.data.calibration_images(ft.fit_images, ft.batch_size, seed=self.s.seed) if ft.fit else None
+            model = compress(reference, plan, fit=fit)
             val = self.evaluate(model, "val")
             stats = profile(model, self.data.input_shape)
             metrics = {"accuracy": val, "size_bytes": stats.size_bytes, "params": stats.params, "macs": stats.macs}

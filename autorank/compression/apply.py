@@ -167,7 +167,8 @@ def compress(model: nn.Module, plan: Plan, *, calibration: Iterable[Tensor] | No
     (`calibration`: batches of inputs; without it, ranges come from the first
     batch seen). `decompose=False` builds the same structure without computing factors, for loading a
     saved state_dict of a compressed model. `fit`: calibration images to which every decomposed chain
-    is then fitted (data-aware, see `fit.fit_chains`; `fit_mode` als | pair | last), or a `RecordedLayer`
+    is then fitted, and on which every layer kept whole at int8/int4 is rounded (data-aware, see
+    `fit.fit_chains`; `fit_mode` als | pair | last), or a `RecordedLayer`
     when the plan decomposes that layer alone (its recorded input and output: no network pass). `factors`: a cache of
     weight-space chains shared by calls on the same `model` (a search's trials), see `_decomposed`.
     `output_quant=False` leaves out the output quantizers (the structure of weights saved before them).
@@ -207,10 +208,12 @@ def compress(model: nn.Module, plan: Plan, *, calibration: Iterable[Tensor] | No
         if site != name:  # after the conv's BatchNorm: the tensor the file's folded conv outputs
             compressed.set_submodule(site, nn.Sequential(compressed.get_submodule(site),
                                                          ActivationFakeQuant(output_of=name)))
-    if isinstance(fit, RecordedLayer) and decompose and decomposed:
+    # every decomposed chain, and the rounding of every layer kept whole at int8/int4
+    fitted = [n for n, lp in resolved.layers.items() if lp.method != "none" or lp.precision in INT_BITS]
+    if isinstance(fit, RecordedLayer) and decompose and fitted:
         fit_recorded(compressed, fit, mode=fit_mode)
-    elif fit is not None and decompose and decomposed:  # nothing to fit: no network passes either
-        fit_chains(compressed, model, decomposed, fit, mode=fit_mode)
+    elif fit is not None and decompose and fitted:  # nothing to fit: no network passes either
+        fit_chains(compressed, model, fitted, fit, mode=fit_mode)
     if calibration is not None:
         calibrate(compressed, calibration, observer)
     return compressed

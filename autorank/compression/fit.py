@@ -168,10 +168,12 @@ def _float_activations(compressed: nn.Module) -> Iterator[None]:
         compressed.train(state)
 
 
-def _fit_chain(chain: nn.Sequential, layer: nn.Module, x: Tensor, y: Tensor, mode: str, chunk: int,
+def _fit_chain(chain: nn.Module, layer: nn.Module, x: Tensor, y: Tensor, mode: str, chunk: int,
                moments: Callable[[bool], _Moments] | None = None) -> FitStats:
-    modules = list(chain)
+    modules = list(chain) if isinstance(chain, nn.Sequential) else [chain]
     weighted = [i for i, m in enumerate(modules) if isinstance(m, nn.Conv2d | nn.Linear)]
+    if len(weighted) == 1:  # a layer kept whole at int8/int4
+        return _round_whole(modules, modules[weighted[0]], layer, x, y, chunk, moments)
     last = weighted[-1]
     saved = {k: v.clone() for k, v in chain.state_dict().items()}
     before = _rel_error(modules, x, y, chunk)
@@ -187,6 +189,22 @@ def _fit_chain(chain: nn.Sequential, layer: nn.Module, x: Tensor, y: Tensor, mod
     after = _rel_error(modules, x, y, chunk)
     if after > before:  # never worse on the images it was fitted to
         chain.load_state_dict(saved)
+        after = before
+    return FitStats(before, after)
+
+
+def _round_whole(modules: list[nn.Module], module: nn.Module, layer: nn.Module, x: Tensor, y: Tensor, chunk: int,
+                 moments: Callable[[bool], _Moments] | None) -> FitStats:
+    """A layer kept whole keeps its weights; only their rounding to int8/int4 is fitted (`_rounded` on the
+    Gram matrix of the layer's input patches), so that the errors of rounding one input are carried by
+    the inputs correlated with it rather than added up."""
+    before = _rel_error(modules, x, y, chunk)
+    saved = module.parametrizations.weight.original.detach().clone()
+    m = moments(False) if moments is not None else _chain_moments(layer, x, y, False)
+    _set(module, _rounded(module, layer.weight.detach().flatten(1).to(m.xx.dtype), m.xx), None)
+    after = _rel_error(modules, x, y, chunk)
+    if after > before:
+        _set(module, saved, None)
         after = before
     return FitStats(before, after)
 
@@ -213,7 +231,7 @@ def _rel_error(modules: list[nn.Module], x: Tensor, y: Tensor, chunk: int) -> fl
 
 def _run(modules: list[nn.Module], stop: int, x: Tensor) -> Tensor:
     for m in modules[:stop]:
-        x = m(x)
+        x = m.forward(x)  # not m(x): a layer kept whole carries its own fitting hook
     return x
 
 

@@ -294,7 +294,8 @@ def measure_layer(job: TableJob, name: str, *, factors: dict | None = None,
     data-aware fit's moments) and the network's values before the layer on the subset (`_Downstream`)."""
     row = [job.keep(name)]
     options = dict(job.options)
-    if options.get("fit") is not None and any(lp.method != "none" for lp, _ in job.planned[name]):
+    if options.get("fit") is not None and any(lp.method != "none" or lp.precision in INT_BITS
+                                              for lp, _ in job.planned[name]):
         options["fit"] = RecordedLayer(job.model.to(resolve_device(job.device)), name, options["fit"])
     downstream = _Downstream.record(job, name)
     for lp, level in job.planned[name]:

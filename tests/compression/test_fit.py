@@ -162,7 +162,8 @@ def test_a_cp_trial_reusing_cached_factors_builds_the_same_model(digits_cnn, dig
 
 
 @pytest.mark.parametrize("name,lp", [("layer2.1.conv2", LayerPlan("cp", 0.3, "int8")),
-                                     ("layer1.1.conv1", LayerPlan("tucker2", 0.3, "int4"))])
+                                     ("layer1.1.conv1", LayerPlan("tucker2", 0.3, "int4")),
+                                     ("layer2.0.conv1", LayerPlan("none", None, "int4"))])
 def test_a_recorded_layer_fits_its_chain_as_a_pass_through_the_network_does(cifar, resnet20, name, lp):
     """A chain replacing one layer alone sees the original's input to that layer: fitting it from the
     input and output recorded once (the sensitivity table's shortcut) gives the same chain."""
@@ -176,7 +177,7 @@ def test_a_recorded_layer_fits_its_chain_as_a_pass_through_the_network_does(cifa
         again = compress(resnet20, plan, fit=recorded, n_iter_max=10, calibration=calibration)
         for (key, a), (_, b) in zip(through.state_dict().items(), again.state_dict().items(), strict=True):
             assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), key
-    assert set(recorded._moments) == {False}  # the chains' last 1x1 has no bias: one set of moments, computed once
+    assert set(recorded._moments) == {False}  # no bias (chain or whole layer): one set of moments, computed once
 
 
 def test_a_recorded_layer_refuses_a_plan_that_changes_another_layer(cifar, resnet20):
@@ -235,3 +236,21 @@ def test_int4_cp_at_a_high_rank_keeps_its_fit_through_the_rounding(cifar, resnet
         nearest = error("int4")
     assert compensated < 0.5 * nearest
     assert compensated < 2.5 * error("int8")
+
+
+def test_a_layer_kept_whole_at_int4_is_rounded_on_the_fit_images(cifar, resnet20):
+    """Its weights stay the pretrained ones, rounded with their errors compensated: the layer's output error
+    on the fit images falls (layer2.0.conv1, 128 images: 0.107 rounded to nearest, 0.036 compensated)."""
+    name, images = "layer2.0.conv1", cifar.calibration_images(128, 64, seed=0)
+    plan = Plan({name: LayerPlan("none", None, "int4")})
+    target = _outputs(resnet20, name, images)
+
+    def error(model: nn.Module) -> float:
+        return float((_outputs(model, name, images) - target).norm() / target.norm())
+
+    rounded, nearest = compress(resnet20, plan, fit=images), compress(resnet20, plan)
+    assert error(rounded) < 0.5 * error(nearest)
+    weight = rounded.get_submodule(name).weight.detach()
+    assert torch.allclose(quantize_weight(weight, "int4"), weight, rtol=0, atol=1e-6)
+    # per output channel the same scale as rounding to nearest: the largest weight keeps its level
+    assert torch.allclose(weight.abs().amax((1, 2, 3)), nearest.get_submodule(name).weight.detach().abs().amax((1, 2, 3)))
