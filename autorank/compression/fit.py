@@ -15,17 +15,19 @@ beyond one chain's input):
   each step is a least-squares problem on the moments of x and y, computed once: A given the rest
   (conjugate gradients on its normal equations), then Tucker-2's core and output 1x1 together
   (reduced-rank regression, as "pair"), CP's two depthwise factors one after the other, and finally
-  the last factor (bias included) given the quantized factors before it. Six sweeps; the one with
-  the lowest error is kept. On ResNet-20 (convs at 30%, int8) it took data-aware zero-shot accuracy
-  from 72.5% to 75.6% (Tucker-2) and from 84.2% to 85.05% (CP) over "pair" (docs/COMPRESSION.md).
+  the last factor (bias included) given the quantized factors before it, rounded with its rounding
+  errors compensated (GPTQ) where it is int8/int4. Six sweeps; the one with the lowest error is kept.
+  On ResNet-20 (convs at 30%, int8) it took data-aware zero-shot accuracy from 72.5% to 75.6%
+  (Tucker-2) and from 84.2% to 85.05% (CP) over "pair" (docs/COMPRESSION.md).
 - "pair": reduced-rank regression of the last two factors together where the second to last is an
   ordinary conv/linear (Tucker-2 core + output 1x1, TT's 1xk + output 1x1, both SVD halves), i.e.
   the best rank-R map from that factor's input patches to the target; CP's factor before the last
   is depthwise, so CP gets the last-factor fit. With int8/int4 weights the last factor is then
   refitted to the quantized output of the one before it.
 - "last": least squares for the last factor (bias included where the layer has one).
-Chains "als" cannot express (a first factor that is not 1x1) get "pair".
-A fit that would increase the chain's output error on the calibration images is rolled back.
+Chains "als" cannot express (a first factor that is not 1x1) get "pair". A layer kept whole at
+int8/int4 keeps its weights; only their rounding is fitted (GPTQ on the Gram matrix of its input patches).
+A fit that would increase the layer's output error on the calibration images is rolled back.
 Where one layer alone is replaced (a sensitivity table's candidates), `RecordedLayer` records its input
 and output once and keeps the moments, so each candidate's fit costs no network pass.
 """
@@ -64,8 +66,9 @@ class FitStats:
 
 def fit_chains(compressed: nn.Module, original: nn.Module, names: Iterable[str], images: Iterable[Tensor],
                *, mode: str = "als", chunk: int = 64) -> dict[str, FitStats]:
-    """Refit the decomposed chains `names` of `compressed`, in place, to the outputs of the same-named
-    layers of `original` on `images` (batches of inputs); returns the per-chain errors."""
+    """Refit the decomposed chains `names` of `compressed` (and round the int8/int4 layers kept whole among
+    them), in place, to the outputs of the same-named layers of `original` on `images` (batches of
+    inputs); returns the per-layer errors."""
     _check_mode(mode)
     device = next(compressed.parameters()).device
     x = torch.cat([b.to(device) for b in images])
@@ -305,12 +308,13 @@ def _fit_last(modules: list[nn.Module], last: int, x: Tensor, y: Tensor, chunk: 
 
 
 def _rounded(module: nn.Module, weight: Tensor, cov: Tensor) -> Tensor:
-    """The last factor's least-squares weight (outputs x features), rounded to its integer grid with
-    the error of each rounded column compensated on the columns not yet rounded (GPTQ, Frantar et al.
-    2023) where the module stores int8/int4 weights, so that its fake quantizer computes this weight;
-    others unchanged. Why: the last factor's own rounding is the one error no later step absorbs, and it
-    grows with the rank it sums over: CP at rank 136 on ResNet-20's layer3.0.conv1 fitted to a relative
-    output error of 0.040 before its int4 rounding and 0.233 after it (docs/COMPRESSION.md)."""
+    """`weight` (outputs x features: a chain's least-squares last factor, or a layer kept whole) rounded
+    to the module's integer grid with the error of each rounded column compensated on the columns not
+    yet rounded, given the Gram matrix `cov` of its inputs (GPTQ, Frantar et al. 2023), where the module
+    stores int8/int4 weights, so that its fake quantizer computes this weight; others unchanged. Why: a
+    chain's last rounding is the one error no later step absorbs, and it grows with the rank it sums
+    over: CP at rank 136 on ResNet-20's layer3.0.conv1 fitted to a relative output error of 0.040 before
+    its int4 rounding to nearest and 0.233 after it (docs/COMPRESSION.md)."""
     precision = weight_precision(module)
     if precision not in INT_BITS:
         return weight
