@@ -62,8 +62,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_allocate_args(parser)
     _add_layer_args(parser)
     parser.add_argument("--no-fit", action="store_true",
-                        help="keep the weight-space factors (default: fit every decomposed chain to the original "
-                             "layer's outputs on --calibration-images training images)")
+                        help="keep the weight-space factors and round to nearest (default: fit every decomposed "
+                             "chain to the original layer's outputs on --calibration-images training images and "
+                             "round every int8/int4 weight with its errors compensated on them)")
     parser.add_argument("--fit-mode", choices=FIT_MODES, default="als",
                         help="als: alternating least squares over every factor of the chain (default); pair: the last two "
                              "factors (reduced-rank regression), then the last; last: the last only")
