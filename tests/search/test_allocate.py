@@ -246,8 +246,13 @@ def test_ray_executor_measures_the_table_in_ray_tasks(tmp_path, pretrained_digit
         assert [(c.kind, c.rank, c.size_bytes) for c in cands] == [(c.kind, c.rank, c.size_bytes)
                                                                     for c in local.layers[name]]
         # a Ray task computes on 1 thread, the local search on 2: float sums in another order, which moves
-        # a wrecked candidate (a ~37-point drop) by a few images of 180 (36.7 vs 40.0 on an Intel Xeon host)
-        assert [c.drop for c in cands] == pytest.approx([c.drop for c in local.layers[name]], abs=2.0, rel=0.15)
+        # a wrecked candidate (a ~37-point drop) by several images of 180 (34.2 vs 40.0 since the fit's
+        # rounding compensates errors, 36.7 vs 40.0 before): those must be wrecked in both, the others close
+        for ray_cand, local_cand in zip(cands, local.layers[name], strict=True):
+            if max(ray_cand.drop, local_cand.drop) > 20.0:
+                assert min(ray_cand.drop, local_cand.drop) > 20.0, ray_cand.kind
+            else:
+                assert ray_cand.drop == pytest.approx(local_cand.drop, abs=2.0), ray_cand.kind
 
 
 def test_a_latency_budget_lets_allocated_plans_run_layers_recomposed(allocate_search):
