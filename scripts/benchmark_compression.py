@@ -354,8 +354,7 @@ class Bench:
         else:
             start = time.perf_counter()
             plan = resolve_plan(self.pretrained, self.plan(method, rank, "fp32", stabilize))
-            fit = self.data.calibration_images(ft.fit_images, ft.batch_size, seed=self.s.seed) if ft.fit else None
-            model = compress(self.pretrained, plan, n_iter_max=self.n_iter, seed=self.s.seed, fit=fit,
+            model = compress(self.pretrained, plan, n_iter_max=self.n_iter, seed=self.s.seed, fit=self.fit_images(),
                              factors=self.ctx.factors).eval()
             seconds = time.perf_counter() - start
             state_file.parent.mkdir(parents=True, exist_ok=True)
@@ -364,6 +363,11 @@ class Bench:
             result = (model, plan, seconds)
         self.decomposed[key] = result
         return result
+
+    def fit_images(self):
+        """The trials' data-aware fit images (`finetune.fit`, `finetune.fit_images`), or None."""
+        ft = self.space.finetune
+        return self.data.calibration_images(ft.fit_images, ft.batch_size, seed=self.s.seed) if ft.fit else None
 
     def quantized(self, plan, precision: str):
         """A baseline's recipe at `precision`, compressed as a trial compresses its plan (`compress_trial`):
@@ -465,9 +469,7 @@ class Bench:
         def compute() -> dict[str, Any]:
             reference = self.reference_model()
             plan = self.plan("none", None, "int8")
-            ft = self.space.finetune  # rounded on the fit images, as the trials' int8 layers
-            fit = self.data.calibration_images(ft.fit_images, ft.batch_size, seed=self.s.seed) if ft.fit else None
-            model = compress(reference, plan, fit=fit)
+            model = compress(reference, plan, fit=self.fit_images())  # rounded as the trials' int8 layers
             val = self.evaluate(model, "val")
             stats = profile(model, self.data.input_shape)
             metrics = {"accuracy": val, "size_bytes": stats.size_bytes, "params": stats.params, "macs": stats.macs}
