@@ -13,7 +13,8 @@ caches one JSON per run and writes the report. Stages, in the order `run` execut
               many fine-tuned trials as there are fine-tuned baselines and at most their summed wall
               time, its reference, sensitivity table and screening included; its unconstrained Pareto
               models are evaluated on the test split
-  final       the search's and the baselines' Pareto models (and the reference) fine-tuned longer
+  final       the search's and the baselines' Pareto models (and the reference) fine-tuned longer, as the
+              space's `final` section says (steps, LR, continued or restarted from the fitted start)
   findings    Tucker-2 + INT8 additivity (global and one layer at a time), CP + INT8 with and without
               stabilisation, TT vs CP vs Tucker-2 at equal parameters
   efficiency  hypervolume vs trials per seed: allocator-driven search (TPE or GP, with and without
@@ -99,6 +100,8 @@ class Settings:
     cp_finetune: bool = True        # also fine-tune the unstabilised CP variants
     batch_size: int | None = None   # per-step batch (None: the search space's)
     table: tuple[tuple[str, Any], ...] = ()  # overrides of the space's `sensitivity` section
+    final_lr: float | None = None   # the final stage's peak LR (None: the trials'), from the space's `final` section
+    final_start: str = "trial"      # trial: continue each model | fitted: restart from its fitted start
     seed: int = 0
 
     @property
@@ -126,7 +129,7 @@ FULL_OVERRIDES: dict[str, dict[str, Any]] = {
 
 # The quick search's wall budget is the quick baselines' (~95 s): the shipped table (500 images, three
 # rank levels, ~90 s) left no time for a single trial, so the quick run measures a smaller one.
-QUICK_TABLE = (("images", 200), ("levels", [2, 4]), ("fit_images", 64))
+QUICK_TABLE = (("images", 200), ("levels", [2, 4]), ("retention", []), ("fit_images", 64))
 
 
 def _settings(model: str, quick: bool, steps: int | None, space_steps: int) -> Settings:
@@ -564,10 +567,12 @@ class Bench:
         from autorank import engine
         from autorank.compression import Plan, compress, profile
         from autorank.search import rebuild_trial
+        from autorank.search.trial import compress_trial
 
         runs = load_runs(self.out)
         # unguarded, as the search's own final fine-tune (docs/SEARCH.md, "Final fine-tune")
-        config = dataclasses.replace(self.ctx.train_config(), steps=self.s.final_steps, guard=0)
+        config = dataclasses.replace(self.ctx.train_config(), steps=self.s.final_steps, guard=0,
+                                     lr=self.s.final_lr or self.ctx.train_config().lr)
         ref_val = runs["reference"][0]["val_accuracy"]
         chosen = [("reference", None)]
         chosen += [(r["name"], r) for r in final_choice(runs["search"], ref_val, self.s.final_top)]
@@ -576,14 +581,17 @@ class Bench:
         rows = []
         for name, source in chosen:
             def compute(name=name, source=source) -> dict[str, Any]:
-                if source is None:
-                    model, family = self.reference_model(), "Reference"
+                family = "Reference" if source is None else source["family"]
+                if self.s.final_start == "fitted":  # as the search's `final.start: fitted` (autorank.search.final)
+                    model = copy.deepcopy(self.pretrained) if source is None else \
+                        compress_trial(self.ctx, self.data, Plan.from_json(json.dumps(source["plan"])))
+                elif source is None:
+                    model = self.reference_model()
                 elif source["family"] == "Search":
-                    model, family = rebuild_trial(self.out / "search", trial=source["trial"]).model, "Search"
+                    model = rebuild_trial(self.out / "search", trial=source["trial"]).model
                 else:
                     model = compress(self.pretrained, Plan.from_json(json.dumps(source["plan"])), decompose=False)
                     model.load_state_dict(torch.load(self.weights_path(name), weights_only=True))
-                    family = source["family"]
                 result = engine.train(model, self.data, config, teacher=self.ctx.model)
                 val, test = self.evaluate(model, "val"), self.evaluate(model, "test")
                 stats = profile(model, self.data.input_shape)
@@ -594,7 +602,8 @@ class Bench:
                 out["summary"] = (source or {}).get("summary") or name
                 return out
 
-            rows.append(cached(self.run_path("final", name), {**self.s.config("final_steps"), "guard": config.guard}, compute))
+            rows.append(cached(self.run_path("final", name), {**self.s.config("final_steps", "final_lr", "final_start"),
+                                                               "guard": config.guard}, compute))
         return rows
 
     # ---- stage: findings -----------------------------------------------------------------
@@ -1157,7 +1166,10 @@ def build_report(out: Path, tag: str, command: str, docs_dir: Path | None) -> di
     if final:
         fref = next((r for r in final if r["family"] == "Reference"), None)
         if fref:
-            lines += ["", f"Final fine-tune ({final[0]['config']['final_steps']} more steps each, test):", ""]
+            cfg = final[0]["config"]
+            how = "from each model's fitted start" if cfg.get("final_start") == "fitted" else "more"
+            lr = f", lr {cfg['final_lr']:g}" if cfg.get("final_lr") else ""
+            lines += ["", f"Final fine-tune ({cfg['final_steps']} steps each {how}{lr}; test):", ""]
             lines += model_table(final, fref)
             lines += [""] + family_summary(final, fref)
     sections["baselines"] = lines
@@ -1233,8 +1245,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         eff_seeds = tuple(int(s) for s in args.eff_seeds.split(",")) if args.eff_seeds else None
     except ValueError as err:
         parser.error(f"--ratios takes numbers and --eff-seeds integers, comma-separated: {err}")
-    settings = make_settings(
-        args.model, args.quick, args.steps, load_space(args.space).finetune.steps,
+    space = load_space(args.space)
+    settings = make_settings(  # the final stage follows the space's `final` section (the full run its steps too)
+        args.model, args.quick, args.steps, space.finetune.steps, final_lr=space.final.lr, final_start=space.final.start,
+        final_steps=space.final.steps if space.final.top and not args.quick else None,
         methods=tuple(args.methods.split(",")) if args.methods else None, ratios=ratios, eff_seeds=eff_seeds)
     bench = Bench(settings, out, args.space, args.device)
     say(f"{tag}: {settings} -> {out}")

@@ -156,7 +156,8 @@ def write_card(result: ExportResult, search: SearchRecord | None, record: TrialR
         lines += [f"- search: `{search.out_dir}` (id {search.info['search_id']}, study {search.info['study_name']})",
                   f"- pretrained weights: `{search.info['weights']}`",
                   f"- trial weights: `{weights}` (sha256 {_sha256(weights)[:16]}…)"
-                  + (f", after the search's final fine-tune of {search.space.final.steps} more steps"
+                  + (f", after the search's final fine-tune ({search.space.final.steps} steps, "
+                     f"from the trial's {'fitted start' if search.space.final.start == 'fitted' else 'weights'})"
                      if record.finalized else "")]
     if result.mlflow:
         lines += [f"- MLflow: run {result.mlflow['run_id']} at {result.mlflow['tracking_uri']}, registered as "

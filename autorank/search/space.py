@@ -35,6 +35,7 @@ GROUPINGS = ("layer", "stage", "global")
 GRANULARITIES = ("layer", "stage")  # allocate mode: a choice per layer, or one per stage (`allocate(tied=...)`)
 RANK_MODES = ("evbmf", "ratio")
 SAMPLERS = ("nsga2", "tpe", "gp", "random")
+FINAL_STARTS = ("trial", "fitted")  # the final fine-tune continues a trial's weights, or restarts from its fitted start
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "onecycle", "constant")
 
@@ -171,6 +172,7 @@ class Sensitivity:
 
     images: int = 500                          # stratified val images each candidate is evaluated on
     levels: tuple[float, ...] = (2.0, 4.0)     # rank levels: multiples of each layer's EVBMF ranks
+    retention: tuple[float, ...] = ()          # more levels: fractions of each layer's parameters kept
     fit_images: int = 128                      # data-aware fit of each decomposed candidate (finetune.fit)
 
 
@@ -200,6 +202,8 @@ class Final:
 
     top: int = 0
     steps: int = 300
+    lr: float | None = None           # peak LR (None: finetune.lr)
+    start: str = "trial"              # trial: continue from the trial's weights | fitted: restart from its fitted start
 
 
 @dataclass(frozen=True)
@@ -593,9 +597,17 @@ def parse_space(raw: Any, source: str = "<dict>", default_name: str = "search") 
         levels = tuple(r.number(v, "sensitivity.levels", float, 0.0, 64.0) for v in levels)
         if 0.0 in levels or len(set(levels)) != len(levels):
             raise r.fail("sensitivity.levels", "each multiple must be > 0 and given once")
+        retention = sens.get("retention", [])
+        if not isinstance(retention, list):
+            raise r.fail("sensitivity.retention",
+                         f"expected a list of parameter fractions such as [0.4], got {_show(retention)}")
+        retention = tuple(r.number(v, "sensitivity.retention", float, 0.0, 1.0) for v in retention)
+        if not all(0.0 < v < 1.0 for v in retention) or len(set(retention)) != len(retention):
+            raise r.fail("sensitivity.retention", "each fraction must lie strictly between 0 and 1 and be given once")
         sensitivity = Sensitivity(images=r.number(sens.get("images", Sensitivity.images), "sensitivity.images", int, 1),
-                                  levels=levels, fit_images=r.number(sens.get("fit_images", Sensitivity.fit_images),
-                                                                     "sensitivity.fit_images", int, 1))
+                                  levels=levels, retention=retention,
+                                  fit_images=r.number(sens.get("fit_images", Sensitivity.fit_images),
+                                                      "sensitivity.fit_images", int, 1))
 
     alloc = r.mapping(doc.get("allocate"), "allocate", tuple(Allocate.__dataclass_fields__))
     a = Allocate()
@@ -621,9 +633,13 @@ def parse_space(raw: Any, source: str = "<dict>", default_name: str = "search") 
         if not finetune.qat:
             raise r.fail("screening", "screens the quantized model zero-shot: needs finetune.qat: true")
 
-    fin = r.mapping(doc.get("final"), "final", ("top", "steps"))
+    fin = r.mapping(doc.get("final"), "final", ("top", "steps", "lr", "start"))
     final = Final(top=r.number(fin.get("top", 3 if "final" in doc else 0), "final.top", int, 0),
-                  steps=r.number(fin.get("steps", Final.steps), "final.steps", int, 1))
+                  steps=r.number(fin.get("steps", Final.steps), "final.steps", int, 1),
+                  lr=None if fin.get("lr") is None else r.number(fin["lr"], "final.lr", float, 0.0),
+                  start=r.one_of(fin.get("start", Final.start), "final.start", FINAL_STARTS))
+    if final.lr == 0.0:
+        raise r.fail("final.lr", "must be > 0")
 
     s = r.mapping(doc.get("search"), "search", ("sampler", "trials", "time_budget", "steps_budget", "seed",
                                                 "population", "seeds", "seed_ratios", "evbmf_seeds"))
@@ -684,7 +700,8 @@ def space_from_dict(data: Mapping[str, Any]) -> SearchSpace:
            "constraints": Constraints(**data["constraints"]),
            "latency": Latency(**data.get("latency", asdict(Latency()))),
            "finetune": Finetune(**data["finetune"]),
-           "sensitivity": Sensitivity(**{**sensitivity, "levels": tuple(sensitivity["levels"])}) if sensitivity else None,
+           "sensitivity": Sensitivity(**{**sensitivity, "levels": tuple(sensitivity["levels"]),
+                                          "retention": tuple(sensitivity.get("retention", ()))}) if sensitivity else None,
            "allocate": Allocate(**{"calibrate": False,  # written before the costs were fitted
                                    **{k: tuple(v) if isinstance(v, list) else v
                                       for k, v in data.get("allocate", asdict(Allocate())).items()}}),

@@ -9,7 +9,9 @@ cluster like trials (same resources per task); otherwise they run here, one afte
 the search's cache of weight-space factors with the trials that follow.
 
 Candidates follow the search space: per layer its methods and precisions (rules included), rank
-levels at multiples of the layer's EVBMF ranks (`sensitivity.levels`: EVBMF is the prior), measured
+levels at multiples of the layer's EVBMF ranks (`sensitivity.levels`: EVBMF is the prior) and, where
+`sensitivity.retention` names them, at fractions of each layer's parameters (one level keeps the
+same fraction of every layer: what a stage-tied plan needs to be uniform, docs/SEARCH.md), measured
 on `sensitivity.images` stratified val images, with the trials' decomposition iterations and seed and,
 when the trials fit (`finetune.fit`), a data-aware fit to `sensitivity.fit_images` training images
 (fewer than the trials' 512: the table needs the order of the candidates, not the trials' exact
@@ -32,6 +34,7 @@ from autorank.engine.sensitivity import TableJob, measure_layer, plan_table
 from autorank.errors import AutorankError
 from autorank.search.allocation import table_choices
 from autorank.search.executors import custom_resources, trial_device
+from autorank.search.space import SearchSpace
 from autorank.search.trial import TrialContext
 
 TABLE_FILE = "sensitivity.json"
@@ -39,6 +42,11 @@ ROWS_FILE = "sensitivity.rows.jsonl"
 HEATMAP_FILE = "sensitivity.png"
 
 Record = Callable[[str, list[Candidate]], None]
+
+
+def table_levels(space: SearchSpace) -> list[str | float]:
+    """The table's rank levels: multiples of each layer's EVBMF ranks, then parameter-retention fractions."""
+    return [f"vbmf*{m:g}" for m in space.sensitivity.levels] + list(space.sensitivity.retention)
 
 
 def table_job(ctx: TrialContext, data: Dataset) -> TableJob:
@@ -49,7 +57,7 @@ def table_job(ctx: TrialContext, data: Dataset) -> TableJob:
         calibration = data.calibration_images(ft.batch_size * ft.calibration_batches, ft.batch_size, seed=space.seed)
     fit = data.calibration_images(space.sensitivity.fit_images, ft.batch_size, seed=space.seed) if ft.fit else None
     return plan_table(ctx.model, data, layers=table_choices(space, ctx.groups),
-                      levels=[f"vbmf*{m:g}" for m in space.sensitivity.levels], activations=space.activations[0],
+                      levels=table_levels(space), activations=space.activations[0],
                       calibration=calibration, limit=space.sensitivity.images, seed=space.seed, device=ctx.device,
                       n_iter_max=ft.decompose_iters, compress_options=None if fit is None else {"fit": fit})
 

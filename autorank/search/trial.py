@@ -141,16 +141,17 @@ class TrialContext:
 
 def finetune_and_measure(model: nn.Module, data: Dataset, ctx: TrialContext,
                          quantize: Plan | None = None, steps: int | None = None,
-                         plan: Plan | None = None, guard: bool = True) -> dict[str, float]:
+                         plan: Plan | None = None, guard: bool = True, lr: float | None = None) -> dict[str, float]:
     """The shared measurement of trials, the reference and the final fine-tune: fine-tune (`steps`,
     default the space's `finetune.steps`), evaluate on val, profile.
 
     `quantize`: weight precisions applied after fine-tuning (the `qat: false` path). The teacher of
     distillation is the pretrained model, for the trials and the reference alike. `guard=False` drops
-    the space's `finetune.guard` (the final fine-tune's continuation, docs/SEARCH.md)."""
+    the space's `finetune.guard` (the final fine-tune, docs/SEARCH.md); `lr` replaces `finetune.lr` (`final.lr`)."""
     start = time.perf_counter()
     config = ctx.train_config()
-    config = replace(config, steps=config.steps if steps is None else steps, guard=config.guard if guard else 0)
+    config = replace(config, steps=config.steps if steps is None else steps, guard=config.guard if guard else 0,
+                     lr=config.lr if lr is None else lr)
     kept_start = False
     if config.steps > 0:
         kept_start = engine.train(model, data, config, teacher=ctx.model).kept_start
