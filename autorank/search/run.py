@@ -136,6 +136,7 @@ class _Run:
     resume: bool
     info: dict[str, Any] | None          # search.json; read back on --resume, written by `_reference` otherwise
     started: float = field(default_factory=time.monotonic)
+    finalized: bool = False              # the final fine-tune (if any) is done: no trial's figures change any more
     data: Dataset | None = None
     ctx: TrialContext | None = None
     study: optuna.Study | None = None
@@ -283,7 +284,8 @@ def _execute(run: _Run, current: list[TrialRecord]) -> None:
 
     def refresh() -> list[TrialRecord]:
         snapshot = records(study, ctx.out_dir)
-        prune_weights(snapshot, space.objectives)
+        if space.final.top == 0:  # with a final fine-tune, pruning waits for it (`prune_weights`)
+            prune_weights(snapshot, space.objectives)
         for hook in run.hooks:
             hook.trials(snapshot)
         return snapshot
@@ -318,6 +320,7 @@ def _execute(run: _Run, current: list[TrialRecord]) -> None:
                     max_concurrent=run.max_concurrent, ray_storage=run.ray_storage)
     if space.final.top > 0:
         run_final(study, ctx, data, lambda: records(study, ctx.out_dir), refresh, run.say)
+    run.finalized = True
 
 
 def _finish(run: _Run, status: str) -> SearchResult:
@@ -326,7 +329,8 @@ def _finish(run: _Run, status: str) -> SearchResult:
     if run.bar is not None:
         run.bar.close()
     final = records(run.study, run.ctx.out_dir)
-    prune_weights(final, run.space.objectives)
+    if run.finalized or run.space.final.top == 0:
+        prune_weights(final, run.space.objectives)
     for hook in run.hooks:
         hook.finish(final, status)
     return SearchResult(out_dir=run.out, study_name=run.study_name, trials=final,
@@ -348,7 +352,10 @@ def prune_weights(trials: list[TrialRecord], objectives: tuple[str, ...] | list[
     """Delete model.pt of finished trials off the unconstrained front.
 
     The unconstrained front contains the best trial for any later size/drop limits (`autorank
-    best`, export), and a dominated trial never re-enters it, so these weights are never needed.
+    best`, export), and a dominated trial never re-enters it while figures stay fixed, so these weights
+    are never needed. A final fine-tune changes its members' figures, and one that ends lower can
+    bring back a trial it used to dominate: so with `final:` the search prunes only once the final
+    fine-tune is done (a trial's weights wait on disk until then).
     """
     keep = {t.number for t in pareto_front(trials, objectives, feasible_only=False)}
     for t in trials:

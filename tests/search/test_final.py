@@ -68,3 +68,16 @@ def test_a_fitted_final_restarts_from_the_plans_fitted_start_at_its_own_lr(fitte
     reference = copy.deepcopy(pretrained)
     engine.train(reference, digits, config, teacher=pretrained)
     assert search.final_reference["accuracy"] == pytest.approx(engine.evaluate(reference, digits, "val"))
+
+
+def test_every_front_member_keeps_its_weights_after_the_final(fitted_final):
+    """A final fine-tune may end a finalist lower and so bring back a trial it dominated before: the
+    search prunes weights only after the final, on the figures `best` and export go by."""
+    from autorank.records import WEIGHTS_FILE, pareto_front
+
+    search = fitted_final
+    front = pareto_front(search.trials, space_from_dict(search.info["space"]).objectives, feasible_only=False)
+    for t in front:
+        assert (t.directory / WEIGHTS_FILE).is_file(), t.number
+    kept = {t.number for t in search.trials if (t.directory / WEIGHTS_FILE).is_file()}
+    assert kept == {t.number for t in front}  # and the others are pruned
