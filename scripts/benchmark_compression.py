@@ -571,8 +571,8 @@ class Bench:
 
         runs = load_runs(self.out)
         # unguarded, as the search's own final fine-tune (docs/SEARCH.md, "Final fine-tune")
-        config = dataclasses.replace(self.ctx.train_config(), steps=self.s.final_steps, guard=0,
-                                     lr=self.s.final_lr or self.ctx.train_config().lr)
+        trials = self.ctx.train_config()
+        config = dataclasses.replace(trials, steps=self.s.final_steps, guard=0, lr=self.s.final_lr or trials.lr)
         ref_val = runs["reference"][0]["val_accuracy"]
         chosen = [("reference", None)]
         chosen += [(r["name"], r) for r in final_choice(runs["search"], ref_val, self.s.final_top)]

@@ -146,6 +146,11 @@ class _Run:
     def say(self, message: str) -> None:
         _say(self.progress, message)
 
+    @property
+    def prunable(self) -> bool:
+        """Whether trials' figures are settled, so weights off the front may go (`prune_weights`)."""
+        return self.finalized or self.space.final.top == 0
+
 
 def _prepare(space: SearchSpace | str | Path | None, model_name: str | None, weights: str | Path | None,
              data_spec: str | None, out: Path, *, trials: int | None, time_budget: float | None, executor: str,
@@ -284,7 +289,7 @@ def _execute(run: _Run, current: list[TrialRecord]) -> None:
 
     def refresh() -> list[TrialRecord]:
         snapshot = records(study, ctx.out_dir)
-        if space.final.top == 0:  # with a final fine-tune, pruning waits for it (`prune_weights`)
+        if run.prunable:
             prune_weights(snapshot, space.objectives)
         for hook in run.hooks:
             hook.trials(snapshot)
@@ -329,7 +334,7 @@ def _finish(run: _Run, status: str) -> SearchResult:
     if run.bar is not None:
         run.bar.close()
     final = records(run.study, run.ctx.out_dir)
-    if run.finalized or run.space.final.top == 0:
+    if run.prunable:
         prune_weights(final, run.space.objectives)
     for hook in run.hooks:
         hook.finish(final, status)

@@ -13,6 +13,7 @@ import yaml
 from autorank import engine
 from autorank.compression import Plan
 from autorank.models import create_model
+from autorank.records import WEIGHTS_FILE, pareto_front
 from autorank.search import load_search
 from autorank.search.run import run_search
 from autorank.search.space import space_from_dict
@@ -73,8 +74,6 @@ def test_a_fitted_final_restarts_from_the_plans_fitted_start_at_its_own_lr(fitte
 def test_every_front_member_keeps_its_weights_after_the_final(fitted_final):
     """A final fine-tune may end a finalist lower and so bring back a trial it dominated before: the
     search prunes weights only after the final, on the figures `best` and export go by."""
-    from autorank.records import WEIGHTS_FILE, pareto_front
-
     search = fitted_final
     front = pareto_front(search.trials, space_from_dict(search.info["space"]).objectives, feasible_only=False)
     for t in front:
