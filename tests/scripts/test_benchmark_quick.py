@@ -61,6 +61,11 @@ def test_final_choice_takes_the_one_point_boundary_then_spreads(bench):
     assert [r["name"] for r in bench.final_choice(rows, 0.99, 3)] == ["tiny", "mid", "big"]
     # the smallest model is already within: it and the spread
     assert [r["name"] for r in bench.final_choice(rows, 0.61, 3)] == ["tiny", "mid", "big"]
+    # reaching 4 points (the search's max_drop): the sure "mid", then the smallest within 4 points
+    # ("small", -4.0 pt) before the spread; "tiny" (-32 pt) is beyond reach
+    assert [r["name"] for r in bench.final_choice(rows, 0.92, 2, reach=4.0)] == ["mid", "small"]
+    assert [r["name"] for r in bench.final_choice(rows, 0.93, 3, reach=5.0)] == ["big", "small", "mid"]
+    assert [r["name"] for r in bench.final_choice(rows, 0.93, 2, reach=5.0)] == ["big", "small"]
 
 
 def _model(bench, name, family, method, rank, precision, val, test, size, params, **extra):
